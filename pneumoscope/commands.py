@@ -1,0 +1,77 @@
+"""The work behind each CLI verb, as functions a test or a notebook can call directly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscope import CLASSES
+from pneumoscope.data.cache import decode_samples, report_failures
+from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
+from pneumoscope.data.discover import discover_split
+from pneumoscope.evaluation import evaluate_predictions
+from pneumoscope.inference import Predictor
+from pneumoscope.rundir import atomic_write_csv, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | None = None,
+                 threshold_rule: str | None = None, strict: bool = False,
+                 n_boot: int = 1000, show_progress: bool = True) -> dict:
+    """Metrics of a run's model on one labelled folder, written to metrics.json."""
+    predictor = Predictor.from_run(run_dir)
+    samples = discover_split(split_dir)
+    data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
+                          show_progress=show_progress)
+    probs = predictor.predict_images(data.images, show_progress=show_progress)
+    threshold = predictor.threshold_for(threshold_rule)
+    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot)
+    metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
+    metrics["data"] = str(split_dir)
+    metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]
+    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    atomic_write_json(out, metrics)
+    atomic_write_csv(
+        out.with_name(out.stem + "_predictions.csv"), ["path", "label", "p_pneumonia"],
+        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(data.samples, probs)],
+    )
+    return metrics
+
+
+def expand_paths(paths: list[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for images (sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None,
+                  threshold_rule: str | None = None, strict: bool = False,
+                  show_progress: bool = True) -> list[dict]:
+    """p(pneumonia) and label for every readable image among `paths`; CSV when `out`."""
+    predictor = Predictor.from_run(run_dir)
+    files = expand_paths(paths)
+    images, kept, failures = [], [], []
+    for path in files:
+        try:
+            images.append(predictor.load(path))
+            kept.append(path)
+        except (ImageDecodeError, OSError) as err:
+            failures.append((str(path), getattr(err, "problem", None) or str(err)))
+    report_failures(failures, strict)
+    stack = np.stack(images) if images else np.empty((0, predictor.image_size, predictor.image_size), np.uint8)
+    probs = predictor.predict_images(stack, show_progress=show_progress)
+    threshold = predictor.threshold_for(threshold_rule)
+    rows = [{"path": str(p), "p_pneumonia": float(q), "label": CLASSES[int(q >= threshold)]}
+            for p, q in zip(kept, probs)]
+    if out:
+        atomic_write_csv(out, ["path", "p_pneumonia", "label"],
+                         [[r["path"], f"{r['p_pneumonia']:.6f}", r["label"]] for r in rows])
+    return rows

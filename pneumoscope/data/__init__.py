@@ -1,0 +1,1 @@
+"""Data: discovery of the Kermany layout, patient ids, splits, audit, decode, datasets."""

@@ -1,0 +1,120 @@
+"""Audit a data folder: counts, imbalance, unreadable files, duplicates, shared patients."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pneumoscope import CLASSES
+from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray
+from pneumoscope.data.discover import SPLIT_NAMES, _class_dirs, patient_id
+
+
+def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _walk_all(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Every file under a class folder (images or not) and the symlinked folders skipped."""
+    files, skipped_links = [], []
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for d in sorted(dirs):
+            if (Path(root) / d).is_symlink():
+                skipped_links.append(Path(root) / d)
+        dirs.sort()
+        files.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+    return files, skipped_links
+
+
+def _check_file(path: Path) -> str | None:
+    """The problem with one file, or None when it decodes as an image."""
+    if path.is_symlink() and not path.exists():
+        return "broken symlink"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file (suffix {path.suffix or 'none'!r})"
+    try:
+        decode_gray(path)
+    except ImageDecodeError as err:
+        return err.problem
+    except OSError as err:
+        return f"cannot read: {err.strerror or err}"
+    return None
+
+
+def audit_root(data_root: str | Path, show_progress: bool = True) -> dict:
+    """Audit every split under DATA_ROOT; returns a JSON-ready dict."""
+    data_root = Path(data_root)
+    splits = {s: _class_dirs(data_root / s) for s in SPLIT_NAMES}
+    splits = {s: dirs for s, dirs in splits.items() if dirs}
+    if not splits:
+        raise FileNotFoundError(f"{data_root}: no {'/'.join(SPLIT_NAMES)} folders with class folders")
+    jobs = []
+    skipped = []
+    for split, class_dirs in splits.items():
+        for label, folder in class_dirs.items():
+            files, links = _walk_all(folder)
+            skipped += links
+            jobs += [(split, label, f) for f in files]
+
+    counts = {s: {c: 0 for c in CLASSES} for s in splits}
+    unreadable, by_hash = [], defaultdict(list)
+    patients = defaultdict(set)  # patient -> splits
+    for split, label, path in tqdm(jobs, desc="audit", unit="file", disable=not show_progress):
+        problem = _check_file(path)
+        rel = str(path.relative_to(data_root))
+        if problem:
+            unreadable.append({"path": rel, "problem": problem})
+            continue
+        counts[split][CLASSES[label]] += 1
+        by_hash[file_sha1(path)].append(rel)
+        patients[patient_id(path.name)].add(split)
+
+    per_split = {}
+    for split, by_class in counts.items():
+        normal, pneumonia = by_class["NORMAL"], by_class["PNEUMONIA"]
+        per_split[split] = {
+            "counts": by_class,
+            "total": normal + pneumonia,
+            "imbalance_pneumonia_per_normal": round(pneumonia / normal, 3) if normal else None,
+        }
+    duplicates = [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
+    shared = {p: sorted(s) for p, s in patients.items() if len(s) > 1}
+    return {
+        "data_root": str(data_root),
+        "splits": per_split,
+        "unreadable": unreadable,
+        "skipped_symlinked_folders": [str(p.relative_to(data_root)) for p in skipped],
+        "duplicates": sorted(duplicates),
+        "patients_shared_across_splits": dict(sorted(shared.items())),
+    }
+
+
+def format_audit(report: dict) -> str:
+    """The short console table of an audit."""
+    lines = [f"{'split':<8}{'NORMAL':>9}{'PNEUMONIA':>11}{'total':>8}{'P/N':>7}"]
+    for split, info in report["splits"].items():
+        ratio = info["imbalance_pneumonia_per_normal"]
+        lines.append(
+            f"{split:<8}{info['counts']['NORMAL']:>9}{info['counts']['PNEUMONIA']:>11}"
+            f"{info['total']:>8}{(f'{ratio:.2f}' if ratio else '-'):>7}"
+        )
+    lines.append(f"unreadable files: {len(report['unreadable'])}")
+    lines += [f"  {u['path']}: {u['problem']}" for u in report["unreadable"]]
+    lines.append(f"exact duplicate groups: {len(report['duplicates'])}")
+    lines += [f"  {' = '.join(group)}" for group in report["duplicates"]]
+    shared = report["patients_shared_across_splits"]
+    lines.append(f"patients shared across splits: {len(shared)}")
+    lines += [f"  {p}: {', '.join(s)}" for p, s in list(shared.items())[:20]]
+    if len(shared) > 20:
+        lines.append(f"  ... and {len(shared) - 20} more (see --json)")
+    if report["skipped_symlinked_folders"]:
+        lines.append(f"symlinked folders not followed: {len(report['skipped_symlinked_folders'])}")
+    return "\n".join(lines)

@@ -1,0 +1,530 @@
+"""The one image decode and geometry used by every path.
+
+Training, evaluation, predict, the web app and the ONNX export all go through
+:func:`load_image`, so they cannot disagree about how a file becomes the model's
+``size x size`` uint8 grayscale input.
+
+Choices that the rest of the code relies on:
+
+* The format is sniffed from the content, never trusted from the suffix (only a DICOM
+  file without its 128-byte preamble is recognised by a ``.dcm``/``.dicom`` name).
+* 16-bit PNGs are scaled by their bit depth (``round(x / 257)``), not by the image's own
+  range, so the same radiograph stored as 8-bit and as 16-bit decodes the same.
+* Colour images become gray with PIL's ITU-R 601-2 luma (``convert("L")``); images with
+  an alpha channel are composited on black (transparent = no signal).
+* The EXIF orientation of JPEG/PNG files is applied (the image is decoded the way a
+  viewer or browser shows it, so heat maps line up with what the user sees).
+* DICOM: Modality LUT (rescale) -> VOI (window centre/width of the first view, or the
+  VOI LUT Sequence) else min-max over the image -> 0..255 -> MONOCHROME1 inverted.
+* Geometry: stretch to ``size x size`` (aspect ratio not kept) with PIL's bilinear
+  resize, which antialiases when it shrinks.
+
+No global PIL state is changed (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``), so a
+truncated file is always an error and other PIL users in the process are unaffected.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "MAX_FILE_BYTES",
+    "ImageDecodeError",
+    "decode_gray",
+    "resize_to_model",
+    "load_image",
+]
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# Largest image we agree to decode (width * height). A 60 MP grayscale image is far
+# beyond any chest radiograph (~3000 x 3000 px) yet still bounded in memory
+# (~0.5 GB as float64 on the DICOM path).
+MAX_PIXELS = 60_000_000
+# Largest file we agree to read into memory.
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Formats we recognise only to name them in the refusal.
+_OTHER_MAGICS = (
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "ZIP"),
+)
+
+
+class ImageDecodeError(ValueError):
+    """A file that cannot be turned into a grayscale image; names the file and why."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
+    """Return the file's bytes (at most MAX_FILE_BYTES) and the name to report."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name if name is not None else "<bytes>"
+        data = bytes(source)
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageDecodeError(label, _too_big_file(len(data)))
+        return data, label
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"source must be a path or bytes, not {type(source).__name__}")
+    path = Path(source)
+    label = name if name is not None else str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_FILE_BYTES:  # refuse before reading anything
+                raise ImageDecodeError(label, _too_big_file(size))
+            # Bounded even if the file grows (or is a pipe) while we read it.
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})") from e
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageDecodeError(label, _too_big_file(len(data)))
+    return data, label
+
+
+def _too_big_file(n: int) -> str:
+    return f"file too large ({n / 2**20:.0f} MiB > {MAX_FILE_BYTES / 2**20:.0f} MiB)"
+
+
+def _too_large(width: int, height: int) -> str:
+    return f"image too large: {width}x{height} (more than {MAX_PIXELS:,} pixels)"
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def _sniff(data: bytes, suffix: str) -> str:
+    """Return "jpeg", "png" or "dicom" from the content, else raise a problem text."""
+    if not data:
+        raise _Problem("empty file")
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    for magic, fmt in _OTHER_MAGICS:
+        if data.startswith(magic):
+            raise _Problem(f"unsupported format ({fmt}); use JPEG, PNG or DICOM")
+    if _looks_like_text(data):
+        raise _Problem("not an image (looks like text)")
+    if suffix in DICOM_SUFFIXES:
+        # DICOM without the preamble: only trusted when the name says so.
+        return "dicom-raw"
+    if data[:2] == b"BM" and data[6:10] == b"\0\0\0\0":  # BMP: reserved fields are 0
+        raise _Problem("unsupported format (BMP); use JPEG, PNG or DICOM")
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypavif", b"ftypmif1"):
+        raise _Problem("unsupported format (HEIF/AVIF); use JPEG, PNG or DICOM")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        raise _Problem("unsupported format (WebP); use JPEG, PNG or DICOM")
+    if data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        # Group 0002/0008 tag: a DICOM data set written without preamble.
+        raise _Problem(
+            "unsupported format (looks like DICOM without the 128-byte preamble; "
+            "give it a .dcm name)"
+        )
+    raise _Problem("unsupported format (not JPEG, PNG or DICOM)")
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:1024]
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a multi-byte char cut at the end
+            return False
+        text = head[: e.start].decode("utf-8")
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * max(len(text), 1)
+
+
+class _Problem(Exception):
+    """Internal: a problem text, given the file name by decode_gray."""
+
+
+# --------------------------------------------------------------------------- PIL path
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) read straight from the PNG IHDR / JPEG SOF header, or None.
+
+    Checked before PIL sees the file, so a decompression bomb is refused with its size
+    whatever PIL's own (global, process-wide) MAX_IMAGE_PIXELS is set to."""
+    if fmt == "png":
+        if data[12:16] == b"IHDR" and len(data) >= 24:
+            return struct.unpack(">II", data[16:24])
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None  # not at a marker: let PIL judge the file
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any SOF
+            return None
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        i += 2 + length  # skip APPn (incl. EXIF thumbnails), DQT, DHT, ...
+    return None
+
+
+def _decode_pil(data: bytes, fmt: str) -> np.ndarray:
+    label = fmt.upper()
+    size = _header_size(data, fmt)
+    if size is not None and size[0] * size[1] > MAX_PIXELS:
+        raise _Problem(_too_large(*size))
+    try:
+        # Restrict PIL to the sniffed format: no other plugin gets to parse the bytes.
+        im = Image.open(io.BytesIO(data), formats=[label])
+    except Image.DecompressionBombError as e:
+        # PIL refuses > 2 * its own MAX_IMAGE_PIXELS in open(); say so in our words.
+        raise _Problem(f"image too large ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any parser failure is a corrupt file
+        raise _Problem(f"truncated or corrupt {label} ({_short(e)})") from e
+    with im:
+        # open() only read the header: refuse huge images before decoding pixels.
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise _Problem(_too_large(width, height))
+        if width == 0 or height == 0:
+            raise _Problem(f"empty image ({width}x{height})")
+        try:
+            im.load()  # raises on truncation: LOAD_TRUNCATED_IMAGES stays False
+            return _pil_to_gray(_exif_upright(im))
+        except _Problem:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _Problem(f"truncated or corrupt {label} ({_short(e)})") from e
+
+
+def _exif_upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block is ignored, not fatal."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001
+        return im
+
+
+def _pil_to_gray(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode.startswith("I;16"):  # 16-bit PNG (I;16, I;16B, ...)
+        return _scale_16bit(np.asarray(im))
+    if mode == "I":  # 32-bit int: older PIL's 16-bit PNG mode; values 0..65535
+        return _scale_16bit(np.clip(np.asarray(im), 0, 65535))
+    if mode == "P":
+        # Palette with transparency composites like RGBA; without, plain luma.
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _composite_on_black(im)
+    if mode in ("1", "RGB", "CMYK", "YCbCr", "RGBX"):
+        return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    raise _Problem(f"unsupported pixel mode {mode!r}")
+
+
+def _scale_16bit(arr: np.ndarray) -> np.ndarray:
+    """Scale 0..65535 to 0..255 by the bit depth: round(x / 257), so v*257 -> v."""
+    x = arr.astype(np.uint32)
+    return ((x + 128) // 257).astype(np.uint8)
+
+
+def _composite_on_black(im: Image.Image) -> np.ndarray:
+    """Gray (luma) times alpha: transparent pixels become black (no signal)."""
+    la = np.asarray(im.convert("LA"), dtype=np.uint32)
+    gray, alpha = la[..., 0], la[..., 1]
+    return ((gray * alpha + 127) // 255).astype(np.uint8)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- DICOM path
+
+
+def _decode_dicom(data: bytes, raw: bool) -> np.ndarray:
+    ds = _read_dicom(data, raw)
+    _check_dicom_is_radiograph(ds)
+    _ensure_transfer_syntax(ds)
+    _check_decodable(ds)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt file
+        raise _Problem(f"truncated or corrupt DICOM pixel data ({_short(e)})") from e
+    if arr.ndim != 2:
+        raise _Problem(f"DICOM pixel data has shape {arr.shape}, expected 2-D grayscale")
+    try:
+        unit = _dicom_to_unit(arr, ds)
+    except _Problem:
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed LUT / window attributes
+        raise _Problem(f"invalid DICOM grey-level attributes ({_short(e)})") from e
+    out = np.rint(unit * 255.0).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        # MONOCHROME1: low values are white. Invert after the VOI (as a viewer does),
+        # in uint8 so it is exactly 255 - the MONOCHROME2 image.
+        out = 255 - out
+    return out
+
+
+def _read_dicom(data: bytes, raw: bool):
+    import pydicom
+
+    try:
+        # force=True only for preamble-less files that the name says are DICOM.
+        return pydicom.dcmread(io.BytesIO(data), force=raw)
+    except Exception as e:  # noqa: BLE001 - InvalidDicomError, EOFError, ...
+        raise _Problem(f"not a readable DICOM file ({_short(e)})") from e
+
+
+def _check_dicom_is_radiograph(ds) -> None:
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise _Problem("DICOM float pixel data is not supported")
+        raise _Problem("DICOM file has no pixel data (not an image)")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
+        raise _Problem(
+            f"colour DICOM (SamplesPerPixel={spp}, PhotometricInterpretation={pi or '?'})"
+            " is not a grayscale radiograph"
+        )
+    ds.PhotometricInterpretation = pi
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise _Problem(f"multi-frame DICOM ({frames} frames) is not supported; "
+                       "export a single frame")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise _Problem(f"DICOM image has no size (Rows={rows}, Columns={cols})")
+    if rows * cols > MAX_PIXELS:
+        raise _Problem(_too_large(cols, rows))
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """Files without file meta (preamble-less) lack the Transfer Syntax UID that
+    pixel decoding needs; the encoding they were read with says which one it is."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = _read_encoding(ds)
+    if little is False:
+        tsyntax = uid.ExplicitVRBigEndian
+    elif implicit is False:
+        tsyntax = uid.ExplicitVRLittleEndian
+    else:
+        tsyntax = uid.ImplicitVRLittleEndian
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = tsyntax
+
+
+def _read_encoding(ds) -> tuple[bool | None, bool | None]:
+    enc = getattr(ds, "original_encoding", None)  # pydicom >= 3
+    if enc is not None:
+        return enc[0], enc[1]
+    return getattr(ds, "is_implicit_VR", None), getattr(ds, "is_little_endian", None)
+
+
+def _check_decodable(ds) -> None:
+    """Refuse compressed pixel data that no installed plugin can decode, naming the
+    plugins to install (instead of pydicom's long generic error)."""
+    try:
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x: let pixel_array report it
+        return
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise _Problem(f"unsupported DICOM transfer syntax {_ts_name(tsyntax)}") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a pixel data plugin"
+        raise _Problem(
+            f"compressed DICOM ({_ts_name(tsyntax)}) cannot be decoded without extra "
+            f"plugins: {needs}"
+        )
+
+
+def _ts_name(tsyntax) -> str:
+    name = getattr(tsyntax, "name", "") or ""
+    return f"{name} [{tsyntax}]" if name and name != str(tsyntax) else str(tsyntax)
+
+
+def _dicom_to_unit(arr: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> display values in [0, 1] (before MONOCHROME1 inversion)."""
+    apply_modality_lut, apply_voi = _pydicom_luts()
+    values = apply_modality_lut(arr, ds)
+    if _has_voi_lut_sequence(ds):
+        return _apply_voi_lut_sequence(values, ds, apply_voi)
+    window = _window(ds)
+    if window is not None:
+        center, width, function = window
+        return _apply_window(values.astype(np.float64), center, width, function)
+    return _min_max(values)
+
+
+def _pydicom_luts():
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi
+    return apply_modality_lut, apply_voi
+
+
+def _has_voi_lut_sequence(ds) -> bool:
+    seq = ds.get("VOILUTSequence")
+    return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds, apply_voi) -> np.ndarray:
+    """First VOI LUT, scaled by the table's own output range: vendors often declare
+    16 bits per entry for a 12-bit table, so the declared depth is not trusted."""
+    n, first, _bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    n = n or 2**16
+    # pydicom's VOI LUT indexes with integers; the modality output may be float.
+    out = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
+    table = apply_voi(np.arange(first, first + n, dtype=np.int64), ds)
+    lo, hi = float(table.min()), float(table.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _window(ds) -> tuple[float, float, str] | None:
+    """The first window (centre, width, function), or None when absent."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = ds.WindowCenter, ds.WindowWidth
+    if center is None or width is None:
+        return None
+    # Multi-valued (several views): the first one, as pydicom's index=0.
+    center, width = _first(center), _first(width)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    return float(center), float(width), function
+
+
+def _first(value):
+    """First value of a multi-valued element (pydicom MultiValue/list), else itself."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return value[0]
+    return value
+
+
+def _apply_window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2/3 windowing straight to [0, 1].
+
+    Done here rather than with pydicom's apply_windowing because that maps to an
+    output range derived from BitsStored and the rescale (which flips for a negative
+    slope), so its output would still need a version-dependent rescale to 0..1."""
+    if function == "LINEAR":
+        if w < 1:
+            raise _Problem(f"invalid DICOM window width {w} (< 1 for LINEAR)")
+        if w == 1:  # degenerate window: a threshold
+            return (x > c - 0.5).astype(np.float64)
+        return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    if w <= 0:
+        raise _Problem(f"invalid DICOM window width {w} (<= 0 for {function})")
+    if function == "LINEAR_EXACT":
+        return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    raise _Problem(f"unsupported DICOM VOI LUT Function {function!r}")
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    v = values.astype(np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:  # constant image: all black rather than a division by zero
+        return np.zeros(v.shape, dtype=np.float64)
+    return (v - lo) / (hi - lo)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def decode_gray(source: Source, *, name: str | None = None) -> np.ndarray:
+    """Decode a JPEG, PNG or DICOM file (path or bytes) to a uint8 (H, W) gray image.
+
+    ``name`` is used in error messages (and, for bytes, its suffix lets a DICOM file
+    without preamble be recognised). Raises :class:`ImageDecodeError` for anything that
+    is not a readable image within :data:`MAX_PIXELS` / :data:`MAX_FILE_BYTES`.
+    """
+    data, label = _read_source(source, name)
+    suffix = Path(label).suffix.lower()
+    try:
+        fmt = _sniff(data, suffix)
+        if fmt in ("jpeg", "png"):
+            gray = _decode_pil(data, fmt)
+        else:
+            gray = _decode_dicom(data, raw=(fmt == "dicom-raw"))
+    except _Problem as p:
+        raise ImageDecodeError(label, str(p)) from p.__cause__
+    return np.ascontiguousarray(gray, dtype=np.uint8)
+
+
+def resize_to_model(gray: np.ndarray, size: int) -> np.ndarray:
+    """Stretch a uint8 (H, W) image to (size, size), aspect ratio not kept.
+
+    PIL's BILINEAR resize widens its filter when shrinking, i.e. it antialiases, and
+    with the default ``reducing_gap=None`` it is deterministic."""
+    gray = np.asarray(gray)
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W) image, got {gray.dtype} {gray.shape}")
+    size = int(size)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if gray.shape == (size, size):
+        return gray.copy()
+    im = Image.fromarray(np.ascontiguousarray(gray))
+    return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+
+
+def load_image(source: Source, size: int, *, name: str | None = None) -> np.ndarray:
+    """The model's input image: decode_gray then resize_to_model."""
+    return resize_to_model(decode_gray(source, name=name), size)

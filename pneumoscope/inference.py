@@ -1,0 +1,89 @@
+"""Load a finished run and turn images into probabilities of pneumonia.
+
+evaluate, predict, report, explain and serve all come through here, so they share one
+decode (data.decode.load_image) and one model input contract (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pneumoscope.data.decode import load_image
+from pneumoscope.models import build_model
+from pneumoscope.rundir import RunDir, load_model_weights
+
+
+def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B,S,S) or (B,1,S,S) -> float (B,1,S,S) in [0,1]: the model's input contract."""
+    x = torch.as_tensor(images)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return x.float().div_(255.0)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
+    device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+) -> np.ndarray:
+    """p(pneumonia) for a uint8 image array (N,S,S), in eval mode, batch by batch."""
+    model.eval()
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
+        x = images_to_input(images[start : start + batch_size]).to(device)
+        out.append(torch.softmax(model(x).float(), dim=1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+
+
+def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
+    """The run's selected model, built from config and loaded from safetensors (no code)."""
+    model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0))
+    model.load_state_dict(load_model_weights(run.best_model_path()), strict=True)
+    return model.eval()
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    config: dict
+    thresholds: dict
+    device: torch.device
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str | None = None) -> "Predictor":
+        run = RunDir(run_dir)
+        config = run.read_config()
+        thresholds = run.read_threshold()
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_trained_model(run, config).to(dev)
+        return cls(model=model, config=config, thresholds=thresholds, device=dev)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["image_size"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds["threshold"])
+
+    def threshold_for(self, rule: str | None) -> float:
+        """The threshold of a named rule (youden, sensitivity95) or the run's default."""
+        if rule is None:
+            return self.threshold
+        rules = self.thresholds["rules"]
+        if rule not in rules:
+            raise ValueError(f"unknown threshold rule {rule!r}; this run has {sorted(rules)}")
+        return float(rules[rule])
+
+    def load(self, source, name: str | None = None) -> np.ndarray:
+        """One image (path or bytes) through the shared decode + geometry."""
+        return load_image(source, self.image_size, name=name)
+
+    def predict_images(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
+        return predict_probs(self.model, images, device=self.device, show_progress=show_progress)

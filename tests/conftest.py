@@ -1,0 +1,57 @@
+"""Shared fixtures: small slices of the real shared data, copied into temporary folders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_DATA", REPO.parent / "shared" / "data" / "chest_xray_224"))
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "train" / "NORMAL").is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA} (set PNEUMOSCOPE_DATA)")
+    return SHARED_DATA
+
+
+def pick_images(shared_data: Path, per_class: int, offset: int = 0) -> dict[str, list[Path]]:
+    """Deterministic slice of the real train images, spread over the sorted listing so it
+    holds several patients and both file-name styles."""
+    picked = {}
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted((shared_data / "train" / cls).glob("*.jpeg"))
+        step = max(1, len(files) // (per_class + offset))
+        picked[cls] = files[offset * step :: step][:per_class]
+    return picked
+
+
+def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 0,
+                   split: str = "train") -> Path:
+    for cls, files in pick_images(shared_data, per_class, offset).items():
+        dest = root / split / cls
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dest / f.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_data_root(tmp_path_factory, shared_data) -> Path:
+    """DATA_ROOT with train/ of 20 NORMAL + 20 PNEUMONIA real images and a test/ split of
+    other real images (12 + 12)."""
+    root = tmp_path_factory.mktemp("data")
+    make_data_root(root, shared_data, per_class=20)
+    make_data_root(root, shared_data, per_class=12, offset=1, split="test")
+    return root
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

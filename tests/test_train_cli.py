@@ -1,0 +1,123 @@
+"""End to end through the CLI on a few dozen real shared images at a small size."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from pneumoscope.cli import main
+from pneumoscope.training import TrainConfig, train
+from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
+
+FAST = ["--image-size", "64", "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "0"]
+
+
+def train_args(data, out, *extra):
+    return ["-q", "train", "--data", str(data), "--out", str(out), "--backbone", "efficientnet_lite0",
+            *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(small_data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_args(small_data_root, out, "--epochs", "2")) == 0
+    return out
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+
+
+def test_train_writes_run_directory(one_epoch_run):
+    run = one_epoch_run
+    for name in ("config.json", MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json"):
+        assert (run / name).exists(), name
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"train_loss", "val_roc_auc", "val_loss", "lr"} <= set(rows[0])
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"] == "efficientnet_lite0" and config["image_size"] == 64
+    assert config["preprocessing"]["geometry"] == "stretch"
+    with open(run / MANIFEST) as f:
+        manifest = list(csv.DictReader(f))
+    assert len(manifest) == 40
+    roles = {r["role"] for r in manifest}
+    assert roles == {"train", "val"}
+    train_p = {r["patient"] for r in manifest if r["role"] == "train"}
+    val_p = {r["patient"] for r in manifest if r["role"] == "val"}
+    assert not train_p & val_p
+    thresholds = json.loads((run / THRESHOLD).read_text())
+    assert thresholds["default"] == "youden" and set(thresholds["rules"]) == {"youden", "sensitivity95"}
+
+
+def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root):
+    run = tmp_path / "run"
+    # the same run, interrupted after its first epoch
+    args = train_args(small_data_root, run, "--epochs", "2")
+    cfg = TrainConfig(data=str(small_data_root), out=str(run), backbone="efficientnet_lite0",
+                      image_size=64, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2)
+    assert train(cfg, show_progress=False, stop_after_epochs=1) is None
+    assert not (run / THRESHOLD).exists()
+    before = read_metrics(run)
+    assert [r["epoch"] for r in before] == [0]
+    assert main(args + ["--resume"]) == 0
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert rows[0] == before[0]  # epoch 0 was not run again
+    # the resumed epoch repeats the uninterrupted run's epoch exactly (same seed, CPU)
+    full = read_metrics(one_epoch_run)
+    for key in ("train_loss", "val_roc_auc", "val_loss"):
+        assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
+
+
+def test_resume_with_changed_options_is_refused(one_epoch_run, tmp_path, small_data_root, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    assert main(train_args(small_data_root, run, "--epochs", "2", "--seed", "5", "--resume")) == 2
+    assert "seed 0 -> 5" in capsys.readouterr().err
+
+
+def test_evaluate_writes_metrics_json(one_epoch_run, small_data_root, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["-q", "evaluate", str(one_epoch_run), "--data", str(small_data_root / "test"),
+                 "--out", str(out), "--bootstrap", "100"]) == 0
+    m = json.loads(out.read_text())
+    for key in ("n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1",
+                "roc_auc", "pr_auc", "confusion", "ci95"):
+        assert key in m
+    assert m["n"] == 24
+    assert set(m["confusion"]) == {"tp", "fp", "tn", "fn"} and sum(m["confusion"].values()) == 24
+    assert {"accuracy", "sensitivity", "specificity", "roc_auc"} <= set(m["ci95"])
+    threshold = json.loads((one_epoch_run / THRESHOLD).read_text())["threshold"]
+    assert m["threshold"] == pytest.approx(threshold)
+    assert "roc_auc" in capsys.readouterr().out
+
+
+def test_predict_writes_one_row_per_image(one_epoch_run, small_data_root, tmp_path):
+    out = tmp_path / "pred.csv"
+    folder = small_data_root / "test" / "NORMAL"
+    single = next((small_data_root / "test" / "PNEUMONIA").glob("*.jpeg"))
+    assert main(["-q", "predict", str(one_epoch_run), str(folder), str(single), "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list(folder.glob("*.jpeg"))) + 1
+    assert list(rows[0]) == ["path", "p_pneumonia", "label"]
+    threshold = json.loads((one_epoch_run / THRESHOLD).read_text())["threshold"]
+    for r in rows:
+        p = float(r["p_pneumonia"])
+        assert 0.0 <= p <= 1.0
+        assert r["label"] == ("PNEUMONIA" if p >= threshold else "NORMAL")
+
+
+def test_weights_imagenet_offline_is_a_clear_error(small_data_root, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setenv("PNEUMOSCOPE_NO_DOWNLOAD", "1")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    code = main(["-q", "train", "--data", str(small_data_root), "--out", str(tmp_path / "r"),
+                 "--backbone", "resnet50", "--weights", "imagenet", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet50-11ad3fa6.pth" in err and "--weights" in err
+    assert "Traceback" not in err

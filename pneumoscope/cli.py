@@ -34,7 +34,9 @@ def _add_train(sub) -> None:
                         "in the backbone's own key names (.pth/.pt/.safetensors)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs")
     p.add_argument("--image-size", type=int, default=d.image_size, help="side of the square model input")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per step and process (under torchrun the effective batch is "
+                        "processes x this)")
     p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
                    help="class imbalance: class-weighted loss, class-balanced sampler, or nothing")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
@@ -51,14 +53,42 @@ def _add_train(sub) -> None:
                    help="after the head epochs, how many top backbone stages are unfrozen (-1: all)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation ROC AUC")
-    p.add_argument("--augment", choices=["none", "light", "medium", "strong"], default=d.augment,
+    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide"], default=d.augment,
                    help="augmentation strength (affine, brightness, contrast, gamma; no flips)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--recipe", choices=["auto", "cpu-fast", "full"], default="auto",
+                   help="cpu-fast: frozen lower stages cached once per image and augmented view, the top "
+                        "trained on the cached activations; full: the whole staged fine-tune; auto: "
+                        "cpu-fast on a CPU (one process, pretrained weights), else full")
+    p.add_argument("--views", type=int, default=d.views,
+                   help="cpu-fast: augmented views of each training image through the frozen trunk")
+    p.add_argument("--cache-dir", default=d.cache_dir,
+                   help="decoded images and trunk activations ('': $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
+    p.add_argument("--trunk-precision", choices=["auto", "bf16", "fp32"], default=d.trunk_precision,
+                   help="cpu-fast trunk pass; auto: bf16 where the CPU has it natively (AVX512-BF16/AMX)")
+    p.add_argument("--device", default=d.device,
+                   help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="autocast of the training step; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
+    p.add_argument("--scale-lr", action="store_true",
+                   help="under torchrun, multiply --lr by the number of processes (linear scaling rule)")
     p.add_argument("--strict", action="store_true", help="stop before any work if a file is unreadable")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    _recipe_defaults(p)
     p.set_defaults(func=cmd_train)
+
+
+def _recipe_defaults(p) -> None:
+    """Options a recipe sets are left out of the namespace unless given, so the chosen
+    recipe's value applies (training.recipes); their help names both values."""
+    from pneumoscope.training.recipes import RECIPE_FIELDS, recipe_help
+
+    for action in p._actions:
+        if action.dest in RECIPE_FIELDS:
+            action.default = argparse.SUPPRESS
+            action.help = f"{action.help} {recipe_help(action.dest)}"
 
 
 def _add_evaluate(sub) -> None:
@@ -81,7 +111,75 @@ def _add_predict(sub) -> None:
     p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
                    help="operating threshold chosen on validation (default: the run's default, youden)")
     p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    p.add_argument("--onnx", metavar="MODEL_ONNX",
+                   help="run this ONNX export of RUN_DIR's model with onnxruntime instead of torch "
+                        "(same decode; contract and thresholds from MODEL_ONNX.json)")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_serve(sub) -> None:
+    from pneumoscope.serve import DEFAULT_MAX_UPLOAD_BYTES
+
+    p = sub.add_parser("serve", help="web page and JSON API (POST /v1/predict) for a trained run")
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default %(default)s; 0.0.0.0 exposes the app to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    p.add_argument("--onnx", metavar="MODEL_ONNX",
+                   help="probabilities from this ONNX export (onnxruntime); Grad-CAM still uses torch")
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
+                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+                   help="largest accepted upload in MiB (default %(default)s; larger: HTTP 413)")
+    p.add_argument("--device", help="torch device (cpu, cuda, cuda:N); default: cuda when available")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_export(sub) -> None:
+    from pneumoscope.export import DEFAULT_OPSET
+
+    p = sub.add_parser("export", help="export a run's model to ONNX with its preprocessing contract")
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx", help="export format (default %(default)s)")
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx); the contract goes to OUT.json")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default %(default)s)")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="HTML report: metrics, ROC/PR, calibration, training curves, "
+                                      "t-SNE/UMAP, Grad-CAM, data card")
+    p.add_argument("run_dir", help="run directory written by train")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data", metavar="SPLIT_DIR", help="folder holding NORMAL/ and PNEUMONIA/ to report on")
+    where.add_argument("--split", choices=["val", "train"],
+                       help="report on this part of the run's own split (RUN_DIR/manifest.csv), e.g. val")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report): index.html, one PNG per figure, "
+                                 "metrics.json, embeddings.npy, embeddings_meta.csv")
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
+                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default %(default)s)")
+    p.add_argument("--gradcam-per-group", type=int, default=4,
+                   help="Grad-CAM gallery: images per outcome (TP, FP, FN, TN) (default %(default)s)")
+    p.add_argument("--perplexity", type=float, default=30.0,
+                   help="t-SNE perplexity, capped below a third of the images (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and UMAP (default %(default)s)")
+    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmap overlay PNG and p(pneumonia) per image")
+    p.add_argument("run_dir", help="run directory written by train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, DICOM) or folders")
+    p.add_argument("--out", help="folder for the overlays, IMAGE_STEM_gradcam.png (default RUN_DIR/explain)")
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
+                   help="operating threshold for the printed label (default: the run's default, youden)")
+    p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity over the X-ray (default %(default)s)")
+    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    p.set_defaults(func=cmd_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_audit, _add_train, _add_evaluate, _add_predict):
+    for add in (_add_audit, _add_train, _add_evaluate, _add_predict, _add_serve, _add_export,
+                _add_report, _add_explain):
         add(sub)
     return parser
 
@@ -110,10 +209,13 @@ def cmd_audit(args) -> int:
 
 def cmd_train(args) -> int:
     from pneumoscope.training import TrainConfig, train
+    from pneumoscope.training.distributed import is_main_process
 
     names = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     summary = train(cfg, resume=args.resume, show_progress=not args.quiet)
+    if not is_main_process():  # under torchrun rank 0 speaks for all
+        return 0
     t = summary["thresholds"]
     print(f"run: {cfg.out}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
           f"/{summary['epochs_run']}  val ROC AUC {summary['val_roc_auc']:.4f}")
@@ -137,13 +239,58 @@ def cmd_predict(args) -> int:
     from pneumoscope.commands import predict_paths
 
     rows = predict_paths(args.run_dir, args.paths, out=args.out, threshold_rule=args.threshold_rule,
-                         strict=args.strict, show_progress=not args.quiet)
+                         strict=args.strict, show_progress=not args.quiet, onnx=args.onnx)
     if args.out:
         print(f"{len(rows)} predictions written to {args.out}")
     else:
         print("path,p_pneumonia,label")
         for r in rows:
             print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from pneumoscope.serve import create_app
+    from pneumoscope.serve.engine import InferenceEngine
+
+    # Load the model before the server starts, so a bad run or ONNX file is one line here.
+    engine = InferenceEngine(args.run_dir, args.onnx, args.threshold_rule, args.device)
+    app = create_app(args.run_dir, engine=engine, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    print(f"pneumoscope serving {args.run_dir} on http://{args.host}:{args.port}/  (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pneumoscope.commands import export_run
+    from pneumoscope.export import contract_path
+
+    out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
+    print(f"written: {out}\ncontract: {contract_path(out)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pneumoscope.report import build_report
+
+    index = build_report(args.run_dir, args.data, args.out, split=args.split,
+                         threshold_rule=args.threshold_rule, n_boot=args.bootstrap,
+                         per_group=args.gradcam_per_group, perplexity=args.perplexity, seed=args.seed,
+                         strict=args.strict, show_progress=not args.quiet)
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from pneumoscope.report import explain_images
+
+    rows = explain_images(args.run_dir, args.images, args.out, threshold_rule=args.threshold_rule,
+                          alpha=args.alpha, strict=args.strict, show_progress=not args.quiet)
+    print("path,p_pneumonia,label,overlay")
+    for r in rows:
+        print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']},{r['overlay']}")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope import CLASSES
-from pneumoscope.data.cache import decode_samples, report_failures
+from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split
 from pneumoscope.evaluation import evaluate_predictions
@@ -27,18 +27,29 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)
     probs = predictor.predict_images(data.images, show_progress=show_progress)
+    metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
+    write_evaluation(Path(out) if out else Path(run_dir) / "metrics.json", metrics, data, probs)
+    return metrics
+
+
+def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
+                      threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
+    """The metrics.json content (evaluate and report share it) at the rule's threshold."""
     threshold = predictor.threshold_for(threshold_rule)
     metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot)
     metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
-    metrics["data"] = str(split_dir)
+    metrics["data"] = data_name
     metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]
-    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    return metrics
+
+
+def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarray) -> None:
+    """metrics.json at `out` and the per-image predictions beside it (OUT_predictions.csv)."""
     atomic_write_json(out, metrics)
     atomic_write_csv(
         out.with_name(out.stem + "_predictions.csv"), ["path", "label", "p_pneumonia"],
         [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(data.samples, probs)],
     )
-    return metrics
 
 
 def expand_paths(paths: list[str | Path]) -> list[Path]:
@@ -46,7 +57,9 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # not is_dir() rather than is_file(): a symlink loop or a FIFO named like an
+            # image is named in the unreadable-files warning, not dropped silently.
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         else:
             files.append(path)
     return files
@@ -54,9 +67,17 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
 
 def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None,
                   threshold_rule: str | None = None, strict: bool = False,
-                  show_progress: bool = True) -> list[dict]:
-    """p(pneumonia) and label for every readable image among `paths`; CSV when `out`."""
-    predictor = Predictor.from_run(run_dir)
+                  show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
+    """p(pneumonia) and label for every readable image among `paths`; CSV when `out`.
+
+    onnx: run that exported model with onnxruntime (same decode, contract and thresholds
+    from its model.onnx.json) instead of the run's torch model."""
+    if onnx:
+        from pneumoscope.onnx_predictor import OnnxPredictor
+
+        predictor = OnnxPredictor.from_file(onnx, run_dir=run_dir)
+    else:
+        predictor = Predictor.from_run(run_dir)
     files = expand_paths(paths)
     images, kept, failures = [], [], []
     for path in files:
@@ -75,3 +96,13 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
         atomic_write_csv(out, ["path", "p_pneumonia", "label"],
                          [[r["path"], f"{r['p_pneumonia']:.6f}", r["label"]] for r in rows])
     return rows
+
+
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+               opset: int | None = None) -> Path:
+    """Export a run's model (ONNX only) with its preprocessing contract beside it."""
+    if fmt != "onnx":
+        raise ValueError(f"unknown export format {fmt!r}; supported: onnx")
+    from pneumoscope.export import DEFAULT_OPSET, export_onnx
+
+    return export_onnx(run_dir, out, opset=opset or DEFAULT_OPSET)

@@ -6,6 +6,7 @@ decode (data.decode.load_image) and one model input contract (see docs/architect
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
 from pneumoscope.models import build_model
-from pneumoscope.rundir import RunDir, load_model_weights
+from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
 
 
 def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -26,25 +27,52 @@ def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
-@torch.no_grad()
+def inference_precision(device: str | torch.device) -> str:
+    """The precision predict_probs uses by default: bf16 autocast on CPUs that run bf16
+    natively (AVX512-BF16 / AMX: about 2x fp32 for ResNet50, same validation ROC AUC;
+    benchmarks/RESULTS.md), fp32 elsewhere. PNEUMOSCOPE_PRECISION=fp32|bf16 overrides."""
+    forced = os.environ.get("PNEUMOSCOPE_PRECISION", "").lower()
+    if forced in ("fp32", "bf16"):
+        return forced
+    if torch.device(device).type != "cpu":
+        return "fp32"
+    native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return "bf16" if any(getattr(torch.cpu, name, lambda: False)() for name in native) else "fp32"
+
+
+@torch.inference_mode()
 def predict_probs(
     model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
     device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+    precision: str | None = None,
 ) -> np.ndarray:
-    """p(pneumonia) for a uint8 image array (N,S,S), in eval mode, batch by batch."""
+    """p(pneumonia) for a uint8 image array (N,S,S), in eval mode, batch by batch.
+
+    precision: fp32 | bf16 (autocast) | None: inference_precision(device). Inputs go in
+    channels_last (fastest for the convolutions on CPU and GPU alike)."""
     model.eval()
+    precision = precision or inference_precision(device)
+    dev = torch.device(device)
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
-        x = images_to_input(images[start : start + batch_size]).to(device)
-        out.append(torch.softmax(model(x).float(), dim=1)[:, 1].cpu())
+        x = images_to_input(images[start : start + batch_size]).to(dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
 def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
     """The run's selected model, built from config and loaded from safetensors (no code)."""
     model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0))
-    model.load_state_dict(load_model_weights(run.best_model_path()), strict=True)
+    path = run.best_model_path()
+    try:
+        model.load_state_dict(load_model_weights(path), strict=True)
+    except RuntimeError as err:  # wrong keys or shapes: a file from another model
+        first = str(err).strip().splitlines()[:3]
+        raise RunDirError(f"{path}: does not fit the {config['backbone']} model of config.json: "
+                          + " ".join(first)) from err
     return model.eval()
 
 
@@ -54,15 +82,18 @@ class Predictor:
     config: dict
     thresholds: dict
     device: torch.device
+    precision: str | None = None  # fp32 | bf16 | None: inference_precision(device)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str | None = None) -> "Predictor":
+    def from_run(cls, run_dir: str | Path, device: str | None = None,
+                 precision: str | None = None) -> "Predictor":
         run = RunDir(run_dir)
         config = run.read_config()
         thresholds = run.read_threshold()
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = load_trained_model(run, config).to(dev)
-        return cls(model=model, config=config, thresholds=thresholds, device=dev)
+        # channels_last weights: the convolutions' fastest layout (no reorder per call)
+        model = load_trained_model(run, config).to(dev).to(memory_format=torch.channels_last)
+        return cls(model=model, config=config, thresholds=thresholds, device=dev, precision=precision)
 
     @property
     def image_size(self) -> int:
@@ -86,4 +117,5 @@ class Predictor:
         return load_image(source, self.image_size, name=name)
 
     def predict_images(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
-        return predict_probs(self.model, images, device=self.device, show_progress=show_progress)
+        return predict_probs(self.model, images, device=self.device, show_progress=show_progress,
+                             precision=self.precision)

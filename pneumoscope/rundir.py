@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -75,7 +76,10 @@ def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
 
 def read_json(path: str | Path):
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: damaged after writing
+            raise RunDirError(f"{path}: not valid JSON ({err})") from err
 
 
 def save_model_weights(path: str | Path, state_dict: dict, metadata: dict | None = None) -> None:
@@ -86,7 +90,11 @@ def save_model_weights(path: str | Path, state_dict: dict, metadata: dict | None
 
 def load_model_weights(path: str | Path) -> dict:
     with open(path, "rb") as handle:
-        return safetensors_load(handle.read())
+        data = handle.read()
+    try:
+        return safetensors_load(data)  # safetensors: tensors only, no code path
+    except Exception as err:  # SafetensorError: truncated, or not safetensors at all
+        raise RunDirError(f"{path}: not a readable safetensors model ({_first_line(err)})") from err
 
 
 def save_training_state(path: str | Path, state: dict) -> None:
@@ -95,13 +103,39 @@ def save_training_state(path: str | Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# What save_checkpoint always writes; a file without them is not a training state.
+TRAINING_STATE_KEYS = ("model", "optimizer", "scheduler", "epoch")
+
+
 def load_training_state(path: str | Path) -> dict:
     # weights_only: a checkpoint from a stranger can hold tensors and plain containers,
     # never code.
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError by version
-        raise RunDirError(f"{path}: refused to load (not a plain tensor checkpoint): {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RunDirError(f"{path}: refused to load: it holds Python objects other than tensors, "
+                          f"not run{_refused_global(err)}") from err
+    except Exception as err:  # a truncated or foreign file (writes are atomic: not ours)
+        raise RunDirError(f"{path}: cannot resume from an unreadable checkpoint ({_first_line(err)}); "
+                          "delete it to start the run over") from err
+    missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunDirError(f"{path}: not a pneumoscope training state (no {', '.join(missing)}); "
+                          "delete it to start the run over")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else type(err).__name__
+
+
+def _refused_global(err: BaseException) -> str:
+    """The line of torch's long refusal that names what was refused (GLOBAL io.open)."""
+    for line in str(err).splitlines():
+        if "GLOBAL" in line:
+            return ": " + line.strip().split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+    return ""
 
 
 class RunDir:
@@ -122,6 +156,8 @@ class RunDir:
         if not path.exists():
             raise RunDirError(f"{self.path}: not a pneumoscope run directory (no {CONFIG})")
         config = read_json(path)
+        if not isinstance(config, dict):
+            raise RunDirError(f"{path}: expected a JSON object, found {type(config).__name__}")
         version = config.get("format_version")
         if version != FORMAT_VERSION:
             raise RunDirError(
@@ -154,7 +190,22 @@ class RunDir:
         path = self / METRICS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as err:
+                    raise RunDirError(f"{path}: line {number} is not valid JSON ({err})") from err
+        return rows
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Temporary files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`):
+        never read by anything; removed when the run is resumed."""
+        stale = sorted(self.path.glob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the lines of epochs <= last_epoch (on resume, later lines are stale)."""

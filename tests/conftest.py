@@ -13,6 +13,18 @@ SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_DATA", REPO.parent / "shared" / "
 ARTIFACTS = REPO / "test-artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests write the decode/activation cache to a temporary folder, not ~/.cache."""
+    old = os.environ.get("PNEUMOSCOPE_CACHE")
+    os.environ["PNEUMOSCOPE_CACHE"] = str(tmp_path_factory.mktemp("pneumoscope_cache"))
+    yield Path(os.environ["PNEUMOSCOPE_CACHE"])
+    if old is None:
+        os.environ.pop("PNEUMOSCOPE_CACHE", None)
+    else:
+        os.environ["PNEUMOSCOPE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "train" / "NORMAL").is_dir():

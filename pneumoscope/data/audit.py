@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections import defaultdict
@@ -36,8 +37,11 @@ def _walk_all(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _check_file(path: Path) -> str | None:
     """The problem with one file, or None when it decodes as an image."""
-    if path.is_symlink() and not path.exists():
-        return "broken symlink"
+    if path.is_symlink():
+        try:
+            path.stat()
+        except OSError as err:
+            return "symlink loop" if err.errno == errno.ELOOP else "broken symlink"
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file (suffix {path.suffix or 'none'!r})"
     try:

@@ -35,11 +35,23 @@ PRESETS = {
     "light": AugmentConfig(scale=0.05, rotate_deg=5, translate=0.03, brightness=0.05, contrast=0.1, gamma=0.15),
     "medium": AugmentConfig(),
     "strong": AugmentConfig(scale=0.15, rotate_deg=15, translate=0.08, brightness=0.15, contrast=0.4, gamma=0.5),
+    # wide framing (zoom 0.75-1.25): films of other sites frame the chest differently
+    "wide": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5),
 }
 
 
+def _rand(n: int, gen: torch.Generator, device) -> torch.Tensor:
+    """n uniform draws from the (CPU) generator, on the batch's device. To a GPU they go
+    through pinned memory without blocking: a plain .to() would make the host wait for
+    every queued kernel at each batch."""
+    values = torch.rand(n, generator=gen)
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen).to(device) * (high - low) + low
+    return _rand(n, gen, device) * (high - low) + low
 
 
 def _random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
@@ -47,7 +59,7 @@ def _random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
     angle = _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, gen, device) * math.pi / 180
     zoom = _uniform(n, 1 - cfg.scale, 1 + cfg.scale, gen, device)
     shift = _uniform(2 * n, -cfg.translate, cfg.translate, gen, device).view(n, 2) * 2
-    flip = torch.where(torch.rand(n, generator=gen).to(device) < cfg.hflip, -1.0, 1.0)
+    flip = torch.where(_rand(n, gen, device) < cfg.hflip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1

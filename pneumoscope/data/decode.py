@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,8 +98,12 @@ def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
     path = Path(source)
     label = name if name is not None else str(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO named like an image must not wait for a writer
+        # (it would hang a night's run); the regular-file check below refuses it.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_regular(st.st_mode, label)
+            size = st.st_size
             if size > MAX_FILE_BYTES:  # refuse before reading anything
                 raise ImageDecodeError(label, _too_big_file(size))
             # Bounded even if the file grows (or is a pipe) while we read it.
@@ -108,6 +113,16 @@ def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
     if len(data) > MAX_FILE_BYTES:
         raise ImageDecodeError(label, _too_big_file(len(data)))
     return data, label
+
+
+def _check_regular(mode: int, label: str) -> None:
+    """Only regular files are read: a directory, FIFO, socket or device is refused."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError(label, "cannot read file (Is a directory)")
+    kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"
+    raise ImageDecodeError(label, f"not a regular file ({kind})")
 
 
 def _too_big_file(n: int) -> str:
@@ -239,9 +254,11 @@ def _decode_pil(data: bytes, fmt: str) -> np.ndarray:
 def _exif_upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block is ignored, not fatal."""
     try:
-        return ImageOps.exif_transpose(im)
+        # in place: an upright image (nearly all) is not copied, a big one twice in memory
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # noqa: BLE001
-        return im
+        pass
+    return im
 
 
 def _pil_to_gray(im: Image.Image) -> np.ndarray:
@@ -263,17 +280,38 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
     raise _Problem(f"unsupported pixel mode {mode!r}")
 
 
+# Pixels per block of the uint32 arithmetic below: whole-image temporaries of a 60 MP
+# image would take 240 MB each (a 117 KB 16-bit PNG then cost ~1 GB to decode).
+_BLOCK_PIXELS = 1 << 22
+
+
+def _row_blocks(height: int, width: int):
+    rows = max(1, _BLOCK_PIXELS // max(width, 1))
+    return (slice(r, r + rows) for r in range(0, height, rows))
+
+
 def _scale_16bit(arr: np.ndarray) -> np.ndarray:
     """Scale 0..65535 to 0..255 by the bit depth: round(x / 257), so v*257 -> v."""
-    x = arr.astype(np.uint32)
-    return ((x + 128) // 257).astype(np.uint8)
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for rows in _row_blocks(*arr.shape):
+        x = arr[rows].astype(np.uint32)
+        x += 128
+        x //= 257
+        out[rows] = x
+    return out
 
 
 def _composite_on_black(im: Image.Image) -> np.ndarray:
     """Gray (luma) times alpha: transparent pixels become black (no signal)."""
-    la = np.asarray(im.convert("LA"), dtype=np.uint32)
-    gray, alpha = la[..., 0], la[..., 1]
-    return ((gray * alpha + 127) // 255).astype(np.uint8)
+    la = np.asarray(im.convert("LA"))
+    out = np.empty(la.shape[:2], dtype=np.uint8)
+    for rows in _row_blocks(*out.shape):
+        x = la[rows, :, 0].astype(np.uint32)
+        x *= la[rows, :, 1]
+        x += 127
+        x //= 255
+        out[rows] = x
+    return out
 
 
 def _short(e: BaseException) -> str:
@@ -523,6 +561,12 @@ def resize_to_model(gray: np.ndarray, size: int) -> np.ndarray:
         return gray.copy()
     im = Image.fromarray(np.ascontiguousarray(gray))
     return np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+
+
+def read_bytes(source: Source, *, name: str | None = None) -> bytes:
+    """The bytes load_image would decode, read with the same checks (regular file, size
+    bound); for callers that key a cache on a file's content and then decode those bytes."""
+    return _read_source(source, name)[0]
 
 
 def load_image(source: Source, size: int, *, name: str | None = None) -> np.ndarray:

@@ -11,24 +11,39 @@ class TrainConfig:
     out: str
     backbone: str = "auto"  # resolved to a registry name before training starts
     weights: str = "imagenet"  # imagenet | none | PATH to a state_dict
-    epochs: int = 12
-    image_size: int = 224
-    batch_size: int = 32
+    # recipe: auto | cpu-fast | full (training.recipes); the options set to None below take
+    # the recipe's value, resolved when the config is made (so a config is always concrete).
+    recipe: str = "auto"
+    epochs: int | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
     balance: str = "loss"  # loss | sampler | none
     val_fraction: float = 0.15
     seed: int = 0
-    lr: float = 1e-3  # head learning rate; the backbone gets lr * backbone_lr_scale
-    backbone_lr_scale: float = 0.1
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    head_epochs: int = 1  # staged fine-tuning: epochs that train the head alone
-    trainable_stages: int = -1  # after head_epochs: top stages unfrozen (-1: all)
-    patience: int = 4  # early stopping on validation ROC AUC
-    augment: str = "medium"  # none | light | medium | strong
-    dropout: float = 0.2
-    label_smoothing: float = 0.0
+    lr: float | None = None  # head learning rate; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    head_epochs: int | None = None  # staged fine-tuning: epochs that train the head alone
+    trainable_stages: int | None = None  # after head_epochs: top stages unfrozen (-1: all)
+    patience: int | None = None  # early stopping on validation ROC AUC
+    augment: str | None = None  # none | light | medium | strong
+    dropout: float | None = None
+    label_smoothing: float | None = None
+    views: int | None = None  # cpu-fast: augmented views of each training image through the trunk
+    cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
+    trunk_precision: str = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
     strict: bool = False  # stop before any work if a file is unreadable
     device: str = "auto"
+    # Scale-out and the GPU fast path (README "Scaling out"); none of them changes the recipe.
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False  # torch.compile the training step's model
+    scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
+
+    def __post_init__(self) -> None:
+        from pneumoscope.training.recipes import apply_recipe
+
+        apply_recipe(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,5 +58,5 @@ class TrainConfig:
 RESUME_KEYS = (
     "backbone", "weights", "epochs", "image_size", "batch_size", "balance", "val_fraction", "seed",
     "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "head_epochs",
-    "trainable_stages", "augment", "dropout", "label_smoothing",
+    "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views",
 )

@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pneumoscope.data.augment import PRESETS, augment_batch
-from pneumoscope.data.cache import DecodedSet, decode_samples
+from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, require_both_classes
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest, write_manifest
 from pneumoscope.data.split import split_by_patient
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
-from pneumoscope.inference import images_to_input, predict_probs
+from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model, get_spec
 from pneumoscope.models.weights import imagenet_weights_available
 from pneumoscope.rundir import (
@@ -31,7 +31,10 @@ from pneumoscope.rundir import (
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
     save_model_weights, save_training_state,
 )
+from pneumoscope.training import fastpath
 from pneumoscope.training.config import RESUME_KEYS, TrainConfig
+from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
+from pneumoscope.training.inputs import make_inputs
 
 log = logging.getLogger(__name__)
 
@@ -138,40 +141,61 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 
 def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainConfig, epoch: int,
-                    device, loss_weights, show_progress: bool = True) -> dict:
+                    device, loss_weights, show_progress: bool = True, *, env: DistEnv | None = None,
+                    feed: fastpath.BatchFeed | None = None, precision: str = "fp32") -> dict:
+    """model: what the step calls (the Classifier, or its DDP / compiled wrapper).
+    feed: the batch source (fastpath.BatchFeed; built from data when not given)."""
+    env = env or DistEnv(device=torch.device(device))
+    feed = feed or fastpath.BatchFeed(data.images, data.labels, torch.device(device))
     model.train()
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout of this epoch
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
+    rank_offset = env.rank * 7_777_777  # each rank its own dropout and augmentation draws
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch + rank_offset)  # dropout of this epoch
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + rank_offset)
     augment = PRESETS[cfg.augment]
-    order = epoch_order(data.labels, cfg.balance, cfg.seed, epoch)
-    labels = torch.as_tensor(data.labels)
+    # Every rank draws the same epoch order and keeps its own slice (one rank: all of it).
+    order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch), env.rank, env.world_size)
     n_batches = len(order) // cfg.batch_size or 1  # drop the ragged last batch (BatchNorm)
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    # The loss is summed on the device: reading it every step would make the host wait.
+    total_loss, seen, start = torch.zeros((), dtype=torch.float64, device=feed.device), 0, time.perf_counter()
     bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                disable=not show_progress)
     for b in bar:
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-        x = augment_batch(images_to_input(data.images[idx]).to(device), augment, aug_gen)
-        y = labels[idx].to(device)
-        loss = F.cross_entropy(model(x), y, weight=loss_weights, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += loss.item() * len(idx)
+        x, y = feed(idx)
+        loss = fastpath.train_step(model, optimizer, scheduler, augment_batch(x, augment, aug_gen), y,
+                                   loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
+                                   precision=precision)
+        total_loss += loss.double() * len(idx)
         seen += len(idx)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if show_progress and (b % 10 == 0 or b == n_batches - 1):
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}")
+    loss_sum, seen = env.all_reduce_sum([total_loss.item(), seen])
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9)}
+    return {"train_loss": loss_sum / max(seen, 1), "train_images_per_s": seen / max(elapsed, 1e-9)}
 
 
-def validate(model, data: DecodedSet, device) -> tuple[dict, np.ndarray]:
-    probs = predict_probs(model, data.images, device=device)
+def predict_all(model, images: np.ndarray, device, env: DistEnv | None = None) -> np.ndarray:
+    """p(pneumonia) of every image; under torchrun each rank predicts every world_size-th
+    image and the parts are gathered back in order, so every rank holds all of them."""
+    if env is None or not env.is_distributed:
+        return predict_probs(model, images, device=device)
+    env.sync_module_state(model)  # BatchNorm statistics as rank 0 has them (and saves them)
+    idx = np.arange(env.rank, len(images), env.world_size)
+    return env.gather_by_index(predict_probs(model, images[idx], device=device), idx, len(images))
+
+
+def validate(model, data: DecodedSet, device, env: DistEnv | None = None,
+             predict=None) -> tuple[dict, np.ndarray]:
+    """predict: model -> validation probabilities (the recipe's inputs); default: the images."""
+    probs = predict(model) if predict else predict_all(model, data.images, device, env)
     y = data.labels
     eps = 1e-7
     loss = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
     metrics = ranking_metrics(y, probs)
-    return {"val_loss": loss, "val_roc_auc": metrics["roc_auc"], "val_pr_auc": metrics["pr_auc"]}, probs
+    metrics = {"val_loss": loss, "val_roc_auc": metrics["roc_auc"], "val_pr_auc": metrics["pr_auc"]}
+    # Computed from the same gathered predictions everywhere; rank 0's copy makes the
+    # early-stopping decision identical on every rank even across machines.
+    return (env.broadcast(metrics) if env else metrics), probs
 
 
 def is_better(metrics: dict, state: dict) -> bool:
@@ -185,11 +209,15 @@ def is_better(metrics: dict, state: dict) -> bool:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resumable(run: RunDir, cfg: TrainConfig) -> dict | None:
+def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict | None:
     """The saved training state, or None when there is nothing to resume."""
     if not (run / LAST_CHECKPOINT).exists():
         return None
     saved = run.read_config()
+    saved_world = saved.get("distributed", {}).get("world_size", 1)
+    if saved_world != world_size:  # the epoch order and the effective batch depend on it
+        raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
+                          f"trained with {saved_world} (start it the same way)")
     changed = [k for k in RESUME_KEYS if k != "backbone" and saved.get(k) != getattr(cfg, k)]
     if changed:
         raise RunDirError(
@@ -209,16 +237,18 @@ def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> No
 # ----------------------------------------------------------------------------- finish
 
 
-def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device) -> dict:
+def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env: DistEnv | None = None) -> dict:
     """Reload the best model, choose thresholds on validation, write the summary files."""
-    model.load_state_dict(load_model_weights(run / BEST_MODEL))
-    probs = predict_probs(model, val.images, device=device)
+    if env is None or env.is_main:  # under torchrun predict_all hands rank 0's weights to all
+        model.load_state_dict(load_model_weights(run / BEST_MODEL))
+    probs = predict_all(model, val.images, device, env)
     thresholds = choose_thresholds(val.labels, probs)
-    atomic_write_json(run / THRESHOLD, thresholds)
-    atomic_write_csv(
-        run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
-        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
-    )
+    if env is None or env.is_main:
+        atomic_write_json(run / THRESHOLD, thresholds)
+        atomic_write_csv(
+            run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
+            [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
+        )
     return thresholds
 
 
@@ -229,25 +259,46 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     stop_after_epochs: leave after that many epochs as an interrupted run would (no
     thresholds, no summary; --resume continues), for tests and time-boxed sessions."""
     run = RunDir(cfg.out)
-    run.path.mkdir(parents=True, exist_ok=True)
-    saved = check_resumable(run, cfg) if resume else None
-    cfg.backbone = run.read_config()["backbone"] if saved else resolve_backbone(cfg)
-    device = pick_device(cfg.device)
+    # Under torchrun rank 0 alone reads and writes RUN_DIR and hands the others what
+    # they need (env.broadcast); without torchrun env is a world of one and all is as before.
+    env = init_from_env(cfg.device)
+    if env.is_distributed and cfg.recipe != "full":  # its cached trunk is a one-process shortcut
+        raise ValueError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
+                         "(or auto, which picks full there)")
+    main = env.is_main
+    show_progress = show_progress and main
+    if main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    if resume and main:  # even with no checkpoint yet: a kill may have come mid-write
+        for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read
+            log.info("removed %s (an interrupted write)", stale.name)
+    saved = env.broadcast(check_resumable(run, cfg, env.world_size) if resume and main else None)
+    cfg.backbone = env.broadcast(
+        (run.read_config()["backbone"] if saved else resolve_backbone(cfg)) if main else None)
+    device = env.device
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout).to(device)
-    if not saved:
-        run.write_config({**cfg.to_dict(), "preprocessing": preprocessing_contract(cfg)})
-    train_samples, val_samples = prepare_split(cfg, run, resume=saved is not None)
-    train_set = decode_samples(train_samples, cfg.image_size, strict=cfg.strict, desc="decode train",
-                               show_progress=show_progress)
-    val_set = decode_samples(val_samples, cfg.image_size, strict=cfg.strict, desc="decode val",
-                             show_progress=show_progress)
+    model = fastpath.prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), device)
+    if not saved and main:
+        run.write_config({**cfg.to_dict(), "preprocessing": preprocessing_contract(cfg),
+                          "distributed": env.describe()})
+    train_samples, val_samples = env.broadcast(
+        prepare_split(cfg, run, resume=saved is not None) if main else None)
+    train_set = decode_samples(train_samples, cfg.image_size, desc="decode train",
+                               show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
+    val_set = decode_samples(val_samples, cfg.image_size, desc="decode val",
+                             show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
+    report_failures(train_set.failures + val_set.failures, cfg.strict)  # one warning, or --strict stops
+    require_both_classes({"train": train_set, "validation": val_set})
     log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
              len(train_set.samples), len(val_set.samples), cfg.backbone, device)
 
-    optimizer = make_optimizer(model, cfg)
-    steps = len(train_set.samples) // cfg.batch_size or 1
+    feed = fastpath.BatchFeed(train_set.images, train_set.labels, device)  # images to the GPU once
+    precision = fastpath.resolve_precision(cfg.precision, device)
+    replicas = Replicas(model, env, compile_model=cfg.compile)
+    # --batch-size is per process; --scale-lr applies the linear rule to the effective batch.
+    optimizer = make_optimizer(model, replace(cfg, lr=cfg.lr * env.world_size) if cfg.scale_lr else cfg)
+    steps = math.ceil(len(train_set.samples) / env.world_size) // cfg.batch_size or 1
     scheduler = make_scheduler(optimizer, cfg, steps)
     loss_weights = class_weights(train_set.labels).to(device) if cfg.balance == "loss" else None
     state = {"epoch": -1, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
@@ -257,31 +308,39 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {k: saved[k] for k in state}
-        run.truncate_metrics(state["epoch"])
+        if main:
+            run.truncate_metrics(state["epoch"])
         log.info("resuming after epoch %d", state["epoch"] + 1)
+    # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
+    inputs = make_inputs(cfg, model, train_set, val_set, device, feed=feed, replicas=replicas, precision=precision,
+                         predict=lambda m: predict_all(m, val_set.images, device, env), show_progress=show_progress)
 
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if state["stopped"]:
             break
         model.freeze_stages(frozen_stages_at(epoch, model.n_stages, cfg))
         started = time.perf_counter()
-        row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, train_set, cfg, epoch,
-                                                  device, loss_weights, show_progress)}
-        metrics, _ = validate(model, val_set, device)
+        row = {"epoch": epoch, **train_one_epoch(inputs.net(), optimizer, scheduler, train_set, inputs.step_cfg(cfg),
+                                                  epoch, device, loss_weights, show_progress, env=env,
+                                                  feed=inputs.feed(epoch), precision=inputs.precision)}
+        metrics, _ = validate(model, val_set, device, env, predict=inputs.predict_val)
         row.update(metrics, lr=scheduler.get_last_lr()[0], frozen_stages=model.frozen_stages,
                    seconds=round(time.perf_counter() - started, 2))
         if is_better(metrics, state):
             state.update(best_auc=metrics["val_roc_auc"], best_loss=metrics["val_loss"],
                          best_epoch=epoch, bad_epochs=0)
-            save_model_weights(run / BEST_MODEL, model.state_dict(),
-                               {"backbone": cfg.backbone, "epoch": epoch})
+            if main:
+                save_model_weights(run / BEST_MODEL, model.state_dict(),
+                                   {"backbone": cfg.backbone, "epoch": epoch})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         state["stopped"] = state["bad_epochs"] >= cfg.patience
         row["best_epoch"] = state["best_epoch"]
-        run.append_metrics(row)
-        save_checkpoint(run, model, optimizer, scheduler, state)
+        if main:
+            run.append_metrics(row)
+            save_checkpoint(run, model, optimizer, scheduler, state)
+        env.barrier()  # no rank runs ahead of the epoch's checkpoint
         log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1,
                  row["train_loss"], row["val_roc_auc"], row["val_loss"], row["seconds"],
                  "  *" if state["best_epoch"] == epoch else "")
@@ -290,14 +349,16 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
             return None
 
-    thresholds = finalize(run, cfg, model, val_set, device)
+    thresholds = finalize(run, cfg, model, val_set, device, env)
     summary = {
         "backbone": cfg.backbone, "best_epoch": state["best_epoch"] + 1,
         "epochs_run": state["epoch"] + 1, "val_roc_auc": state["best_auc"],
         "thresholds": thresholds, "n_train": len(train_set.samples), "n_val": len(val_set.samples),
         "unreadable": train_set.failures + val_set.failures,
     }
-    atomic_write_json(run / "summary.json", summary)
+    if main:
+        atomic_write_json(run / "summary.json", summary)
+    env.barrier()
     return summary
 
 

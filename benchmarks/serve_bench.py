@@ -1,0 +1,135 @@
+"""Serving benchmark: POST /v1/predict latency and batch images/s, torch vs ONNX.
+
+    python benchmarks/serve_bench.py RUN_DIR [--onnx RUN_DIR/model.onnx] [--requests 60]
+
+* Latency: a real uvicorn server on 127.0.0.1 (in this process, one thread) per runtime
+  — ``create_app(run)`` and ``create_app(run, onnx_path=...)``, i.e. ``pneumoscope serve``
+  with and without ``--onnx`` — and one httpx client sending real shared JPEGs one at a
+  time (keep-alive). The time covers HTTP, multipart parsing, decode, resize and the
+  model; p50/p95 over --requests after --warmup requests. Also the Grad-CAM path
+  (``?heatmap=true``, torch) for reference.
+* Batch throughput: in-process, already decoded images (N, S, S) through
+  ``Predictor.predict_images`` (torch) and ``OnnxPredictor.predict_images``
+  (onnxruntime), batch size --batch, best of --repeats.
+
+Exports RUN_DIR to ONNX first when --onnx is missing. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from pneumoscope.inference import Predictor, predict_probs
+from pneumoscope.onnx_predictor import OnnxPredictor
+from pneumoscope.serve import create_app
+from pneumoscope.serve.background import BackgroundServer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_224"
+
+
+def shared_images(data: Path, n: int) -> list[Path]:
+    files = sorted((data / "val").rglob("*.jpeg")) + sorted((data / "train").rglob("*.jpeg"))
+    if not files:
+        sys.exit(f"no JPEGs under {data}/val or {data}/train")
+    step = max(1, len(files) // n)
+    return files[::step][:n]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def latency_ms(app, files: list[Path], requests: int, warmup: int, heatmap: bool = False) -> list[float]:
+    payloads = [(f.name, f.read_bytes()) for f in files]
+    times = []
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        for i in range(warmup + requests):
+            name, data = payloads[i % len(payloads)]
+            start = time.perf_counter()
+            r = client.post("/v1/predict", files={"file": (name, data)},
+                            params={"heatmap": "true"} if heatmap else None)
+            elapsed = (time.perf_counter() - start) * 1000
+            r.raise_for_status()
+            if i >= warmup:
+                times.append(elapsed)
+    return times
+
+
+def images_per_s(predict, images: np.ndarray, repeats: int) -> float:
+    predict(images[: min(len(images), 8)])  # warm-up (allocations, lazy init)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predict(images)
+        best = min(best, time.perf_counter() - start)
+    return len(images) / best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--onnx", help="ONNX export of RUN_DIR (default RUN_DIR/model.onnx, exported if missing)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="DATA_ROOT with val/ and train/ JPEGs")
+    ap.add_argument("--requests", type=int, default=60, help="timed requests per runtime")
+    ap.add_argument("--heatmap-requests", type=int, default=15, help="timed ?heatmap=true requests (torch)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed requests first")
+    ap.add_argument("--batch", type=int, default=32, help="batch size of the throughput test")
+    ap.add_argument("--batch-images", type=int, default=128, help="images in the throughput test")
+    ap.add_argument("--repeats", type=int, default=3, help="throughput: best of this many passes")
+    args = ap.parse_args()
+
+    run = Path(args.run_dir)
+    onnx_path = Path(args.onnx) if args.onnx else run / "model.onnx"
+    if not onnx_path.exists():
+        from pneumoscope.export import export_onnx
+
+        print(f"exporting {run} -> {onnx_path}", file=sys.stderr)
+        export_onnx(run, onnx_path)
+
+    torch_pred = Predictor.from_run(run, device="cpu")
+    onnx_pred = OnnxPredictor.from_file(onnx_path, run_dir=run)
+    size = torch_pred.image_size
+    files = shared_images(Path(args.data), max(args.batch_images, 32))
+
+    rows = []
+    for name, app in (("torch", create_app(run, device="cpu")),
+                      ("onnxruntime", create_app(run, onnx_path=onnx_path, device="cpu"))):
+        t = latency_ms(app, files[:32], args.requests, args.warmup)
+        rows.append((f"POST /v1/predict, {name}", f"{percentile(t, 50):.1f}", f"{percentile(t, 95):.1f}", len(t)))
+    t = latency_ms(create_app(run, device="cpu"), files[:32], args.heatmap_requests, 2, heatmap=True)
+    rows.append(("POST /v1/predict?heatmap=true (Grad-CAM), torch", f"{percentile(t, 50):.1f}",
+                 f"{percentile(t, 95):.1f}", len(t)))
+
+    images = np.stack([torch_pred.load(f) for f in files[: args.batch_images]])
+    tp_torch = images_per_s(lambda x: predict_probs(torch_pred.model, x, batch_size=args.batch),
+                            images, args.repeats)
+    tp_onnx = images_per_s(lambda x: onnx_pred.predict_images(x, batch_size=args.batch), images, args.repeats)
+
+    print(f"\nrun: {run}  backbone: {torch_pred.config.get('backbone')}  input {size}x{size}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"onnxruntime {__import__('onnxruntime').__version__}, python {platform.python_version()}, "
+          f"load average at the end {os.getloadavg()[0]:.1f} (shared machine: other jobs add noise)\n")
+    print("| single image (HTTP, sequential) | p50 ms | p95 ms | requests |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
+    print(f"\n| batch inference, {len(images)} decoded images, batch {args.batch} | images/s |")
+    print("|---|---:|")
+    print(f"| torch | {tp_torch:.1f} |")
+    print(f"| onnxruntime | {tp_onnx:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""ONNX export of a run's model, with the preprocessing contract written beside it.
+
+``export_onnx(RUN_DIR)`` writes two files:
+
+* ``model.onnx`` — input ``image``: float32 ``(batch, 1, S, S)``, the grayscale image
+  scaled to ``[0, 1]`` (uint8 / 255) after the shared decode stretched it to ``S x S``.
+  The backbone's normalisation (mean/std, gray -> 3 channels) is inside the graph.
+  Outputs: ``logits`` float32 ``(batch, 2)`` (column 0 NORMAL, column 1 PNEUMONIA) and
+  ``p_pneumonia`` float32 ``(batch,)`` = ``softmax(logits)[:, 1]``. The batch axis is
+  dynamic; the spatial size is fixed to the run's ``image_size``.
+* ``model.onnx.json`` — the contract a consumer needs to feed it and read it: input
+  size, geometry (``stretch``), scaling, output meaning, the run's thresholds and the
+  default rule, backbone, versions, the SHA-256 of the weights it came from and of the
+  ONNX file itself (a model swapped after export is refused).
+
+Whatever ``Predictor.model`` is (a plain Classifier, or a wrapper with the same
+``(B,1,S,S) -> (B,2)`` forward) is what gets exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscope import CLASSES, __version__
+from pneumoscope.inference import Predictor
+from pneumoscope.rundir import RunDir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+CONTRACT_FORMAT = "pneumoscope-onnx-contract"
+CONTRACT_VERSION = 1
+DEFAULT_OPSET = 18
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "p_pneumonia")
+# The parity the export itself checks (and the tests demand on real images).
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph disagrees with the torch model, or the export failed."""
+
+
+class _WithProbability(torch.nn.Module):
+    """(B,1,S,S) -> (logits (B,2), p_pneumonia (B,)): both outputs in one graph."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x).float()
+        return logits, torch.softmax(logits, dim=1)[:, 1]
+
+
+def contract_path(onnx_path: str | Path) -> Path:
+    """Where the contract of an ONNX file lives: ``model.onnx`` -> ``model.onnx.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: int) -> dict:
+    """The JSON written beside the ONNX file (see the module docstring)."""
+    size = predictor.image_size
+    pre = predictor.config.get("preprocessing", {})
+    weights = RunDir(run_dir).best_model_path()
+    return {
+        "format": CONTRACT_FORMAT,
+        "format_version": CONTRACT_VERSION,
+        "model_file": onnx_name,
+        "input": {
+            "name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, size, size],
+            "meaning": "grayscale image, uint8 gray levels / 255 (range [0, 1]); "
+                       "normalisation to the backbone's statistics is inside the graph",
+        },
+        "preprocessing": {
+            "decode": pre.get("decode", "pneumoscope.data.decode.load_image (grayscale uint8)"),
+            "geometry": pre.get("geometry", "stretch"),
+            "geometry_meaning": "resize to image_size x image_size without keeping the aspect "
+                                "ratio (PIL bilinear, antialiased when shrinking)",
+            "image_size": size,
+            "scaling": "x / 255",
+            "input": pre.get("input", "gray01"),
+        },
+        "outputs": {
+            "logits": "float32 (batch, 2): raw class scores, column 0 NORMAL, column 1 PNEUMONIA",
+            "p_pneumonia": "float32 (batch,): softmax(logits)[:, 1], the probability of pneumonia",
+        },
+        "classes": list(CLASSES),
+        "thresholds": predictor.thresholds,
+        "decision": "label = PNEUMONIA if p_pneumonia >= threshold else NORMAL; threshold = "
+                    "thresholds.rules[rule], rule defaulting to thresholds.default",
+        "backbone": predictor.config.get("backbone"),
+        "opset": opset,
+        "source": {
+            "run_dir": str(Path(run_dir).resolve()),
+            "weights_file": weights.name,
+            "weights_sha256": file_sha256(weights),
+        },
+        "pneumoscope_version": __version__,
+        "torch_version": torch.__version__,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int) -> None:
+    """torch.onnx.export (dynamo exporter) with a dynamic batch axis, one self-contained file."""
+    example = torch.rand(2, 1, size, size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet_exporter():
+        torch.onnx.export(
+            _WithProbability(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},), opset_version=opset,
+            external_data=False, dynamo=True, verbose=False,
+        )
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's chatter (per-initializer INFO lines, deprecation notes)."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
+    """Max |p_torch - p_onnx| over uint8 images (N,S,S); ExportError past the tolerance."""
+    from pneumoscope.inference import predict_probs
+    from pneumoscope.onnx_predictor import open_session, run_session
+
+    expected = predict_probs(model, images)
+    got = run_session(open_session(onnx_path), images)
+    diff = float(np.max(np.abs(expected - got))) if len(images) else 0.0
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(f"{onnx_path}: onnxruntime and torch disagree (max |dp| = {diff:.2e} "
+                          f"> {PARITY_TOLERANCE:.0e})")
+    return diff
+
+
+def export_onnx(run_dir: str | Path, out: str | Path | None = None,
+                opset: int = DEFAULT_OPSET) -> Path:
+    """Export RUN_DIR's model to ``out`` (default RUN_DIR/model.onnx) plus its contract.
+
+    Both files are written atomically; the graph is checked against torch (on a smooth
+    synthetic batch of 3, so a dynamic batch > 1 is exercised) before it is kept."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "model.onnx"
+    predictor = Predictor.from_run(run_dir, device="cpu")
+    model, size = predictor.model.eval(), predictor.image_size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        log.info("exporting %s (%s, %dx%d) to ONNX opset %d", run_dir, predictor.config.get("backbone"),
+                 size, size, opset)
+        _export_graph(model, size, tmp, opset)
+        diff = check_parity(model, tmp, _probe_images(size))
+        contract = build_contract(predictor, run_dir, out.name, opset)
+        contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
+        contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(contract_path(out), contract)
+    return out
+
+
+def _probe_images(size: int) -> np.ndarray:
+    """Three smooth uint8 images (gradients and a blob): deterministic, image-like input."""
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    blob = np.exp(-((xx - 0.4) ** 2 + (yy - 0.5) ** 2) / 0.05)
+    return np.rint(np.stack([xx, yy, blob]) * 255).astype(np.uint8)
+
+
+def read_contract(onnx_path: str | Path) -> dict:
+    """The contract beside an ONNX file, checked for format and version."""
+    path = contract_path(onnx_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; an ONNX model needs the contract that "
+                                "`pneumoscope export` writes beside it")
+    contract = json.loads(path.read_text())
+    if contract.get("format") != CONTRACT_FORMAT or contract.get("format_version") != CONTRACT_VERSION:
+        raise ValueError(f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
+                         f"(format {contract.get('format')!r}, version {contract.get('format_version')!r})")
+    return contract

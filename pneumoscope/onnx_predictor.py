@@ -1,0 +1,108 @@
+"""Run an exported ONNX model with onnxruntime, through the same decode as torch.
+
+``OnnxPredictor`` has the interface of ``inference.Predictor`` that predict and serve use
+(``image_size``, ``thresholds``, ``threshold``, ``threshold_for``, ``load``,
+``predict_images``), but reads everything from the contract beside the ONNX file
+(``model.onnx.json``, written by ``pneumoscope export``), not from torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pneumoscope.data.decode import load_image
+from pneumoscope.export import INPUT_NAME, file_sha256, read_contract
+from pneumoscope.rundir import RunDir
+
+
+def open_session(onnx_path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session; `threads` caps intra-op threads (default: all cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(onnx_path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
+def run_session(session, images: np.ndarray, batch_size: int = 64,
+                show_progress: bool = False) -> np.ndarray:
+    """p(pneumonia) for uint8 images (N,S,S): the contract's x / 255 as float32 (N,1,S,S)."""
+    out = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="predict (onnx)", unit="batch", disable=not show_progress):
+        x = np.asarray(images[start : start + batch_size], dtype=np.float32)[:, None] / np.float32(255.0)
+        out.append(session.run(["p_pneumonia"], {INPUT_NAME: x})[0])
+    return np.concatenate(out).astype(np.float32) if out else np.empty(0, dtype=np.float32)
+
+
+@dataclass
+class OnnxPredictor:
+    path: Path
+    contract: dict
+    session: object = field(repr=False)
+
+    @classmethod
+    def from_file(cls, onnx_path: str | Path, run_dir: str | Path | None = None,
+                  threads: int | None = None) -> "OnnxPredictor":
+        """Open `onnx_path` and its contract; with `run_dir`, refuse a model exported from
+        other weights than the run's (a stale export after retraining)."""
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
+        contract = read_contract(onnx_path)
+        if contract.get("model_sha256") != file_sha256(onnx_path):
+            raise ValueError(f"{onnx_path}: does not match its contract {onnx_path.name}.json "
+                             "(replaced or modified after export); export it again")
+        if run_dir is not None:
+            check_same_weights(contract, run_dir, onnx_path)
+        return cls(path=onnx_path, contract=contract, session=open_session(onnx_path, threads))
+
+    @property
+    def config(self) -> dict:
+        return {"backbone": self.contract.get("backbone"), "image_size": self.image_size}
+
+    @property
+    def image_size(self) -> int:
+        return int(self.contract["preprocessing"]["image_size"])
+
+    @property
+    def thresholds(self) -> dict:
+        return self.contract["thresholds"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds["threshold"])
+
+    def threshold_for(self, rule: str | None) -> float:
+        if rule is None:
+            return self.threshold
+        rules = self.thresholds["rules"]
+        if rule not in rules:
+            raise ValueError(f"unknown threshold rule {rule!r}; this model has {sorted(rules)}")
+        return float(rules[rule])
+
+    def load(self, source, name: str | None = None) -> np.ndarray:
+        """One image (path or bytes) through the shared decode + geometry."""
+        return load_image(source, self.image_size, name=name)
+
+    def predict_images(self, images: np.ndarray, show_progress: bool = False,
+                       batch_size: int = 64) -> np.ndarray:
+        return run_session(self.session, images, batch_size=batch_size, show_progress=show_progress)
+
+
+def check_same_weights(contract: dict, run_dir: str | Path, onnx_path: Path) -> None:
+    source = contract.get("source", {})
+    weights = RunDir(run_dir).best_model_path()
+    if source.get("weights_sha256") != file_sha256(weights):
+        raise ValueError(
+            f"{onnx_path}: exported from other weights than {weights} (run retrained or another "
+            f"run: {source.get('run_dir', '?')}); export again with `pneumoscope export {os.fspath(run_dir)}`"
+        )

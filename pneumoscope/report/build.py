@@ -1,0 +1,302 @@
+"""`pneumoscope report`: one HTML page showing how good a run's model is on a labelled
+split, where it fails and what it looks at.
+
+Writes into OUT (default RUN_DIR/report):
+
+    index.html             self-contained (figures inlined as data: URIs)
+    *.png                  every figure on its own
+    metrics.json           the `evaluate` metrics (+ metrics_predictions.csv)
+    embeddings.npy         penultimate-layer embeddings (N, D) float32
+    embeddings_meta.csv    path, label, p, prediction and t-SNE/UMAP coordinates per row
+    report.json            what was reported on, and how long each step took
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pneumoscope import CLASSES, __version__
+from pneumoscope.commands import score_predictions, write_evaluation
+from pneumoscope.data.cache import decode_samples
+from pneumoscope.data.discover import Sample, discover_split
+from pneumoscope.data.manifest import read_manifest
+from pneumoscope.inference import Predictor
+from pneumoscope.report import figures, html
+from pneumoscope.report.calibration import reliability
+from pneumoscope.report.embeddings import embed_and_predict, save_embeddings, tsne_2d, umap_2d
+from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
+from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+DATA_SOURCE = (
+    'Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), "Labeled Optical Coherence Tomography '
+    '(OCT) and Chest X-Ray Images for Classification", Mendeley Data, v2, '
+    '<a href="https://doi.org/10.17632/rscbjbr9sj">doi:10.17632/rscbjbr9sj</a>; '
+    'Kermany et al., "Identifying Medical Diagnoses and Treatable Diseases by Image-Based Deep '
+    'Learning", Cell 172(5), 2018. Also distributed as Kaggle "chest-xray-pneumonia".'
+)
+DATA_LICENCE = '<a href="https://creativecommons.org/licenses/by/4.0/">CC BY 4.0</a> (attribution required)'
+
+
+def select_samples(run_dir: str | Path, split_dir: str | Path | None, split: str | None) -> tuple[list[Sample], str]:
+    """The labelled images to report on: a folder with NORMAL/ and PNEUMONIA/, or a role
+    (train/val) of the run's manifest.csv. Returns (samples, description)."""
+    if (split_dir is None) == (split is None):
+        raise ValueError("report: give exactly one of --data SPLIT_DIR or --split ROLE")
+    if split_dir is not None:
+        return discover_split(split_dir), str(split_dir)
+    roles = read_manifest(_manifest_path(run_dir))
+    if split not in roles:
+        raise ValueError(f"{Path(run_dir) / MANIFEST}: no rows with role {split!r}; roles: {sorted(roles)}")
+    return roles[split], f"{split} part of the run's split ({Path(run_dir) / MANIFEST})"
+
+
+def _manifest_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no manifest in this run directory (needed for --split)")
+    return path
+
+
+def pick_examples(labels: np.ndarray, probs: np.ndarray, threshold: float,
+                  per_group: int) -> list[tuple[str, np.ndarray, int]]:
+    """The Grad-CAM gallery: per outcome (TP, FP, FN, TN) its name, the indices of its
+    `per_group` most confident images (confident mistakes are the ones worth looking at)
+    and how many images it holds."""
+    predicted = probs >= threshold
+    order_desc, order_asc = np.argsort(-probs, kind="stable"), np.argsort(probs, kind="stable")
+    groups = [
+        ("True positives", (labels == 1) & predicted, order_desc),
+        ("False positives", (labels == 0) & predicted, order_desc),
+        ("False negatives", (labels == 1) & ~predicted, order_asc),
+        ("True negatives", (labels == 0) & ~predicted, order_asc),
+    ]
+    return [(name, order[mask[order]][:per_group], int(mask.sum())) for name, mask, order in groups]
+
+
+class _Steps:
+    """Times each step (kept in report.json); a step with no progress bar of its own
+    (t-SNE, figures) gets a one-tick tqdm bar, so the user sees what is running."""
+
+    def __init__(self, show_progress: bool):
+        self.show_progress = show_progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, own_bar: bool = False):
+        bar = tqdm(total=1, desc=name, unit="step", disable=own_bar or not self.show_progress)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+            bar.update(1)
+            bar.close()
+
+
+def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: str | Path | None = None,
+                 *, split: str | None = None, threshold_rule: str | None = None, n_boot: int = 1000,
+                 per_group: int = 4, perplexity: float = 30.0, seed: int = 0, strict: bool = False,
+                 show_progress: bool = True) -> Path:
+    """Write the report of `run_dir` on a labelled split; returns the path of index.html.
+
+    split_dir: folder with NORMAL/ and PNEUMONIA/; or split: a role ("val", "train") of the
+    run's manifest.csv. Exactly one of them."""
+    started = time.perf_counter()
+    steps = _Steps(show_progress)
+    out = Path(out) if out else Path(run_dir) / "report"
+    predictor = Predictor.from_run(run_dir)  # first: a wrong RUN_DIR is the likelier mistake
+    samples, data_name = select_samples(run_dir, split_dir, split)
+    with steps("decode", own_bar=True):
+        data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
+                              show_progress=show_progress)
+    labels = data.labels
+    _check_both_classes(labels, data_name)
+    with steps("predict + embed", own_bar=True):
+        emb, probs = embed_and_predict(predictor.model, data.images, device=predictor.device,
+                                       show_progress=show_progress)
+    with steps("metrics (bootstrap)"):
+        metrics = score_predictions(predictor, data, probs, threshold_rule, data_name, n_boot)
+    write_evaluation(out / "metrics.json", metrics, data, probs)
+    threshold = metrics["threshold"]
+    wrong = (probs >= threshold).astype(int) != labels
+
+    with steps("t-SNE"):
+        tsne = tsne_2d(emb, seed=seed, perplexity=perplexity)
+    with steps("UMAP", own_bar=True):
+        umap_points = umap_2d(emb, seed=seed, show_progress=show_progress)
+    paths = [str(s.path) for s in data.samples]
+    save_embeddings(out, emb, paths, labels, probs, threshold, {"tsne": tsne, "umap": umap_points})
+
+    with steps("Grad-CAM", own_bar=True):
+        gallery = _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress)
+    rel = reliability(labels, probs)
+    with steps("figures"):
+        pngs = _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery)
+        for name, png in pngs.items():
+            atomic_write_bytes(out / f"{name}.png", png)
+    index = out / "index.html"
+    atomic_write_text(index, _page(run_dir, predictor, data, data_name, metrics, rel, pngs, emb.shape, seed))
+    steps.seconds["total"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(out / "report.json", {
+        "run_dir": str(run_dir), "data": data_name, "n": len(labels), "threshold": threshold,
+        "threshold_rule": metrics["threshold_rule"], "ece": rel.ece, "seed": seed, "timings_s": steps.seconds,
+        "files": sorted(f"{name}.png" for name in pngs),
+    })
+    log.info("report written to %s (%.1f s)", index, steps.seconds["total"])
+    return index
+
+
+def _check_both_classes(labels: np.ndarray, data_name: str) -> None:
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() == 0:
+        raise ValueError(f"{data_name}: the report needs images of both classes; readable images: "
+                         + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
+
+
+def _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress):
+    picks = pick_examples(data.labels, probs, threshold, per_group)
+    total = sum(len(ix) for _, ix, _ in picks)
+    gallery = []
+    with tqdm(total=total, desc="Grad-CAM", unit="img", disable=not show_progress) as bar:
+        for name, indices, count in picks:
+            heats = gradcam_heatmaps(predictor.model, data.images[indices]) if len(indices) else []
+            items = [(overlay_heatmap(data.images[i], heat), float(probs[i]), data.samples[i].path.name)
+                     for i, heat in zip(indices, heats)]
+            bar.update(len(indices))
+            gallery.append((f"{name} ({count})", items))
+    return gallery
+
+
+def _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery) -> dict[str, bytes]:
+    """Every figure as PNG bytes, keyed by file stem."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    pngs = {
+        "roc": figures.png_of(figures.roc_figure(labels, probs, metrics)),
+        "pr": figures.png_of(figures.pr_figure(labels, probs, metrics)),
+        "confusion": figures.png_of(figures.confusion_figure(metrics["confusion"])),
+        "reliability": figures.png_of(figures.reliability_figure(rel)),
+        "tsne": figures.png_of(figures.embedding_figure(tsne, labels, wrong, "t-SNE of the embeddings")),
+        "umap": figures.png_of(figures.embedding_figure(umap_points, labels, wrong, "UMAP of the embeddings")),
+        "gradcam_gallery": figures.png_of(figures.gradcam_gallery_figure(gallery)),
+    }
+    rows = run.read_metrics()
+    if rows:
+        pngs["training"] = figures.png_of(figures.training_figure(rows, config.get("epochs")))
+    return pngs
+
+
+# ----------------------------------------------------------------------------- page
+
+
+def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, emb_shape, seed) -> str:
+    config = predictor.config
+
+    def fig(name: str, alt: str, caption: str, anchor: str = "") -> str:
+        return html.figure(pngs[name], alt, caption, f"{name}.png", anchor)
+
+    t = metrics["threshold"]
+    sections = [
+        ("metrics", "Metrics at the operating threshold", html.grid(
+            _metrics_body(metrics, data_name),
+            fig("confusion", "Confusion matrix",
+                f"Counts at threshold {t:.3f}; percentages of each true class.", anchor="confusion"))),
+        ("curves", "ROC, precision-recall and calibration", html.grid(
+            fig("roc", "ROC curve", "ROC curve; the dot is the operating threshold."),
+            fig("pr", "Precision-recall curve",
+                "Precision-recall of the pneumonia class; dashed: the precision of guessing (prevalence)."),
+            fig("reliability", "Reliability diagram",
+                f"Observed fraction of pneumonia per bin of predicted probability (10 bins). Expected "
+                f"calibration error {rel.ece:.3f}: the mean gap between predicted and observed, "
+                f"weighted by images per bin. Bottom: images per bin.", anchor="calibration"))),
+        ("training", "Training curves", fig(
+            "training", "Training curves", "From metrics.jsonl. The dashed line marks the epoch whose "
+            "weights were kept (best validation ROC AUC); a dotted line marks an early stop.")
+         if "training" in pngs else "<p class=note>No metrics.jsonl in the run directory.</p>"),
+        ("embeddings", "Embeddings: t-SNE and UMAP", html.grid(
+            fig("tsne", "t-SNE map", f"t-SNE (scikit-learn, PCA to 50 dims first, seed {seed})."),
+            fig("umap", "UMAP map", f"UMAP (umap-learn, 15 neighbours, seed {seed})."))
+         + f"<p class=note>Penultimate-layer embeddings ({emb_shape[1]} values per image) of all "
+           f"{emb_shape[0]} images, coloured by the true class; black rings: images the model gets wrong at "
+           f"threshold {t:.3f}. Saved as <code>embeddings.npy</code> + <code>embeddings_meta.csv</code>.</p>"),
+        ("gradcam", "Grad-CAM: what the model looks at", fig(
+            "gradcam_gallery", "Grad-CAM gallery",
+            "Grad-CAM (pytorch-grad-cam) on the last convolutional stage, for the pneumonia "
+            "log-odds: red regions raise p(pneumonia). Each map is scaled to its own maximum, so it "
+            "shows where the evidence is, not how strong it is. Per row the most confident cases of that "
+            "outcome (count in brackets); p = predicted probability of pneumonia. An all-blue map: "
+            "nothing in the image raises p(pneumonia). Rows: " + _outcome_counts(metrics["confusion"]) + ".")),
+        ("data-card", "Data card", _data_card(run_dir, config, data, data_name)),
+    ]
+    nav = [("metrics", "Metrics"), ("confusion", "Confusion matrix"), ("curves", "ROC / PR"),
+           ("calibration", "Calibration"), ("training", "Training curves"), ("embeddings", "t-SNE / UMAP"),
+           ("gradcam", "Grad-CAM"), ("data-card", "Data card")]
+    subtitle = (f"Run <code>{escape(str(run_dir))}</code> · {escape(config['backbone'])} at "
+                f"{predictor.image_size}×{predictor.image_size} · {len(data.labels)} images of "
+                f"{escape(data_name)}")
+    footer = (f"pneumoscope {__version__} · generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · "
+              f"data: Kermany et al. 2018, CC BY 4.0 · research use, not a medical device")
+    return html.page("pneumoscope report", subtitle, sections, footer, nav)
+
+
+def _outcome_counts(confusion: dict) -> str:
+    names = (("tp", "true positives"), ("fp", "false positives"), ("fn", "false negatives"), ("tn", "true negatives"))
+    return ", ".join(f"{name} ({confusion[key]})" for key, name in names)
+
+
+def _metrics_body(metrics: dict, data_name: str) -> str:
+    intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
+             f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
+             f"run's validation split). Intervals: stratified bootstrap, 95%. Same numbers as "
+             f"<code>pneumoscope evaluate</code>; saved as <code>metrics.json</code>.</p>")
+    unreadable = metrics.get("unreadable") or []
+    if unreadable:
+        items = "".join(f"<li><code>{escape(u['path'])}</code>: {escape(u['problem'])}</li>" for u in unreadable)
+        intro += f"<p class=note>{len(unreadable)} unreadable file(s) left out:</p><ul>{items}</ul>"
+    return intro + html.metrics_table(metrics)
+
+
+def _class_counts(samples) -> dict[str, int]:
+    counts = Counter(CLASSES[s.label] for s in samples)
+    return {c: counts.get(c, 0) for c in CLASSES}
+
+
+def _data_card(run_dir, config: dict, data, data_name: str) -> str:
+    sets = [(f"Reported: {data_name}", _class_counts(data.samples))]
+    manifest = Path(run_dir) / MANIFEST
+    if manifest.exists():
+        for role, samples in read_manifest(manifest).items():
+            patients = len({s.patient for s in samples})
+            sets.append((f"Run's {role} part ({patients} patients)", _class_counts(samples)))
+    summary_path = Path(run_dir) / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    model = [
+        ("Backbone", escape(f"{config['backbone']} (weights: {config.get('weights', '?')})")),
+        ("Input", escape(f"{config['image_size']}×{config['image_size']} grayscale, "
+                         f"{config.get('preprocessing', {}).get('geometry', 'stretch')} (aspect ratio not kept)")),
+        ("Selected epoch", escape(f"{summary.get('best_epoch', '?')} of {summary.get('epochs_run', '?')} "
+                                  f"(validation ROC AUC {summary.get('val_roc_auc', float('nan')):.4f})")),
+    ]
+    source = [
+        ("Source", DATA_SOURCE),
+        ("Licence", DATA_LICENCE),
+        ("Population", "Pediatric chest X-rays (anterior-posterior), patients aged one to five, "
+                       "Guangzhou Women and Children's Medical Center; labels by expert graders."),
+        ("Unreadable files", str(len(data.failures))),
+    ]
+    return ("<div class=grid><div><h3>Images per class</h3>"
+            + html.counts_table(sets, CLASSES) + "</div><div><h3>Model</h3>" + html.key_values(model)
+            + "</div></div><h3>Data</h3>" + html.key_values(source)
+            + "<p class=note>Counts are of readable images. The run's train/val parts are a "
+              "patient-grouped split of the training folder; no patient is on both sides.</p>")

@@ -1,0 +1,160 @@
+"""FastAPI app: the upload page, ``POST /v1/predict``, ``GET /healthz``, ``/docs``.
+
+``create_app(run_dir, ...)`` returns the app; the model loads once in its lifespan
+(start-up). Bad input always gets a 4xx with a message naming the file and the problem:
+413 over the upload limit (Content-Length checked first, then counted while reading),
+415 for what is not a JPEG/PNG/DICOM image, 422 for an image that cannot be used
+(corrupt, truncated, empty, absurd dimensions — refused from the header, before decoding).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pneumoscope import __version__
+from pneumoscope.data.decode import ImageDecodeError
+from pneumoscope.serve import DEFAULT_MAX_UPLOAD_BYTES
+from pneumoscope.serve.engine import InferenceEngine
+
+DISCLAIMER = ("Research tool, not a medical device: its output is not a diagnosis and must not "
+              "guide the care of a patient.")
+# The page is self-contained: everything from this origin, images from data: URLs.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+# Problems (ImageDecodeError.problem prefixes) that mean "not a supported image type".
+_UNSUPPORTED = ("unsupported format", "not an image", "not a readable DICOM file")
+
+
+class ModelInfo(BaseModel):
+    backbone: str | None
+    image_size: int
+    run: str
+    runtime: Literal["torch", "onnxruntime"]
+    threshold_rule: str
+
+
+class Prediction(BaseModel):
+    p_pneumonia: float = Field(description="probability of pneumonia, in [0, 1]")
+    label: Literal["NORMAL", "PNEUMONIA"] = Field(description="PNEUMONIA when p_pneumonia >= threshold")
+    threshold: float = Field(description="the run's operating threshold, chosen on validation")
+    threshold_rule: str
+    model: ModelInfo
+    input_png: str | None = Field(None, description="with ?heatmap=true: the model's input image, base64 PNG")
+    heatmap_png: str | None = Field(None, description="with ?heatmap=true: Grad-CAM overlay, base64 PNG")
+    heatmap_empty: bool | None = Field(None, description="with ?heatmap=true: no region raised the "
+                                                         "pneumonia score (the map is all zero)")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: ModelInfo
+    version: str
+
+
+def status_for(err: ImageDecodeError) -> int:
+    if err.problem.startswith(_UNSUPPORTED):
+        return 415
+    if err.problem.startswith("file too large"):
+        return 413
+    return 422
+
+
+def _static_dir() -> Path:
+    return Path(str(resources.files("pneumoscope.serve").joinpath("static")))
+
+
+def create_app(run_dir: str | Path, *, onnx_path: str | Path | None = None,
+               threshold_rule: str | None = None, device: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               engine: InferenceEngine | None = None) -> FastAPI:
+    """The web app for one run. `onnx_path`: probabilities from that ONNX export
+    (Grad-CAM still uses the run's torch model). `engine`: an already loaded model."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = engine or InferenceEngine(run_dir, onnx_path, threshold_rule, device)
+        yield
+
+    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan,
+                  description=f"Chest X-ray pneumonia classifier. {DISCLAIMER}",
+                  form_limits={"max_files": 1, "max_fields": 8})  # one X-ray per request
+    static = _static_dir()
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    _add_error_handlers(app, max_upload_bytes)
+    app.add_middleware(ContentLengthLimit, max_bytes=max_upload_bytes, paths=("/v1/predict",))
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(static / "index.html", headers={
+            "Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-cache"})
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz(request: Request) -> dict:
+        return {"status": "ok", "model": request.app.state.engine.info, "version": __version__}
+
+    @app.post(
+        "/v1/predict", response_model=Prediction, response_model_exclude_none=True,
+        max_body_size=max_upload_bytes,
+        responses={413: {"description": f"upload larger than {max_upload_bytes} bytes"},
+                   415: {"description": "not a JPEG, PNG or DICOM image"},
+                   422: {"description": "unreadable image (corrupt, truncated, empty, too many pixels)"}},
+    )
+    async def predict(request: Request,
+                      file: UploadFile = File(description="chest X-ray: JPEG, PNG (8/16-bit) or DICOM"),
+                      heatmap: bool = Query(False, description="add the Grad-CAM overlay (slower)")) -> dict:
+        engine_: InferenceEngine = request.app.state.engine
+        name = Path(file.filename or "upload").name
+        data = await file.read()
+        try:
+            return await run_in_threadpool(engine_.predict, data, name, heatmap)
+        except ImageDecodeError as err:
+            raise HTTPException(status_for(err), detail=str(err)) from err
+
+    return app
+
+
+def _too_large(max_upload_bytes: int) -> str:
+    return f"upload too large: the limit is {max_upload_bytes:,} bytes"
+
+
+class ContentLengthLimit:
+    """413 from the declared Content-Length, before a byte of the body is read.
+
+    The route's own ``max_body_size`` (Starlette) then counts the bytes as they arrive,
+    for chunked uploads or a lying header; this check only makes the early answer JSON
+    with the limit in it, and spares reading (or 100-continue'ing) an upload we refuse."""
+
+    def __init__(self, app, max_bytes: int, paths: tuple[str, ...]):
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                response = JSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413,
+                                        headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 413 and detail == "Content Too Large":  # Starlette's body limit
+            detail = _too_large(max_upload_bytes)
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)

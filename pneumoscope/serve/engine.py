@@ -1,0 +1,94 @@
+"""The model behind the web app: loaded once, shared by every request, thread-safe.
+
+Requests run in worker threads (never on the event loop). Decoding runs in parallel
+(at most DECODE_SLOTS at once, to bound memory);
+the torch model runs one request at a time under a lock, Grad-CAM under its own module
+lock (pneumoscope.report.gradcam), and an onnxruntime session (thread-safe) unlocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscope import CLASSES
+from pneumoscope.inference import Predictor
+from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
+
+
+# Decodes that may run at once: bounds the server's memory under a burst of big images.
+DECODE_SLOTS = max(2, min(4, os.cpu_count() or 2))
+
+
+class InferenceEngine:
+    def __init__(self, run_dir: str | Path, onnx_path: str | Path | None = None,
+                 threshold_rule: str | None = None, device: str | None = None):
+        # The torch model always loads: Grad-CAM needs its gradients even when the
+        # probability comes from the ONNX export.
+        self.torch = Predictor.from_run(run_dir, device=device)
+        self.runtime = "torch"
+        self.scorer = self.torch
+        if onnx_path:
+            from pneumoscope.onnx_predictor import OnnxPredictor
+
+            self.scorer = OnnxPredictor.from_file(onnx_path, run_dir=run_dir)
+            self.runtime = "onnxruntime"
+        self.threshold_rule = threshold_rule or self.torch.thresholds.get("default", "youden")
+        self.threshold = self.scorer.threshold_for(threshold_rule)
+        self._torch_lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self.info = {
+            "backbone": self.torch.config.get("backbone"),
+            "image_size": self.torch.image_size,
+            "run": Path(run_dir).resolve().name,
+            "runtime": self.runtime,
+            "threshold_rule": self.threshold_rule,
+        }
+
+    @property
+    def image_size(self) -> int:
+        return self.torch.image_size
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        """Upload bytes -> the model's uint8 (S, S) input; ImageDecodeError if unreadable.
+
+        At most DECODE_SLOTS at once: a small upload can declare up to MAX_PIXELS and
+        take hundreds of MB to decode, and the server runs up to 40 request threads."""
+        with self._decode_slots:
+            return self.scorer.load(data, name=name)
+
+    def probability(self, image: np.ndarray) -> float:
+        if self.runtime == "torch":
+            with self._torch_lock:
+                return float(self.scorer.predict_images(image[None])[0])
+        return float(self.scorer.predict_images(image[None])[0])
+
+    def overlay_png(self, image: np.ndarray) -> tuple[bytes, bool]:
+        """Grad-CAM overlay (PNG) and whether the map is empty (no region raised the score)."""
+        heat = gradcam_heatmap(self.torch.model, image)
+        return png_bytes(overlay_heatmap(image, heat)), not bool(heat.max() > 0)
+
+    def predict(self, data: bytes, name: str, heatmap: bool = False) -> dict:
+        """The API answer for one upload (runs in a worker thread)."""
+        image = self.decode(data, name)
+        p = self.probability(image)
+        result = {
+            "p_pneumonia": p,
+            "label": CLASSES[int(p >= self.threshold)],
+            "threshold": self.threshold,
+            "threshold_rule": self.threshold_rule,
+            "model": self.info,
+        }
+        if heatmap:
+            result["input_png"] = _b64(png_bytes(image))
+            overlay, empty = self.overlay_png(image)
+            result["heatmap_png"], result["heatmap_empty"] = _b64(overlay), empty
+        return result
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,67 @@
+"""Training recipes: named sets of defaults for the options that differ between them.
+
+* ``full`` — the staged fine-tune of the whole network, images augmented on the fly
+  every step (the GPU recipe).
+* ``cpu-fast`` — the lower stages frozen, their output cached once per image and
+  augmented view (pneumoscope.training.trunk), and only the top trained on the cached
+  activations: the whole train split to a finished model in minutes on a laptop CPU.
+* ``auto`` (the default) — cpu-fast when training runs on a CPU, in one process, from
+  pretrained weights; full otherwise (a GPU, torchrun, or ``--weights none``).
+
+An option left unset (None) takes the recipe's value; one that is set always wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+RECIPE_NAMES = ("auto", "cpu-fast", "full")
+
+RECIPES: dict[str, dict] = {
+    "full": {
+        "epochs": 12, "image_size": 224, "batch_size": 32, "lr": 1e-3, "backbone_lr_scale": 0.1,
+        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 1, "trainable_stages": -1,
+        "patience": 4, "augment": "medium", "dropout": 0.2, "label_smoothing": 0.0, "views": 0,
+    },
+    "cpu-fast": {
+        "epochs": 8, "image_size": 224, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
+        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 1,
+        "patience": 8, "augment": "medium", "dropout": 0.2, "label_smoothing": 0.0, "views": 4,
+    },
+}
+RECIPE_FIELDS = tuple(RECIPES["full"])
+
+# What `--backbone auto` means per recipe (full: resolve_backbone's rule in the loop).
+RECIPE_BACKBONE = {"cpu-fast": "efficientnet_lite0"}
+
+
+def training_on_cpu(device: str) -> bool:
+    if device == "auto":
+        return not torch.cuda.is_available()
+    return torch.device(device).type == "cpu"
+
+
+def resolve_recipe_name(recipe: str, device: str, weights: str) -> str:
+    if recipe not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPE_NAMES)}")
+    if recipe != "auto":
+        return recipe
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    return "cpu-fast" if training_on_cpu(device) and one_process and weights != "none" else "full"
+
+
+def apply_recipe(cfg) -> None:
+    """Resolve cfg.recipe and fill every unset recipe option from it (in place)."""
+    cfg.recipe = resolve_recipe_name(cfg.recipe, cfg.device, cfg.weights)
+    for name, value in RECIPES[cfg.recipe].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.backbone == "auto" and cfg.recipe in RECIPE_BACKBONE:
+        cfg.backbone = RECIPE_BACKBONE[cfg.recipe]
+
+
+def recipe_help(name: str) -> str:
+    """'(default: cpu-fast X, full Y)' for the CLI help of a recipe option."""
+    return f"(default: cpu-fast {RECIPES['cpu-fast'][name]}, full {RECIPES['full'][name]})"

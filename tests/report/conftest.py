@@ -1,0 +1,35 @@
+"""Fixtures for the report tests: one small run trained once per session on real shared
+images (efficientnet_lite0 with its ImageNet weights, 64x64), and its report on the
+small_data_root test/ split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pneumoscope.report import build_report
+from pneumoscope.training import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def report_run(small_data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report_run") / "run"
+    cfg = TrainConfig(data=str(small_data_root), out=str(out), backbone="efficientnet_lite0",
+                      image_size=64, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2)
+    train(cfg, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def report_split(small_data_root) -> Path:
+    """12 NORMAL + 12 PNEUMONIA real images, none of them seen in training."""
+    return small_data_root / "test"
+
+
+@pytest.fixture(scope="session")
+def built_report(report_run, report_split, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report"
+    index = build_report(report_run, report_split, out, n_boot=200, perplexity=5, show_progress=False)
+    assert index == out / "index.html"
+    return out

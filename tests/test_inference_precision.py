@@ -1,0 +1,49 @@
+"""predict_probs' precision: fp32 is the reference, bf16 (the default on CPUs with native
+bf16) stays close to it, and PNEUMOSCOPE_PRECISION / an explicit argument decide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscope.data.cache import decode_samples
+from pneumoscope.data.discover import discover_split
+from pneumoscope.inference import images_to_input, inference_precision, predict_probs
+from pneumoscope.models import build_model
+
+
+@pytest.fixture(scope="module")
+def images(small_data_root):
+    return decode_samples(discover_split(small_data_root / "test"), 96, show_progress=False).images
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("efficientnet_lite0", weights="imagenet").eval()
+
+
+def test_fp32_is_the_plain_forward_pass(model, images):
+    p = predict_probs(model, images, batch_size=7, precision="fp32")
+    with torch.no_grad():
+        expected = torch.softmax(model(images_to_input(images)), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(p, expected, atol=1e-5)
+    assert np.ptp(p) > 1e-3  # real images told apart, not a constant
+
+
+def test_bf16_stays_close_to_fp32(model, images):
+    a = predict_probs(model, images, precision="fp32")
+    b = predict_probs(model, images, precision="bf16")
+    assert np.max(np.abs(a - b)) < 0.05
+    assert np.corrcoef(a, b)[0, 1] > 0.95  # the same ranking, up to bf16 rounding
+
+
+def test_default_precision_follows_the_cpu_and_the_environment(monkeypatch):
+    monkeypatch.delenv("PNEUMOSCOPE_PRECISION", raising=False)
+    native = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    assert inference_precision("cpu") == ("bf16" if native else "fp32")
+    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "fp32")
+    assert inference_precision("cpu") == "fp32"
+    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")
+    assert inference_precision("cpu") == "bf16"

@@ -1,0 +1,217 @@
+"""The cpu-fast recipe: the cached frozen trunk equals a fresh forward pass, is reused
+and rebuilt when it must be, and a run trained on it serves the same probabilities
+through Predictor as it validated with; --resume repeats the uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pneumoscope.training.trunk as trunk_mod
+from pneumoscope.data.augment import PRESETS, augment_batch
+from pneumoscope.data.cache import DecodedSet, decode_samples
+from pneumoscope.data.discover import discover_split
+from pneumoscope.data.manifest import read_manifest
+from pneumoscope.inference import Predictor, images_to_input
+from pneumoscope.models import build_model
+from pneumoscope.rundir import METRICS, THRESHOLD, VAL_PREDICTIONS
+from pneumoscope.training import TrainConfig, train
+from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
+
+SIZE, K = 64, 7  # stem + blocks0..5 frozen and cached; blocks6 + head trained
+FAST = dict(backbone="efficientnet_lite0", image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=2,
+            views=2, trunk_precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("efficientnet_lite0", weights="imagenet").eval()
+
+
+@pytest.fixture(scope="module")
+def sets(small_data_root):
+    samples = discover_split(small_data_root / "train", "train")
+    data = decode_samples(samples, SIZE, show_progress=False, cache_dir=False)
+    return data, decode_samples(samples[::4], SIZE, show_progress=False, cache_dir=False)
+
+
+@pytest.fixture
+def trunk_calls(monkeypatch):
+    """Counts trunk passes (activation cache misses)."""
+    calls = []
+    real = trunk_mod.trunk_activations
+
+    def counting(*args, **kw):
+        calls.append(kw.get("desc"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trunk_mod, "trunk_activations", counting)
+    return calls
+
+
+def cached(model, sets, cache_dir, precision="fp32", **kw):
+    train_set, val_set = sets
+    return CachedTrunk(model, K, train_set, val_set, augment=PRESETS["medium"], views=2, seed=3,
+                       precision=precision, device=torch.device("cpu"), cache_dir=cache_dir,
+                       show_progress=False, **kw)
+
+
+@torch.inference_mode()
+def fresh(model, images, augment=None, seed=3, view=None):
+    """The trunk's output the plain way: the model's own stages, unfolded, fp32, NCHW."""
+    gen = view_generator(seed, view) if augment else None
+    out = []
+    for start in range(0, len(images), TRUNK_BATCH):
+        x = images_to_input(images[start : start + TRUNK_BATCH])
+        if augment:
+            x = augment_batch(x, augment, gen)
+        out.append(model.features_until(K, x))
+    return torch.cat(out).permute(0, 2, 3, 1).numpy()  # stored layout: (N, H, W, C)
+
+
+def assert_close(stored, expected, rel):
+    stored = np.asarray(stored, dtype=np.float32)
+    err = np.linalg.norm(stored - expected) / np.linalg.norm(expected)
+    assert err < rel, err
+
+
+def test_cached_activations_equal_a_fresh_forward_pass(model, sets, tmp_path):
+    ct = cached(model, sets, tmp_path / "cache")
+    train_set, val_set = sets
+    assert len(ct.train_views) == 3  # clean + 2 augmented views
+    assert ct.val_acts.dtype == np.float16
+    assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)  # fp16 storage, folded BN
+    assert_close(ct.train_views[0], fresh(model, train_set.images), 2e-3)
+    for v in range(2):
+        assert_close(ct.train_views[v + 1], fresh(model, train_set.images, PRESETS["medium"], view=v), 2e-3)
+    # augmented views really differ from the clean one and from each other
+    assert not np.allclose(ct.train_views[1], ct.train_views[0], atol=1e-2)
+    assert not np.allclose(ct.train_views[1], ct.train_views[2], atol=1e-2)
+
+
+def test_bf16_trunk_stays_close(model, sets, tmp_path):
+    ct = cached(model, sets, tmp_path / "cache", precision="bf16")
+    assert_close(ct.val_acts, fresh(model, sets[1].images), 0.08)
+
+
+def test_folded_trunk_matches_the_model(model):
+    x = torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    trunk = FrozenTrunk(model, model.n_stages)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules()) == 0  # all folded
+    with torch.inference_mode():
+        torch.testing.assert_close(trunk(x), model.features_until(model.n_stages, x), rtol=1e-4, atol=1e-4)
+
+
+def test_activations_are_reused_and_rebuilt(model, sets, tmp_path, trunk_calls):
+    cache = tmp_path / "cache"
+    first = cached(model, sets, cache)
+    assert len(trunk_calls) == 4  # val clean, train clean, 2 train views
+    trunk_calls.clear()
+    second = cached(model, sets, cache)
+    assert trunk_calls == []
+    for a, b in zip(first.train_views, second.train_views):
+        assert np.array_equal(a, b)
+    # a damaged file fails its digest and is computed again; the rest is reused
+    victim = max((cache / "trunk").glob("*.npy"), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[-7] ^= 0x55
+    victim.write_bytes(bytes(raw))
+    third = cached(model, sets, cache)
+    assert len(trunk_calls) == 1
+    for a, b in zip(first.train_views, third.train_views):
+        assert np.array_equal(a, b)
+
+
+def test_changed_image_or_weights_compute_anew(model, sets, tmp_path, trunk_calls):
+    cache = tmp_path / "cache"
+    cached(model, sets, cache)
+    trunk_calls.clear()
+    train_set, val_set = sets
+    changed = DecodedSet(images=train_set.images.copy(), samples=train_set.samples, failures=[],
+                         keys=list(train_set.keys))
+    changed.images[0] = 255 - changed.images[0]
+    changed.keys[0] = "another-content"
+    cached(model, (changed, val_set), cache)
+    assert len(trunk_calls) == 3  # every train view; the validation view is unchanged
+    trunk_calls.clear()
+    other = build_model("efficientnet_lite0", weights="none")
+    cached(other, sets, cache)
+    assert len(trunk_calls) == 4
+
+
+def test_epoch_views_are_seeded_by_epoch(model, sets, tmp_path):
+    ct = cached(model, sets, tmp_path / "cache")
+    idx = np.arange(len(ct.train_labels))
+    a, b, c = ct.feed(0), ct.feed(0), ct.feed(1)
+    assert np.array_equal(a.choice, b.choice) and not np.array_equal(a.choice, c.choice)
+    assert set(np.unique(a.choice)) == {0, 1, 2}
+    x, y = a(idx[:5])
+    assert x.shape == (5, *ct.train_views[0].shape[3:], *ct.train_views[0].shape[1:3])
+    assert y.tolist() == sets[0].labels[:5].tolist()
+    for i in range(5):
+        expected = ct.train_views[a.choice[i]][i].astype(np.float32)
+        assert np.array_equal(x[i].permute(1, 2, 0).numpy(), expected)
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_recipe_resolution():
+    cfg = TrainConfig(data="", out="", device="cpu")
+    assert cfg.recipe == "cpu-fast" and cfg.backbone == "efficientnet_lite0" and cfg.trainable_stages >= 1
+    full = TrainConfig(data="", out="", device="cpu", recipe="full")
+    assert full.recipe == "full" and full.trainable_stages == -1 and full.backbone == "auto"
+    assert TrainConfig(data="", out="", device="cpu", weights="none").recipe == "full"
+    assert TrainConfig(data="", out="", device="cpu", epochs=3).epochs == 3  # a set option wins
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig(data="", out="", recipe="fastest")
+
+
+@pytest.fixture(scope="module")
+def fast_run(small_data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu_fast") / "run"
+    summary = train(TrainConfig(data=str(small_data_root), out=str(out), **FAST), show_progress=False)
+    return out, summary
+
+
+def test_saved_model_reproduces_validation_through_predictor(fast_run):
+    run, summary = fast_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"] == "cpu-fast" and config["views"] == 2
+    predictor = Predictor.from_run(run, device="cpu")
+    assert type(predictor.model).__name__ == "Classifier"  # the whole model, not the top
+    val = read_manifest(run / "manifest.csv")["val"]
+    data = decode_samples(val, SIZE, show_progress=False)
+    probs = predictor.predict_images(data.images)
+    with open(run / VAL_PREDICTIONS) as f:
+        written = {r["path"]: float(r["p_pneumonia"]) for r in csv.DictReader(f)}
+    assert len(written) == len(data.samples)
+    for sample, p in zip(data.samples, probs):
+        assert p == pytest.approx(written[str(sample.path)], abs=2e-6)
+    # the probabilities the loop validated with (cached clean view) agree as well
+    rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
+    best = rows[summary["best_epoch"] - 1]
+    y = data.labels
+    eps = 1e-7
+    loss = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
+    assert loss == pytest.approx(best["val_loss"], abs=2e-3)
+    assert json.loads((run / THRESHOLD).read_text())["default"] == "youden"
+
+
+def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path):
+    full_run, _ = fast_run
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=str(small_data_root), out=str(out), **FAST)
+    assert train(cfg, show_progress=False, stop_after_epochs=1) is None
+    assert not (out / THRESHOLD).exists()
+    train(TrainConfig(data=str(small_data_root), out=str(out), **FAST), resume=True, show_progress=False)
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
+    full = [json.loads(line) for line in (full_run / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("train_loss", "val_roc_auc", "val_loss"):
+        assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key

@@ -75,7 +75,6 @@ def _val_auc_of(run: Path, probs_of) -> float:
 
 def part_baseline(args) -> dict:
     """The notebook way, as written in countless tutorials."""
-    import numpy as np
     import torch
     import torch.nn as nn
     import torchvision
@@ -134,8 +133,7 @@ def part_baseline(args) -> dict:
     auc = _val_auc_of(run, probs_of)
     return {"images_per_s": rate, "timed_steps": args.steps, "batch_size": args.batch_size,
             "train_wall_s": train_wall, "val_wall_s": time.perf_counter() - t, "val_auc": float(auc),
-            "imagenet_weights": pretrained, "n_train": len(idx), "peak_rss_mb": peak_rss_mb(),
-            "numpy": np.__version__}
+            "imagenet_weights": pretrained, "n_train": len(idx), "peak_rss_mb": peak_rss_mb()}
 
 
 def part_inference(args) -> dict:
@@ -160,13 +158,16 @@ def part_inference(args) -> dict:
                 rate, p = _infer_rate(model, x, precision, channels_last, batch, args.repeat)
                 rows.append({"precision": precision, "channels_last": channels_last, "batch": batch,
                              "images_per_s": rate, "max_abs_dp": float((p[:16] - ref).abs().max())})
-    # what Predictor does by default (predict_probs), on the same inputs
+    # what Predictor does (channels_last model, predict_probs), by default and with bf16
     images = (x[:, 0] * 255).round().to(torch.uint8).numpy()
-    predict_probs(model, images[:8])
-    t = time.perf_counter()
-    for _ in range(args.repeat):
-        predict_probs(model, images)
-    predictor_rate = args.repeat * len(images) / (time.perf_counter() - t)
+    model.to(memory_format=torch.channels_last)
+    predictor_rate = {}
+    for precision in ("fp32", "bf16"):
+        predict_probs(model, images[:8], precision=precision)
+        t = time.perf_counter()
+        for _ in range(args.repeat):
+            predict_probs(model, images, precision=precision)
+        predictor_rate[precision] = args.repeat * len(images) / (time.perf_counter() - t)
 
     accuracy = {}
     if args.run:
@@ -273,8 +274,10 @@ def render(cold: dict, warm: dict, base: dict, inf: dict, args) -> str:
         lines.append(f"| {r['precision']} | {r['channels_last']} | {r['batch']} | {r['images_per_s']:.1f} "
                      f"| {r['max_abs_dp']:.1e} |")
     acc = inf["accuracy"]
-    lines += ["", f"`predict_probs` as Predictor calls it (its default on this CPU): "
-                  f"**{inf['predictor_images_per_s']:.1f} images/s** with ResNet50."]
+    rates = inf["predictor_images_per_s"]
+    lines += ["", f"Predictor (`predict_probs`, channels_last model, batch 64, inference_mode), ResNet50: "
+                  f"**{rates['fp32']:.1f} images/s** by default (fp32), **{rates['bf16']:.1f} images/s** with "
+                  f"`PNEUMOSCOPE_PRECISION=bf16`."]
     if acc:
         lines += [f"Accuracy of the precision on the recipe's trained model ({acc['backbone']}), validation "
                   f"ROC AUC: fp32 {acc['fp32']:.4f}, bf16 {acc['bf16']:.4f}; largest |Δp| {acc['max_abs_dp']:.1e}."]

@@ -51,16 +51,25 @@ EXPERIMENTS: dict[str, dict] = {
     "strong3": {"views": 3, "augment": "strong"},
     "wide3": {"views": 3, "augment": "wide"},
     "wide3-k7": {"views": 3, "augment": "wide", "trainable_stages": 2},
+    "robust3-k7": {"views": 3, "augment": "robust", "trainable_stages": 2},
+    "robust3": {"views": 3, "augment": "robust"},
+    "robust3-k7-fp32top": {"views": 3, "augment": "robust", "trainable_stages": 2, "precision": "fp32"},
+    "robust3-k7-e12": {"views": 3, "augment": "robust", "trainable_stages": 2, "epochs": 12},
+    "robust2-k7": {"views": 2, "augment": "robust", "trainable_stages": 2},
+    "robust3-k7-blr0.3": {"views": 3, "augment": "robust", "trainable_stages": 2, "backbone_lr_scale": 0.3},
+    "robust3-k7-ls0.1": {"views": 3, "augment": "robust", "trainable_stages": 2, "label_smoothing": 0.1},
 }
 
 
 # ----------------------------------------------------------------------------- stress
 
 
-def _affine(x: torch.Tensor, zoom: float = 1.0, degrees: float = 0.0) -> torch.Tensor:
+def _affine(x: torch.Tensor, zoom: float = 1.0, degrees: float = 0.0, aspect: float = 1.0) -> torch.Tensor:
+    """aspect > 1 stretches the width (as a wider original squeezed to a square would be)."""
     a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a) / zoom, -math.sin(a) / zoom, 0.0],
-                          [math.sin(a) / zoom, math.cos(a) / zoom, 0.0]], dtype=x.dtype)
+    zx, zy = zoom * math.sqrt(aspect), zoom / math.sqrt(aspect)
+    theta = torch.tensor([[math.cos(a) / zx, -math.sin(a) / zx, 0.0],
+                          [math.sin(a) / zy, math.cos(a) / zy, 0.0]], dtype=x.dtype)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -94,8 +103,12 @@ STRESS = {
     "rotate15": lambda x: _affine(x, degrees=15.0),
     "lowres3": lambda x: _lowres(x, 3),
     "combo": lambda x: _contrast(_affine(x, zoom=0.8), 1.3).clamp(0, 1) ** 1.4,
+    # the originals were stretched to a square: another aspect ratio of the original film
+    "aspect0.8": lambda x: _affine(x, aspect=0.8),
+    "aspect1.25": lambda x: _affine(x, aspect=1.25),
 }
-HARD = ("zoom0.7", "zoom1.3", "gamma0.5", "gamma2.0", "contrast0.5", "contrast2.0", "rotate15", "lowres3", "combo")
+HARD = ("zoom0.7", "zoom1.3", "gamma0.5", "gamma2.0", "contrast0.5", "contrast2.0", "rotate15", "lowres3", "combo",
+        "aspect0.8", "aspect1.25")
 
 
 def shifted_uint8(images: np.ndarray, shift) -> np.ndarray:
@@ -139,16 +152,77 @@ def score_run(run: Path, stress: bool) -> dict:
         q = stressed_probs(predictor.model, k, data, name, shift)
         m = {**ranking_metrics(data.labels, q), **threshold_metrics(data.labels, q, t)}
         per[name] = {"auc": m["roc_auc"], "sens": m["sensitivity"], "spec": m["specificity"]}
-    out["stress"] = per
-    out["stress_auc_mean"] = float(np.mean([v["auc"] for v in per.values()]))
-    out["stress_auc_min"] = float(np.min([v["auc"] for v in per.values()]))
-    out["stress_spec_mean"] = float(np.mean([v["spec"] for v in per.values()]))
-    out["stress_sens_mean"] = float(np.mean([v["sens"] for v in per.values()]))
+    return {**out, **_summarise(per)}
+
+
+def score_ensemble(runs: list[Path]) -> dict:
+    """The stress scores of the runs' mean probability (what an ensemble of them would do)."""
+    from pneumoscope.evaluation import choose_thresholds
+
+    predictors = [Predictor.from_run(run, device="cpu") for run in runs]
+    val = read_manifest(runs[0] / "manifest.csv")["val"]
+    data = decode_samples(val, predictors[0].image_size, show_progress=False)
+
+    def mean_probs(name, shift):
+        return np.mean([stressed_probs(p.model, p.model.n_stages - int(p.config["trainable_stages"]), data,
+                                       name, shift) for p in predictors], axis=0)
+
+    clean = mean_probs("identity", lambda x: x)
+    t = choose_thresholds(data.labels, clean)["threshold"]
+    m = {**ranking_metrics(data.labels, clean), **threshold_metrics(data.labels, clean, t)}
+    out = {"val_auc": m["roc_auc"], "val_sens": m["sensitivity"], "val_spec": m["specificity"], "threshold": t}
+    per = {}
+    for name, shift in STRESS.items():
+        q = mean_probs(name, shift)
+        s = {**ranking_metrics(data.labels, q), **threshold_metrics(data.labels, q, t)}
+        per[name] = {"auc": s["roc_auc"], "sens": s["sensitivity"], "spec": s["specificity"]}
+    return {**out, **_summarise(per)}
+
+
+def _summarise(per: dict) -> dict:
     hard = [per[n] for n in HARD]
-    out["hard_auc_mean"] = float(np.mean([v["auc"] for v in hard]))
-    out["hard_spec_mean"] = float(np.mean([v["spec"] for v in hard]))
-    out["hard_sens_mean"] = float(np.mean([v["sens"] for v in hard]))
-    return out
+    return {"stress": per,
+            "stress_auc_mean": float(np.mean([v["auc"] for v in per.values()])),
+            "stress_auc_min": float(np.min([v["auc"] for v in per.values()])),
+            "stress_spec_mean": float(np.mean([v["spec"] for v in per.values()])),
+            "stress_sens_mean": float(np.mean([v["sens"] for v in per.values()])),
+            "hard_auc_mean": float(np.mean([v["auc"] for v in hard])),
+            "hard_spec_mean": float(np.mean([v["spec"] for v in hard])),
+            "hard_sens_mean": float(np.mean([v["sens"] for v in hard]))}
+
+
+def markdown_table(results: Path, runs: Path) -> str:
+    """One row per experiment (a rescore updates the stress columns of its run); the
+    resolved recipe of each run comes from its config.json."""
+    rows: dict[str, dict] = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["name"]] = {**rows.get(r["name"], {}), **r}
+    head = ("| experiment | trainable stages | views + clean | augment | epochs | trunk / top precision | val AUC "
+            "| val sens / spec | stress AUC mean (min) | stress spec / sens | hard spec / sens | aspect0.8 spec "
+            "| aspect1.25 sens | zoom1.3 spec | train wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in rows.items():
+        st = r.get("stress", {})
+
+        def get(stress, key):
+            return f"{st[stress][key]:.3f}" if stress in st else "–"
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
+        config = runs / name / "config.json"
+        if config.exists():
+            c = json.loads(config.read_text())
+            top = r.get("top_precision") or (c["precision"] if c["precision"] != "auto" else "bf16")
+            recipe = (f"{c['trainable_stages']} | {c['views']} | {c['augment']} | {c['epochs']} "
+                      f"| {c['trunk_precision'].replace('auto', 'bf16')} / {top}")
+        else:
+            recipe = "mean of " + name.split(":", 1)[-1] + " | | | | "
+        lines.append(
+            f"| {name} | {recipe} | {r['val_auc']:.4f} | {r['val_sens']:.3f} / {r['val_spec']:.3f} "
+            f"| {r['stress_auc_mean']:.4f} ({r['stress_auc_min']:.3f}) "
+            f"| {r['stress_spec_mean']:.3f} / {r['stress_sens_mean']:.3f} "
+            f"| {r.get('hard_spec_mean', float('nan')):.3f} / {r.get('hard_sens_mean', float('nan')):.3f} "
+            f"| {get('aspect0.8', 'spec')} | {get('aspect1.25', 'sens')} | {get('zoom1.3', 'spec')} | {wall} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -179,7 +253,19 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="benchmarks/sweep_results.jsonl")
     ap.add_argument("--no-stress", action="store_true")
     ap.add_argument("--rescore", action="store_true", help="score the existing runs of --exp again")
+    ap.add_argument("--table", action="store_true", help="print the Markdown table of --results and exit")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="score the mean probability of the existing runs of --exp (threshold: Youden on it)")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(Path(args.results), Path(args.out)))
+        return 0
+    if args.ensemble:
+        result = {"name": "ensemble:" + args.exp, **score_ensemble([Path(args.out) / n for n in args.exp.split(",")])}
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "stress"}), flush=True)
+        return 0
     if args.rescore:
         for name in args.exp.split(","):
             result = {"name": name, "rescored": True, **score_run(Path(args.out) / name, stress=True)}

@@ -53,7 +53,7 @@ def _add_train(sub) -> None:
                    help="after the head epochs, how many top backbone stages are unfrozen (-1: all)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation ROC AUC")
-    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide"], default=d.augment,
+    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide", "robust"], default=d.augment,
                    help="augmentation strength (affine, brightness, contrast, gamma; no flips)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")

@@ -154,7 +154,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) ->
     from pneumoscope.inference import predict_probs
     from pneumoscope.onnx_predictor import open_session, run_session
 
-    expected = predict_probs(model, images)
+    expected = predict_probs(model, images, precision="fp32")  # the graph computes in fp32
     got = run_session(open_session(onnx_path), images)
     diff = float(np.max(np.abs(expected - got))) if len(images) else 0.0
     if not diff <= PARITY_TOLERANCE:

@@ -28,12 +28,17 @@ def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def inference_precision(device: str | torch.device) -> str:
-    """The precision predict_probs uses by default: bf16 autocast on CPUs that run bf16
-    natively (AVX512-BF16 / AMX: about 2x fp32 for ResNet50, same validation ROC AUC;
-    benchmarks/RESULTS.md), fp32 elsewhere. PNEUMOSCOPE_PRECISION=fp32|bf16 overrides."""
-    forced = os.environ.get("PNEUMOSCOPE_PRECISION", "").lower()
+    """The precision predict_probs uses by default: fp32, so predict, serve, report and the
+    ONNX export give the same probabilities (to 1e-4) on every machine.
+
+    PNEUMOSCOPE_PRECISION=bf16 (or auto: bf16 where the CPU runs it natively, AVX512-BF16
+    / AMX) trades that for speed: about 2x for ResNet50 on such a CPU with the same
+    validation ROC AUC, but single probabilities move by up to ~0.1 (benchmarks/RESULTS.md)."""
+    forced = os.environ.get("PNEUMOSCOPE_PRECISION", "fp32").lower()
     if forced in ("fp32", "bf16"):
         return forced
+    if forced != "auto":
+        raise ValueError(f"PNEUMOSCOPE_PRECISION must be fp32, bf16 or auto, got {forced!r}")
     if torch.device(device).type != "cpu":
         return "fp32"
     native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -25,6 +25,9 @@ class AugmentConfig:
     contrast: float = 0.25  # multiplicative around the image mean, in [1/(1+c), 1+c]
     gamma: float = 0.35  # gamma in [exp(-g), exp(g)]
     hflip: float = 0.0  # probability of a horizontal flip
+    # width:height stretch in [exp(-a), exp(a)]: the originals were stretched to a square,
+    # so a film of another aspect ratio (another site, another age) looks squeezed
+    aspect: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,6 +40,9 @@ PRESETS = {
     "strong": AugmentConfig(scale=0.15, rotate_deg=15, translate=0.08, brightness=0.15, contrast=0.4, gamma=0.5),
     # wide framing (zoom 0.75-1.25): films of other sites frame the chest differently
     "wide": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5),
+    # wide framing and aspect ratio (0.78-1.28): what differs between sites (benchmarks/RESULTS.md)
+    "robust": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
+                            aspect=0.25),
 }
 
 
@@ -64,6 +70,9 @@ def _random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
     theta = torch.stack(
         [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
     )
+    if cfg.aspect:  # drawn last, so presets without it keep their random stream
+        stretch = torch.exp(_uniform(n, -cfg.aspect, cfg.aspect, gen, device) / 2)
+        theta = theta * torch.stack([1 / stretch, stretch], 1).unsqueeze(2)  # rows: input x, input y
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

@@ -241,6 +241,9 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     """Reload the best model, choose thresholds on validation, write the summary files."""
     if env is None or env.is_main:  # under torchrun predict_all hands rank 0's weights to all
         model.load_state_dict(load_model_weights(run / BEST_MODEL))
+    # The layout Predictor loads the model in: the same numbers here as in predict/serve
+    # (bf16 kernels round differently per weight layout). Training is over, so no harm.
+    model.to(memory_format=torch.channels_last)
     probs = predict_all(model, val.images, device, env)
     thresholds = choose_thresholds(val.labels, probs)
     if env is None or env.is_main:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
-from pneumoscope.data.augment import AugmentConfig, augment_batch
+from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
 from pneumoscope.inference import images_to_input
@@ -296,8 +296,6 @@ def keys_digest(data: DecodedSet) -> str:
 def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: torch.device,
                      show_progress: bool = True) -> CachedTrunk:
     """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached."""
-    from pneumoscope.data.augment import PRESETS
-
     if cfg.trainable_stages < 1:
         raise ValueError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
                          f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")

@@ -11,6 +11,15 @@ from pathlib import Path
 from pneumoscope import __version__
 
 
+def _add_threshold_rule(p) -> None:
+    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
+                   help="operating threshold chosen on validation (default: the run's default, youden)")
+
+
+def _add_strict(p) -> None:
+    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="counts, imbalance, unreadable files, duplicates, shared patients")
     p.add_argument("data_root", help="folder holding train/ (and optionally val/, test/), each with NORMAL/ and PNEUMONIA/")
@@ -96,10 +105,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--data", required=True, help="SPLIT_DIR holding NORMAL/ and PNEUMONIA/")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics.json); predictions CSV beside it")
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    _add_threshold_rule(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    _add_strict(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -108,9 +116,8 @@ def _add_predict(sub) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM) or folders")
     p.add_argument("--out", help="CSV path (path, p_pneumonia, label); default: print CSV")
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold chosen on validation (default: the run's default, youden)")
-    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    _add_threshold_rule(p)
+    _add_strict(p)
     p.add_argument("--onnx", metavar="MODEL_ONNX",
                    help="run this ONNX export of RUN_DIR's model with onnxruntime instead of torch "
                         "(same decode; contract and thresholds from MODEL_ONNX.json)")
@@ -127,8 +134,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
     p.add_argument("--onnx", metavar="MODEL_ONNX",
                    help="probabilities from this ONNX export (onnxruntime); Grad-CAM still uses torch")
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    _add_threshold_rule(p)
     p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
                    help="largest accepted upload in MiB (default %(default)s; larger: HTTP 413)")
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:N); default: cuda when available")
@@ -158,15 +164,14 @@ def _add_report(sub) -> None:
                        help="report on this part of the run's own split (RUN_DIR/manifest.csv), e.g. val")
     p.add_argument("--out", help="output folder (default RUN_DIR/report): index.html, one PNG per figure, "
                                  "metrics.json, embeddings.npy, embeddings_meta.csv")
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    _add_threshold_rule(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default %(default)s)")
     p.add_argument("--gradcam-per-group", type=int, default=4,
                    help="Grad-CAM gallery: images per outcome (TP, FP, FN, TN) (default %(default)s)")
     p.add_argument("--perplexity", type=float, default=30.0,
                    help="t-SNE perplexity, capped below a third of the images (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and UMAP (default %(default)s)")
-    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    _add_strict(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -175,10 +180,9 @@ def _add_explain(sub) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, DICOM) or folders")
     p.add_argument("--out", help="folder for the overlays, IMAGE_STEM_gradcam.png (default RUN_DIR/explain)")
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold for the printed label (default: the run's default, youden)")
+    _add_threshold_rule(p)
     p.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity over the X-ray (default %(default)s)")
-    p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
+    _add_strict(p)
     p.set_defaults(func=cmd_explain)
 
 

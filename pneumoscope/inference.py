@@ -81,8 +81,33 @@ def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
     return model.eval()
 
 
+class OperatingPoint:
+    """What every predictor (torch or ONNX) shares: the decode contract and the operating
+    thresholds chosen on validation. Subclasses provide `thresholds` and `image_size`."""
+
+    thresholds: dict
+    image_size: int
+
+    @property
+    def threshold(self) -> float:
+        return float(self.thresholds["threshold"])
+
+    def threshold_for(self, rule: str | None) -> float:
+        """The threshold of a named rule (youden, sensitivity95) or the default one."""
+        if rule is None:
+            return self.threshold
+        rules = self.thresholds["rules"]
+        if rule not in rules:
+            raise ValueError(f"unknown threshold rule {rule!r}; this model has {sorted(rules)}")
+        return float(rules[rule])
+
+    def load(self, source, name: str | None = None) -> np.ndarray:
+        """One image (path or bytes) through the shared decode + geometry."""
+        return load_image(source, self.image_size, name=name)
+
+
 @dataclass
-class Predictor:
+class Predictor(OperatingPoint):
     model: torch.nn.Module
     config: dict
     thresholds: dict
@@ -103,23 +128,6 @@ class Predictor:
     @property
     def image_size(self) -> int:
         return int(self.config["image_size"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.thresholds["threshold"])
-
-    def threshold_for(self, rule: str | None) -> float:
-        """The threshold of a named rule (youden, sensitivity95) or the run's default."""
-        if rule is None:
-            return self.threshold
-        rules = self.thresholds["rules"]
-        if rule not in rules:
-            raise ValueError(f"unknown threshold rule {rule!r}; this run has {sorted(rules)}")
-        return float(rules[rule])
-
-    def load(self, source, name: str | None = None) -> np.ndarray:
-        """One image (path or bytes) through the shared decode + geometry."""
-        return load_image(source, self.image_size, name=name)
 
     def predict_images(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
         return predict_probs(self.model, images, device=self.device, show_progress=show_progress,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope.data.decode import load_image
 from pneumoscope.export import INPUT_NAME, file_sha256, read_contract
+from pneumoscope.inference import OperatingPoint
 from pneumoscope.rundir import RunDir
 
 
@@ -44,7 +44,7 @@ def run_session(session, images: np.ndarray, batch_size: int = 64,
 
 
 @dataclass
-class OnnxPredictor:
+class OnnxPredictor(OperatingPoint):
     path: Path
     contract: dict
     session: object = field(repr=False)
@@ -76,22 +76,6 @@ class OnnxPredictor:
     @property
     def thresholds(self) -> dict:
         return self.contract["thresholds"]
-
-    @property
-    def threshold(self) -> float:
-        return float(self.thresholds["threshold"])
-
-    def threshold_for(self, rule: str | None) -> float:
-        if rule is None:
-            return self.threshold
-        rules = self.thresholds["rules"]
-        if rule not in rules:
-            raise ValueError(f"unknown threshold rule {rule!r}; this model has {sorted(rules)}")
-        return float(rules[rule])
-
-    def load(self, source, name: str | None = None) -> np.ndarray:
-        """One image (path or bytes) through the shared decode + geometry."""
-        return load_image(source, self.image_size, name=name)
 
     def predict_images(self, images: np.ndarray, show_progress: bool = False,
                        batch_size: int = 64) -> np.ndarray:

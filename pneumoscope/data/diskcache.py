@@ -17,10 +17,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pneumoscope.rundir import atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,6 @@ def array_digest(array: np.ndarray) -> str:
     return hashlib.blake2b(memoryview(data.reshape(-1).view(np.uint8)), digest_size=16).hexdigest()
 
 
-def _atomic_replace(path: Path, write) -> None:
-    """write(handle) into a temporary file beside path, fsync, rename over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -73,8 +59,8 @@ def write_array(path: str | Path, array: np.ndarray, meta: dict | None = None) -
     array = np.ascontiguousarray(array)
     info = {"shape": list(array.shape), "dtype": array.dtype.str, "digest": array_digest(array),
             **(meta or {})}
-    _atomic_replace(path, lambda handle: np.save(handle, array, allow_pickle=False))
-    _atomic_replace(sidecar(path), lambda handle: handle.write(json.dumps(info).encode()))
+    atomic_write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    atomic_write_with(sidecar(path), lambda handle: handle.write(json.dumps(info).encode()))
 
 
 def read_meta(path: str | Path) -> dict | None:

@@ -130,8 +130,22 @@ def _too_large(max_upload_bytes: int) -> str:
     return f"upload too large: the limit is {max_upload_bytes:,} bytes"
 
 
+# A refused upload up to this size is read and thrown away before the 413 goes out, so
+# the client, still sending, reads our answer instead of a connection reset (what
+# nginx's lingering close does); larger ones are cut off at once.
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+async def _discard_body(receive) -> None:
+    """Read the request body chunk by chunk and drop it (memory stays flat)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
 class ContentLengthLimit:
-    """413 from the declared Content-Length, before a byte of the body is read.
+    """413 from the declared Content-Length, before the route parses a byte of the body.
 
     The route's own ``max_body_size`` (Starlette) then counts the bytes as they arrive,
     for chunked uploads or a lying header; this check only makes the early answer JSON
@@ -144,6 +158,8 @@ class ContentLengthLimit:
         if scope["type"] == "http" and scope["path"] in self.paths:
             declared = Headers(scope=scope).get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_bytes:
+                if int(declared) <= DRAIN_LIMIT_BYTES:
+                    await _discard_body(receive)
                 response = JSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413,
                                         headers={"Connection": "close"})
                 await response(scope, receive, send)

@@ -56,12 +56,6 @@ def resolve_backbone(cfg: TrainConfig) -> str:
     return FALLBACK_BACKBONE
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------- data
 
 

@@ -36,7 +36,8 @@ def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
                       threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
     """The metrics.json content (evaluate and report share it) at the rule's threshold."""
     threshold = predictor.threshold_for(threshold_rule)
-    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot)
+    patients = [s.patient for s in data.samples]  # intervals resample patients, not images
+    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot, patients=patients)
     metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
     metrics["data"] = data_name
     metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]

@@ -258,7 +258,9 @@ def _outcome_counts(confusion: dict) -> str:
 def _metrics_body(metrics: dict, data_name: str) -> str:
     intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
              f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
-             f"run's validation split). Intervals: stratified bootstrap, 95%. Same numbers as "
+             f"run's validation split). Intervals: 95%, bootstrap over the {metrics.get('n_patients', metrics['n'])} "
+             f"patients (all images of a drawn patient together; stratified by the patient's class, a "
+             f"patient with any pneumonia image counting as pneumonia). Same numbers as "
              f"<code>pneumoscope evaluate</code>; saved as <code>metrics.json</code>.</p>")
     unreadable = metrics.get("unreadable") or []
     if unreadable:

@@ -10,7 +10,7 @@ import numpy as np
 from pneumoscope import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
-from pneumoscope.data.discover import discover_split
+from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
@@ -21,10 +21,11 @@ log = logging.getLogger(__name__)
 
 def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | None = None,
                  threshold_rule: str | None = None, strict: bool = False,
-                 n_boot: int = 1000, show_progress: bool = True) -> dict:
-    """Metrics of a run's model on one labelled folder, written to metrics.json."""
+                 n_boot: int = 1000, show_progress: bool = True, patients: str | Path | None = None) -> dict:
+    """Metrics of a run's model on one labelled folder, written to metrics.json.
+    patients: a CSV of file -> patient id (--patients), else ids from Kermany file names."""
     predictor = Predictor.from_run(run_dir)
-    samples = discover_split(split_dir)
+    samples = discover_split(split_dir, patients=load_patients(patients))
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)
     probs = predictor.predict_images(data.images, show_progress=show_progress)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, require_both_classes
-from pneumoscope.data.discover import discover_split
+from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
@@ -65,7 +65,7 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     if resume and (run / MANIFEST).exists():
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
-    samples = discover_split(Path(cfg.data) / "train", "train")
+    samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
     train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples

@@ -51,6 +51,13 @@ def no_pixel_decoding(monkeypatch):
     assert not calls, "the decoder was called"
 
 
+@pytest.fixture(scope="module")
+def gray(real_jpeg) -> np.ndarray:
+    """The reference 224x224 image as PIL decodes it."""
+    with Image.open(real_jpeg) as im:
+        return np.asarray(im.convert("L")).copy()
+
+
 def _save(tmp_path: Path, name: str, im: Image.Image, **kw) -> Path:
     path = tmp_path / name
     im.save(path, **kw)

@@ -16,16 +16,6 @@ from pneumoscope.commands import evaluate_run
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, shared_with_manifest, write_manifest
-from pneumoscope.training import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def tiny_run(small_data_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("leak_run") / "run"
-    cfg = TrainConfig(data=str(small_data_root), out=str(out), backbone="efficientnet_lite0",
-                      image_size=32, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=1)
-    train(cfg, show_progress=False)
-    return out
 
 
 def _rows(path: Path) -> list[dict]:

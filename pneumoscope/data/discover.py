@@ -38,6 +38,16 @@ def patient_id(file_name: str) -> str:
     return stem
 
 
+def real_path(path: str | Path) -> str:
+    """The path with symlinks resolved, for telling whether two names are one file; a
+    symlink loop or an unreadable link keeps its absolute path (no error here: the decode
+    names what is wrong with the file)."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(path)
+
+
 PATH_COLUMNS = ("path", "file", "file_name", "filename")
 PATIENT_COLUMNS = ("patient", "patient_id")
 
@@ -57,7 +67,7 @@ class PatientMap:
         self.by_name: dict[str, str] = {}
         for line, key, patient in self._rows():
             if "/" in key or os.sep in key:
-                self.by_path[str((self.source.parent / key).resolve())] = patient
+                self.by_path[real_path(self.source.parent / key)] = patient
             elif self.by_name.setdefault(key, patient) != patient:
                 raise ValueError(f"{self.source}, line {line}: file name {key!r} is given two patients "
                                  f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart")
@@ -81,7 +91,7 @@ class PatientMap:
             raise ValueError(f"{self.source}: cannot read the patients CSV ({err.strerror or err})") from err
 
     def get(self, path: Path) -> str | None:
-        return self.by_path.get(str(Path(path).resolve())) or self.by_name.get(Path(path).name)
+        return self.by_path.get(real_path(path)) or self.by_name.get(Path(path).name)
 
     def patients_of(self, paths: list[Path]) -> list[str]:
         """The patient of each path; an error naming the files the CSV lacks."""

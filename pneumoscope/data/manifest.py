@@ -11,7 +11,7 @@ import csv
 import logging
 from pathlib import Path
 
-from pneumoscope.data.discover import Sample
+from pneumoscope.data.discover import Sample, real_path
 from pneumoscope.rundir import atomic_write_csv
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ def shared_with_manifest(path: str | Path, samples: list[Sample], keys: list[str
     Returns a JSON-ready dict: how it compared, per role the count and a few files."""
     rows = [r for r in _rows(path) if r["role"] not in skip_roles]
     by_sha1 = dict(zip(keys, (str(s.path) for s in samples)))
-    by_path = {str(Path(s.path).resolve()): str(s.path) for s in samples}
+    by_path = {real_path(s.path): str(s.path) for s in samples}
     # by content where the row has a sha1; an old manifest (no column) or a file that was
     # unreadable at training time: the same file, by resolved path
-    role_of = [(r["role"], by_sha1.get(r["sha1"]) if r.get("sha1") else by_path.get(str(Path(r["path"]).resolve())))
+    role_of = [(r["role"], by_sha1.get(r["sha1"]) if r.get("sha1") else by_path.get(real_path(r["path"])))
                for r in rows]
     by_content = any(r.get("sha1") for r in rows)
     shared: dict[str, set[str]] = {}

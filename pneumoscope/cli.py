@@ -20,10 +20,17 @@ def _add_strict(p) -> None:
     p.add_argument("--strict", action="store_true", help="stop if a file is unreadable")
 
 
+def _add_patients(p) -> None:
+    p.add_argument("--patients", metavar="FILE.csv", default="",
+                   help="CSV with columns path (or file name) and patient: patient ids for data not "
+                        "named the Kermany way (every image must be listed)")
+
+
 def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="counts, imbalance, unreadable files, duplicates, shared patients")
     p.add_argument("data_root", help="folder holding train/ (and optionally val/, test/), each with NORMAL/ and PNEUMONIA/")
     p.add_argument("--json", action="store_true", help="print the audit as JSON instead of a table")
+    _add_patients(p)
     p.set_defaults(func=cmd_audit)
 
 
@@ -85,6 +92,7 @@ def _add_train(sub) -> None:
                    help="under torchrun, multiply --lr by the number of processes (linear scaling rule)")
     p.add_argument("--strict", action="store_true", help="stop before any work if a file is unreadable")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    _add_patients(p)
     _recipe_defaults(p)
     p.set_defaults(func=cmd_train)
 
@@ -108,6 +116,7 @@ def _add_evaluate(sub) -> None:
     _add_threshold_rule(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     _add_strict(p)
+    _add_patients(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -205,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_audit(args) -> int:
     from pneumoscope.data.audit import audit_root, format_audit
+    from pneumoscope.data.discover import load_patients
 
-    report = audit_root(args.data_root, show_progress=not (args.quiet or args.json))
+    report = audit_root(args.data_root, show_progress=not (args.quiet or args.json),
+                        patients=load_patients(args.patients))
     print(json.dumps(report, indent=2) if args.json else format_audit(report))
     return 0
 
@@ -233,7 +244,8 @@ def cmd_evaluate(args) -> int:
     from pneumoscope.evaluation import format_metrics
 
     metrics = evaluate_run(args.run_dir, args.data, out=args.out, threshold_rule=args.threshold_rule,
-                           strict=args.strict, n_boot=args.bootstrap, show_progress=not args.quiet)
+                           strict=args.strict, n_boot=args.bootstrap, show_progress=not args.quiet,
+                           patients=args.patients)
     print(format_metrics(metrics))
     print(f"written: {args.out or Path(args.run_dir) / 'metrics.json'}")
     return 0

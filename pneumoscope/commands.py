@@ -10,24 +10,27 @@ import numpy as np
 from pneumoscope import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
-from pneumoscope.data.discover import discover_split
+from pneumoscope.data.discover import discover_split, load_patients
+from pneumoscope.data.manifest import shared_with_manifest
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
-from pneumoscope.rundir import atomic_write_csv, atomic_write_json
+from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | None = None,
                  threshold_rule: str | None = None, strict: bool = False,
-                 n_boot: int = 1000, show_progress: bool = True) -> dict:
-    """Metrics of a run's model on one labelled folder, written to metrics.json."""
+                 n_boot: int = 1000, show_progress: bool = True, patients: str | Path | None = None) -> dict:
+    """Metrics of a run's model on one labelled folder, written to metrics.json.
+    patients: a CSV of file -> patient id (--patients), else ids from Kermany file names."""
     predictor = Predictor.from_run(run_dir)
-    samples = discover_split(split_dir)
+    samples = discover_split(split_dir, patients=load_patients(patients))
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)
     probs = predictor.predict_images(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
+    metrics["leakage"] = check_leakage(run_dir, data)
     write_evaluation(Path(out) if out else Path(run_dir) / "metrics.json", metrics, data, probs)
     return metrics
 
@@ -36,11 +39,28 @@ def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
                       threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
     """The metrics.json content (evaluate and report share it) at the rule's threshold."""
     threshold = predictor.threshold_for(threshold_rule)
-    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot)
+    patients = [s.patient for s in data.samples]  # intervals resample patients, not images
+    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot, patients=patients)
     metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
     metrics["data"] = data_name
     metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]
     return metrics
+
+
+def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, ...] = ()) -> dict | None:
+    """Images of `data` that the run trained or selected its threshold on (same bytes,
+    by the sha1 decoding computed; by path for an old manifest), with a warning: metrics
+    on them are not held out. None when the run has no manifest.csv."""
+    manifest = Path(run_dir) / MANIFEST
+    if not manifest.exists():
+        return None
+    found = shared_with_manifest(manifest, data.samples, data.keys, skip_roles)
+    for role, info in found["shared"].items():
+        log.warning("%d of the %d evaluated images are also in the run's %s part (same %s), so the "
+                    "metrics are not on held-out data; e.g. %s", info["count"], len(data.samples), role,
+                    "file content" if found["compared_by"].startswith("sha1") else "path",
+                    ", ".join(info["examples"][:3]))
+    return found
 
 
 def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarray) -> None:

@@ -45,17 +45,54 @@ def _point_metrics(y_true, p, threshold) -> dict:
     return out
 
 
+CI_METHOD = (
+    "percentile 95% intervals of a patient-level (cluster) bootstrap: patients are drawn with "
+    "replacement and bring all their images; stratified by the patient's class (a patient "
+    "with any pneumonia image counts as pneumonia), so every resample keeps both classes"
+)
+
+
+def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The images grouped by patient: (per stratum the patient numbers, the start of each
+    patient's block in `order`, `order`: image indices sorted by patient).
+
+    A patient's stratum is "pneumonia" when any of their images is (a patient with films of
+    both classes is a pneumonia patient); patients=None: every image is its own patient."""
+    y_true = np.asarray(y_true).astype(int)
+    if patients is None:
+        patients = np.arange(len(y_true))
+    codes = np.unique(np.asarray(patients, dtype=str), return_inverse=True)[1].ravel()
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    any_pneumonia = np.zeros(len(counts), dtype=int)
+    np.maximum.at(any_pneumonia, codes, y_true)
+    strata = [np.flatnonzero(any_pneumonia == c) for c in (0, 1)]
+    return [s for s in strata if len(s)], np.stack([starts, counts]), order
+
+
+def _draw_images(rng, strata, blocks, order) -> np.ndarray:
+    """Image indices of one resample: as many patients per stratum as it holds, drawn with
+    replacement, each bringing all of their images."""
+    picked = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
+    starts, counts = blocks[0][picked], blocks[1][picked]
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return order[np.repeat(starts, counts) + offsets]
+
+
 def bootstrap_ci(
-    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0
+    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
+    patients=None,
 ) -> dict:
-    """Percentile 95% intervals over resamples of the images, stratified by class so every
-    resample keeps both classes (and its AUC is defined)."""
+    """Percentile 95% intervals over resamples of the patients (CI_METHOD): images of one
+    patient are not independent, so resampling images would make the intervals too narrow.
+    patients: one id per image (None: each image its own patient)."""
     rng = np.random.default_rng(seed)
     y_true, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
-    by_class = [np.flatnonzero(y_true == c) for c in (0, 1)]
+    strata, blocks, order = patient_strata(y_true, patients)
     draws = {k: [] for k in CI_METRICS}
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(ix, size=len(ix), replace=True) for ix in by_class if len(ix)])
+        idx = _draw_images(rng, strata, blocks, order)
         m = _point_metrics(y_true[idx], p[idx], threshold)
         for k in CI_METRICS:
             draws[k].append(m[k])
@@ -66,13 +103,21 @@ def bootstrap_ci(
 
 
 def evaluate_predictions(
-    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0
+    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
+    patients=None,
 ) -> dict:
-    """The metrics.json content: point estimates at `threshold` plus bootstrap CIs."""
+    """The metrics.json content: point estimates at `threshold` plus patient-bootstrap CIs."""
     y_true = np.asarray(y_true).astype(int)
     out = {"n": int(len(y_true)), "threshold": float(threshold)}
+    if patients is not None:
+        out["n_patients"] = int(len(set(map(str, patients))))
     out.update(_point_metrics(y_true, p, threshold))
-    out["ci95"] = bootstrap_ci(y_true, p, threshold, n_boot=n_boot, seed=seed) if n_boot else {}
+    if n_boot:
+        out["ci95"] = bootstrap_ci(y_true, p, threshold, n_boot=n_boot, seed=seed, patients=patients)
+        out["ci_method"] = CI_METHOD + f"; {n_boot} resamples" + (
+            "" if patients is not None else "; no patient ids were given, so each image was its own patient")
+    else:
+        out["ci95"] = {}
     return out
 
 
@@ -86,7 +131,10 @@ def youden_threshold(y_true: np.ndarray, p: np.ndarray) -> float:
 
 def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.95) -> float:
     """Highest threshold whose sensitivity on (y_true, p) reaches `target`."""
-    fpr, tpr, thresholds = roc_curve(y_true, p)
+    # drop_intermediate=False: the default drops the points inside a vertical run of the
+    # curve, so the first point reaching the target would be the bottom of that run (a
+    # lower threshold, more false positives) rather than the highest threshold that reaches it.
+    fpr, tpr, thresholds = roc_curve(y_true, p, drop_intermediate=False)
     ok = np.flatnonzero((tpr >= target) & np.isfinite(thresholds))
     return float(thresholds[ok[0]])  # roc_curve lists thresholds in decreasing order
 
@@ -107,7 +155,9 @@ def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:
 def format_metrics(m: dict) -> str:
     """A short console table of evaluate_predictions' output."""
     ci = m.get("ci95", {})
-    lines = [f"n={m['n']}  threshold={m['threshold']:.4f}", f"{'metric':<12}{'value':>8}   95% CI"]
+    patients = f"  patients={m['n_patients']}" if "n_patients" in m else ""
+    lines = [f"n={m['n']}{patients}  threshold={m['threshold']:.4f}",
+             f"{'metric':<12}{'value':>8}   95% CI (patients resampled)"]
     for key in CI_METRICS:
         lo_hi = ci.get(key)
         span = f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""

@@ -53,6 +53,24 @@ def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 
     return root
 
 
+def train_small_run(data_root: Path, out: Path, image_size: int = 64, epochs: int = 2) -> Path:
+    """A real run (efficientnet_lite0 with its ImageNet weights) trained on DATA_ROOT's
+    train/ at a small size, for the tests that need a trained model."""
+    from pneumoscope.training import TrainConfig, train
+
+    cfg = TrainConfig(data=str(data_root), out=str(out), backbone="efficientnet_lite0",
+                      image_size=image_size, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=epochs)
+    train(cfg, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_run_trainer():
+    """train_small_run, for conftest files below this one (fixtures reach them, imports
+    of this module do not under --import-mode=importlib)."""
+    return train_small_run
+
+
 @pytest.fixture(scope="session")
 def small_data_root(tmp_path_factory, shared_data) -> Path:
     """DATA_ROOT with train/ of 20 NORMAL + 20 PNEUMONIA real images and a test/ split of

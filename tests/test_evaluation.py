@@ -51,3 +51,47 @@ def test_choose_thresholds_names_default():
     assert chosen["default"] == "youden"
     assert chosen["threshold"] == chosen["rules"]["youden"]
     assert chosen["rules"]["sensitivity95"] <= chosen["rules"]["youden"]
+
+
+def _ci_widths(m: dict) -> dict:
+    return {k: hi - lo for k, (lo, hi) in m["ci95"].items()}
+
+
+def test_copies_of_a_patients_image_do_not_narrow_the_interval():
+    """Four copies of each image under its own patient's name are still one patient each:
+    the patient bootstrap gives the same intervals as one copy (an image bootstrap would
+    count them as four times the evidence and narrow every interval)."""
+    patients = [f"person{i}" for i in range(len(Y))]
+    once = evaluate_predictions(Y, P, 0.6, n_boot=300, patients=patients)
+    four = evaluate_predictions(np.repeat(Y, 4), np.repeat(P, 4), 0.6, n_boot=300,
+                                patients=np.repeat(patients, 4))
+    assert four["n"] == 4 * once["n"] and four["n_patients"] == once["n_patients"] == len(Y)
+    for key, width in _ci_widths(once).items():
+        assert width > 0
+        assert _ci_widths(four)[key] == pytest.approx(width), key
+    assert "patient" in four["ci_method"]
+    # what the image bootstrap did: the copies taken as independent images, a narrower interval
+    as_images = evaluate_predictions(np.repeat(Y, 4), np.repeat(P, 4), 0.6, n_boot=300)
+    assert _ci_widths(as_images)["roc_auc"] < 0.75 * _ci_widths(once)["roc_auc"]
+
+
+def test_patient_with_films_of_both_classes_is_drawn_as_pneumonia():
+    from pneumoscope.evaluation import patient_strata
+
+    y = np.array([0, 1, 0, 0, 1])
+    strata, _, _ = patient_strata(y, ["a", "a", "b", "c", "d"])  # a: one normal, one pneumonia film
+    codes = {"a": 0, "b": 1, "c": 2, "d": 3}  # sorted patient ids
+    assert [sorted(s) for s in strata] == [[codes["b"], codes["c"]], [codes["a"], codes["d"]]]
+
+
+def test_sensitivity_threshold_on_saturated_curve():
+    """All positives above all negatives: the ROC curve climbs one vertical run at FPR 0.
+    roc_curve's default drop_intermediate keeps only the top of that run (the lowest
+    positive score, 100% sensitivity); the highest threshold reaching 95% of 20 positives
+    is the second-lowest positive score (19 of 20 caught)."""
+    neg = np.linspace(0.01, 0.2, 10)
+    pos = np.linspace(0.5, 0.99, 20)
+    y, p = np.r_[np.zeros(10), np.ones(20)].astype(int), np.r_[neg, pos]
+    t = sensitivity_threshold(y, p, 0.95)
+    assert t == pytest.approx(pos[1])
+    assert (pos >= t).mean() == pytest.approx(0.95)

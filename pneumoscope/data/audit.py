@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pneumoscope import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray
-from pneumoscope.data.discover import SPLIT_NAMES, _class_dirs, patient_id
+from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
 
 
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
@@ -53,8 +53,9 @@ def _check_file(path: Path) -> str | None:
     return None
 
 
-def audit_root(data_root: str | Path, show_progress: bool = True) -> dict:
-    """Audit every split under DATA_ROOT; returns a JSON-ready dict."""
+def audit_root(data_root: str | Path, show_progress: bool = True, patients: PatientMap | None = None) -> dict:
+    """Audit every split under DATA_ROOT; returns a JSON-ready dict. Patient ids from the
+    Kermany file names, or from `patients` (a --patients CSV; it must name every image)."""
     data_root = Path(data_root)
     splits = {s: _class_dirs(data_root / s) for s in SPLIT_NAMES}
     splits = {s: dirs for s, dirs in splits.items() if dirs}
@@ -68,9 +69,12 @@ def audit_root(data_root: str | Path, show_progress: bool = True) -> dict:
             skipped += links
             jobs += [(split, label, f) for f in files]
 
+    images = [f for _, _, f in jobs if f.suffix.lower() in IMAGE_SUFFIXES]
+    patient_of = dict(zip(images, patients.patients_of(images))) if patients else {}
+
     counts = {s: {c: 0 for c in CLASSES} for s in splits}
     unreadable, by_hash = [], defaultdict(list)
-    patients = defaultdict(set)  # patient -> splits
+    patients_seen = defaultdict(set)  # patient -> splits
     for split, label, path in tqdm(jobs, desc="audit", unit="file", disable=not show_progress):
         problem = _check_file(path)
         rel = str(path.relative_to(data_root))
@@ -79,7 +83,7 @@ def audit_root(data_root: str | Path, show_progress: bool = True) -> dict:
             continue
         counts[split][CLASSES[label]] += 1
         by_hash[file_sha1(path)].append(rel)
-        patients[patient_id(path.name)].add(split)
+        patients_seen[patient_of.get(path) or patient_id(path.name)].add(split)
 
     per_split = {}
     for split, by_class in counts.items():
@@ -90,9 +94,10 @@ def audit_root(data_root: str | Path, show_progress: bool = True) -> dict:
             "imbalance_pneumonia_per_normal": round(pneumonia / normal, 3) if normal else None,
         }
     duplicates = [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
-    shared = {p: sorted(s) for p, s in patients.items() if len(s) > 1}
+    shared = {p: sorted(s) for p, s in patients_seen.items() if len(s) > 1}
     return {
         "data_root": str(data_root),
+        "patients_from": str(patients.source) if patients else "file names (Kermany)",
         "splits": per_split,
         "unreadable": unreadable,
         "skipped_symlinked_folders": [str(p.relative_to(data_root)) for p in skipped],

@@ -8,14 +8,21 @@ Choices that the rest of the code relies on:
 
 * The format is sniffed from the content, never trusted from the suffix (only a DICOM
   file without its 128-byte preamble is recognised by a ``.dcm``/``.dicom`` name).
-* 16-bit PNGs are scaled by their bit depth (``round(x / 257)``), not by the image's own
-  range, so the same radiograph stored as 8-bit and as 16-bit decodes the same.
+* 16-bit PNGs are scaled by the bit depth the data actually uses: the PNG's ``sBIT``
+  chunk when it has one, else the bit length of the image's largest value (at least 8).
+  So 12-bit data in a 16-bit file (max 4095) spans 0..255 instead of arriving almost
+  black (x / 257), while full 16-bit data is still ``round(x / 257)`` and a radiograph
+  stored as 8-bit and as 16-bit (v * 257) decodes the same.
 * Colour images become gray with PIL's ITU-R 601-2 luma (``convert("L")``); images with
   an alpha channel are composited on black (transparent = no signal).
 * The EXIF orientation of JPEG/PNG files is applied (the image is decoded the way a
   viewer or browser shows it, so heat maps line up with what the user sees).
-* DICOM: Modality LUT (rescale) -> VOI (window centre/width of the first view, or the
-  VOI LUT Sequence) else min-max over the image -> 0..255 -> MONOCHROME1 inverted.
+* DICOM: only projection radiographs (Modality CR, DX or DR; a file without Modality is
+  given the benefit of the doubt) in a frontal view (ViewPosition LL, RL or LAT, a
+  lateral, is refused: the model has only seen frontal films). Modality LUT (rescale) ->
+  VOI (window centre/width of the first view, or the VOI LUT Sequence) else a robust
+  window (0.5th to 99.5th percentile, so a few saturated or dead pixels do not squash
+  the image) -> 0..255 -> MONOCHROME1 inverted.
 * Geometry: stretch to ``size x size`` (aspect ratio not kept) with PIL's bilinear
   resize, which antialiases when it shrinks.
 
@@ -222,6 +229,20 @@ def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     return None
 
 
+def _png_significant_bits(data: bytes) -> int | None:
+    """The bits of a grayscale PNG's sBIT chunk (the depth the data uses), or None."""
+    i = 8
+    while i + 8 <= len(data):
+        length = struct.unpack(">I", data[i : i + 4])[0]
+        kind = data[i + 4 : i + 8]
+        if kind == b"sBIT" and length >= 1 and i + 9 <= len(data):
+            return data[i + 8]
+        if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data
+            return None
+        i += 12 + length
+    return None
+
+
 def _decode_pil(data: bytes, fmt: str) -> np.ndarray:
     label = fmt.upper()
     size = _header_size(data, fmt)
@@ -244,7 +265,8 @@ def _decode_pil(data: bytes, fmt: str) -> np.ndarray:
             raise _Problem(f"empty image ({width}x{height})")
         try:
             im.load()  # raises on truncation: LOAD_TRUNCATED_IMAGES stays False
-            return _pil_to_gray(_exif_upright(im))
+            bits = _png_significant_bits(data) if fmt == "png" else None
+            return _pil_to_gray(_exif_upright(im), bits)
         except _Problem:
             raise
         except Exception as e:  # noqa: BLE001
@@ -261,14 +283,14 @@ def _exif_upright(im: Image.Image) -> Image.Image:
     return im
 
 
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
+def _pil_to_gray(im: Image.Image, significant_bits: int | None = None) -> np.ndarray:
     mode = im.mode
     if mode == "L":
         return np.asarray(im, dtype=np.uint8).copy()
     if mode.startswith("I;16"):  # 16-bit PNG (I;16, I;16B, ...)
-        return _scale_16bit(np.asarray(im))
+        return _scale_16bit(np.asarray(im), significant_bits)
     if mode == "I":  # 32-bit int: older PIL's 16-bit PNG mode; values 0..65535
-        return _scale_16bit(np.clip(np.asarray(im), 0, 65535))
+        return _scale_16bit(np.clip(np.asarray(im), 0, 65535), significant_bits)
     if mode == "P":
         # Palette with transparency composites like RGBA; without, plain luma.
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -290,13 +312,24 @@ def _row_blocks(height: int, width: int):
     return (slice(r, r + rows) for r in range(0, height, rows))
 
 
-def _scale_16bit(arr: np.ndarray) -> np.ndarray:
-    """Scale 0..65535 to 0..255 by the bit depth: round(x / 257), so v*257 -> v."""
+def _used_bits(arr: np.ndarray, significant_bits: int | None) -> int:
+    """The bit depth 16-bit data uses: the file's sBIT when given (and not contradicted by a
+    larger value), else the bit length of the largest value; 8 to 16."""
+    needed = int(arr.max()).bit_length() if arr.size else 8
+    bits = significant_bits if significant_bits and significant_bits >= needed else needed
+    return min(16, max(8, bits))
+
+
+def _scale_16bit(arr: np.ndarray, significant_bits: int | None = None) -> np.ndarray:
+    """Scale the used bit depth to 0..255: round(x * 255 / (2**bits - 1)); for full 16-bit
+    data that is round(x / 257), so v*257 -> v."""
+    full = (1 << _used_bits(arr, significant_bits)) - 1
     out = np.empty(arr.shape, dtype=np.uint8)
     for rows in _row_blocks(*arr.shape):
-        x = arr[rows].astype(np.uint32)
-        x += 128
-        x //= 257
+        x = arr[rows].astype(np.uint32)  # x * 255 < 2**24: no overflow
+        x *= 255
+        x += full // 2
+        x //= full
         out[rows] = x
     return out
 
@@ -325,6 +358,7 @@ def _short(e: BaseException) -> str:
 def _decode_dicom(data: bytes, raw: bool) -> np.ndarray:
     ds = _read_dicom(data, raw)
     _check_dicom_is_radiograph(ds)
+    _check_dicom_is_frontal_chest_film(ds)
     _ensure_transfer_syntax(ds)
     _check_decodable(ds)
     try:
@@ -379,6 +413,24 @@ def _check_dicom_is_radiograph(ds) -> None:
         raise _Problem(f"DICOM image has no size (Rows={rows}, Columns={cols})")
     if rows * cols > MAX_PIXELS:
         raise _Problem(_too_large(cols, rows))
+
+
+# Projection radiography: computed (CR), digital (DX) and the non-standard "DR" some
+# vendors write. CT, MR, US, ... are other kinds of image the model has never seen.
+ACCEPTED_MODALITIES = ("CR", "DX", "DR")
+LATERAL_VIEWS = ("LL", "RL", "LAT")
+
+
+def _check_dicom_is_frontal_chest_film(ds) -> None:
+    """Refuse what the model was not trained on: other modalities and lateral views."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality and modality not in ACCEPTED_MODALITIES:
+        raise _Problem(f"DICOM Modality {modality} is not a projection radiograph "
+                       f"(accepted: {', '.join(ACCEPTED_MODALITIES)}); the model reads chest X-rays only")
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in LATERAL_VIEWS:
+        raise _Problem(f"DICOM ViewPosition {view} is a lateral view; the model was trained on "
+                       "frontal (PA/AP) chest films only")
 
 
 def _ensure_transfer_syntax(ds) -> None:
@@ -444,7 +496,7 @@ def _dicom_to_unit(arr: np.ndarray, ds) -> np.ndarray:
     if window is not None:
         center, width, function = window
         return _apply_window(values.astype(np.float64), center, width, function)
-    return _min_max(values)
+    return _robust_window(values)
 
 
 def _pydicom_luts():
@@ -515,12 +567,19 @@ def _apply_window(x: np.ndarray, c: float, w: float, function: str) -> np.ndarra
     raise _Problem(f"unsupported DICOM VOI LUT Function {function!r}")
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
+# The window of a DICOM without one: these percentiles, so that a few saturated or dead
+# pixels (a burnt-in marker, a collimator edge) do not squash the anatomy into a few greys.
+ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+def _robust_window(values: np.ndarray) -> np.ndarray:
     v = values.astype(np.float64)
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = (float(x) for x in np.percentile(v, ROBUST_PERCENTILES))
+    if hi <= lo:  # nearly constant: fall back to the full range
+        lo, hi = float(v.min()), float(v.max())
     if hi <= lo:  # constant image: all black rather than a division by zero
         return np.zeros(v.shape, dtype=np.float64)
-    return (v - lo) / (hi - lo)
+    return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- public API

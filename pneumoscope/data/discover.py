@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pneumoscope import CLASSES
@@ -37,6 +38,83 @@ def patient_id(file_name: str) -> str:
     return stem
 
 
+def real_path(path: str | Path) -> str:
+    """The path with symlinks resolved, for telling whether two names are one file; a
+    symlink loop or an unreadable link keeps its absolute path (no error here: the decode
+    names what is wrong with the file)."""
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(path)
+
+
+PATH_COLUMNS = ("path", "file", "file_name", "filename")
+PATIENT_COLUMNS = ("patient", "patient_id")
+
+
+class PatientMap:
+    """Patient ids from a CSV (--patients FILE.csv), for data not named the Kermany way.
+
+    Columns: `path` (or `file`/`file_name`) and `patient` (or `patient_id`). An entry with
+    a folder part is a path (relative ones relative to the CSV's folder) and matches that
+    file; a bare file name matches every file of that name. Rows naming files that are
+    not in the data are ignored (one CSV may cover a larger collection); an image the CSV
+    does not name is an error, since guessing would put a patient's films on both sides."""
+
+    def __init__(self, csv_path: str | Path):
+        self.source = Path(csv_path)
+        self.by_path: dict[str, str] = {}
+        self.by_name: dict[str, str] = {}
+        for line, key, patient in self._rows():
+            if "/" in key or os.sep in key:
+                self.by_path[real_path(self.source.parent / key)] = patient
+            elif self.by_name.setdefault(key, patient) != patient:
+                raise ValueError(f"{self.source}, line {line}: file name {key!r} is given two patients "
+                                 f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart")
+
+    def _rows(self):
+        try:
+            with open(self.source, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+                path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
+                patient_col = next((columns[c] for c in PATIENT_COLUMNS if c in columns), None)
+                if path_col is None or patient_col is None:
+                    raise ValueError(f"{self.source}: needs a column {' or '.join(PATH_COLUMNS)} and a column "
+                                     f"{' or '.join(PATIENT_COLUMNS)}; found {reader.fieldnames}")
+                for line, row in enumerate(reader, start=2):
+                    key, patient = (row.get(path_col) or "").strip(), (row.get(patient_col) or "").strip()
+                    if not key or not patient:
+                        raise ValueError(f"{self.source}, line {line}: empty file or patient")
+                    yield line, key, patient
+        except OSError as err:
+            raise ValueError(f"{self.source}: cannot read the patients CSV ({err.strerror or err})") from err
+
+    def get(self, path: Path) -> str | None:
+        return self.by_path.get(real_path(path)) or self.by_name.get(Path(path).name)
+
+    def patients_of(self, paths: list[Path]) -> list[str]:
+        """The patient of each path; an error naming the files the CSV lacks."""
+        found = [self.get(p) for p in paths]
+        missing = [str(p) for p, patient in zip(paths, found) if patient is None]
+        if missing:
+            shown = "\n".join(f"  {m}" for m in missing[:10])
+            more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise ValueError(f"{self.source}: no patient for {len(missing)} of {len(paths)} images:\n"
+                             f"{shown}{more}")
+        return found
+
+    def assign(self, samples: list[Sample]) -> list[Sample]:
+        """The samples with the CSV's patient ids (an error if the CSV lacks one)."""
+        ids = self.patients_of([s.path for s in samples])
+        return [replace(s, patient=p) for s, p in zip(samples, ids)]
+
+
+def load_patients(csv_path: str | Path | None) -> PatientMap | None:
+    """The --patients CSV, or None (patient ids from Kermany file names)."""
+    return PatientMap(csv_path) if csv_path else None
+
+
 def _class_dirs(split_dir: Path) -> dict[int, Path]:
     """Class folders of one split, matched case-insensitively (NORMAL/normal)."""
     found = {}
@@ -63,8 +141,9 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def discover_split(split_dir: str | Path, split: str = "") -> list[Sample]:
-    """All labelled images of one folder holding NORMAL/ and PNEUMONIA/."""
+def discover_split(split_dir: str | Path, split: str = "", patients: PatientMap | None = None) -> list[Sample]:
+    """All labelled images of one folder holding NORMAL/ and PNEUMONIA/; patient ids from
+    the file names, or from `patients` (a --patients CSV) when given."""
     split_dir = Path(split_dir)
     class_dirs = _class_dirs(split_dir)
     if not class_dirs:
@@ -75,10 +154,10 @@ def discover_split(split_dir: str | Path, split: str = "") -> list[Sample]:
     for label, folder in sorted(class_dirs.items()):
         for path in _image_files(folder):
             samples.append(Sample(path=path, label=label, patient=patient_id(path.name), split=split))
-    return samples
+    return patients.assign(samples) if patients else samples
 
 
-def discover_root(data_root: str | Path) -> dict[str, list[Sample]]:
+def discover_root(data_root: str | Path, patients: PatientMap | None = None) -> dict[str, list[Sample]]:
     """Every official split present under DATA_ROOT ({train,val,test}/{NORMAL,PNEUMONIA})."""
     data_root = Path(data_root)
     if not data_root.is_dir():
@@ -86,7 +165,7 @@ def discover_root(data_root: str | Path) -> dict[str, list[Sample]]:
     splits = {}
     for split in SPLIT_NAMES:
         if _class_dirs(data_root / split):
-            splits[split] = discover_split(data_root / split, split)
+            splits[split] = discover_split(data_root / split, split, patients)
     if not splits:
         raise FileNotFoundError(
             f"{data_root}: expected split folders ({', '.join(SPLIT_NAMES)}) "

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pneumoscope import CLASSES, __version__
-from pneumoscope.commands import score_predictions, write_evaluation
+from pneumoscope.commands import check_leakage, score_predictions, write_evaluation
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import Sample, discover_split
 from pneumoscope.data.manifest import read_manifest
@@ -127,6 +127,8 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
                                        show_progress=show_progress)
     with steps("metrics (bootstrap)"):
         metrics = score_predictions(predictor, data, probs, threshold_rule, data_name, n_boot)
+    # the reported role itself is in the manifest by design; overlap with the other is leakage
+    metrics["leakage"] = check_leakage(run_dir, data, skip_roles=(split,) if split else ())
     write_evaluation(out / "metrics.json", metrics, data, probs)
     threshold = metrics["threshold"]
     wrong = (probs >= threshold).astype(int) != labels
@@ -258,8 +260,14 @@ def _outcome_counts(confusion: dict) -> str:
 def _metrics_body(metrics: dict, data_name: str) -> str:
     intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
              f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
-             f"run's validation split). Intervals: stratified bootstrap, 95%. Same numbers as "
+             f"run's validation split). Intervals: 95%, bootstrap over the {metrics.get('n_patients', metrics['n'])} "
+             f"patients (all images of a drawn patient together; stratified by the patient's class, a "
+             f"patient with any pneumonia image counting as pneumonia). Same numbers as "
              f"<code>pneumoscope evaluate</code>; saved as <code>metrics.json</code>.</p>")
+    for role, info in ((metrics.get("leakage") or {}).get("shared") or {}).items():
+        files = ", ".join(f"<code>{escape(Path(f).name)}</code>" for f in info["examples"])
+        intro += (f"<p class=note><b>Not held out:</b> {info['count']} of these images are also in the "
+                  f"run's {escape(role)} part (same file content), e.g. {files}.</p>")
     unreadable = metrics.get("unreadable") or []
     if unreadable:
         items = "".join(f"<li><code>{escape(u['path'])}</code>: {escape(u['problem'])}</li>" for u in unreadable)

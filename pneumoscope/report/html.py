@@ -47,7 +47,7 @@ def figure(png: bytes, alt: str, caption: str, file_name: str, anchor: str = "")
 
 
 def metrics_table(metrics: dict) -> str:
-    """The evaluate table (point estimate and stratified bootstrap 95% CI) as HTML."""
+    """The evaluate table (point estimate and patient-bootstrap 95% CI) as HTML."""
     ci = metrics.get("ci95", {})
     rows = []
     for key in CI_METRICS:

@@ -34,6 +34,7 @@ class TrainConfig:
     cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
     trunk_precision: str = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
     strict: bool = False  # stop before any work if a file is unreadable
+    patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
     # Scale-out and the GPU fast path (README "Scaling out"); none of them changes the recipe.
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32

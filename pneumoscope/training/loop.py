@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, require_both_classes
-from pneumoscope.data.discover import discover_split
-from pneumoscope.data.manifest import read_manifest, write_manifest
+from pneumoscope.data.discover import discover_split, load_patients
+from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
 from pneumoscope.inference import predict_probs
@@ -65,7 +65,7 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     if resume and (run / MANIFEST).exists():
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
-    samples = discover_split(Path(cfg.data) / "train", "train")
+    samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
     train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
@@ -286,6 +286,9 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     val_set = decode_samples(val_samples, cfg.image_size, desc="decode val",
                              show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
     report_failures(train_set.failures + val_set.failures, cfg.strict)  # one warning, or --strict stops
+    if main:  # the manifest's sha1 column: the content keys decoding just computed
+        write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples},
+                       sha1=sha1_by_path(train_set, val_set))
     require_both_classes({"train": train_set, "validation": val_set})
     log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
              len(train_set.samples), len(val_set.samples), cfg.backbone, device)

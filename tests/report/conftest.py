@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 
 from pneumoscope.report import build_report
-from pneumoscope.training import TrainConfig, train
 
 
 @pytest.fixture(scope="session")
-def report_run(small_data_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report_run") / "run"
-    cfg = TrainConfig(data=str(small_data_root), out=str(out), backbone="efficientnet_lite0",
-                      image_size=64, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2)
-    train(cfg, show_progress=False)
-    return out
+def report_run(small_data_root, tmp_path_factory, small_run_trainer) -> Path:
+    return small_run_trainer(small_data_root, tmp_path_factory.mktemp("report_run") / "run")
 
 
 @pytest.fixture(scope="session")

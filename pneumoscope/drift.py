@@ -11,8 +11,8 @@ What is measured (all in drift.json):
 * scores — p(pneumonia) of both sets: quantiles, a 10-bin histogram on [0, 1], the share
   predicted positive at the run's threshold.
 * outside — the share of the folder outside what validation covered:
-  `embedding`: standardised (validation mean/std) Euclidean distance to the nearest
-  validation embedding beyond the validation set's own 99th percentile of
+  `embedding`: cosine distance of the standardised (validation mean/std) embedding to
+  the nearest validation embedding beyond the validation set's own 99th percentile of
   nearest-neighbour distances (each validation image to its nearest image of another
   patient: a new site's film has no sibling film of its patient in validation);
   `score`: p outside [min, max] of the validation scores.
@@ -43,6 +43,10 @@ FOLDS = 5
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 HIST_BINS = 10
 NN_PERCENTILE = 99.0
+# Cosine rather than Euclidean: with far fewer validation images than embedding values,
+# Euclidean nearest-neighbour distances of new images run longer than validation's own
+# even without any shift (measured: 7-11% of an untouched folder "outside" vs 3-4%).
+DISTANCE = "cosine"
 # (upper bound of domain_auc, verdict), first match wins
 VERDICTS = (
     (0.60, "no detectable shift: the folder looks like the validation images"),
@@ -72,15 +76,15 @@ def domain_auc(reference: np.ndarray, other: np.ndarray, groups: np.ndarray | No
 
 
 def nearest_distances(reference: np.ndarray, query: np.ndarray, ref_groups=None) -> np.ndarray:
-    """Euclidean distance of each query row to its nearest reference row. query None:
+    """Cosine distance of each query row to its nearest reference row. query None:
     each reference row to its nearest reference row of *another patient* (ref_groups),
     since a patient's other films sit close and would make validation look tighter than
     it is for a new patient's film."""
     from sklearn.metrics import pairwise_distances
 
     if query is not None:
-        return pairwise_distances(query, reference).min(axis=1)
-    dist = pairwise_distances(reference)
+        return pairwise_distances(query, reference, metric=DISTANCE).min(axis=1)
+    dist = pairwise_distances(reference, metric=DISTANCE)
     groups = np.asarray(ref_groups) if ref_groups is not None else np.arange(len(reference))
     dist[groups[:, None] == groups[None, :]] = np.inf
     return dist.min(axis=1)
@@ -98,7 +102,7 @@ def outside_shares(val_emb: np.ndarray, val_p: np.ndarray, val_groups, emb: np.n
     return {
         "embedding": float(np.mean(dist > cut)),
         "embedding_cutoff": cut,
-        "embedding_definition": (f"standardised Euclidean distance to the nearest validation embedding "
+        "embedding_definition": (f"cosine distance of the standardised embedding to the nearest validation one "
                                  f"> the {NN_PERCENTILE:g}th percentile of validation nearest-neighbour "
                                  f"distances (to another patient's image; {cut:.2f})"),
         "score": float(np.mean((p < lo) | (p > hi))),

@@ -32,7 +32,8 @@ from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
-from pneumoscope.rundir import THRESHOLD, RunDir, atomic_write_json
+from pneumoscope.data.manifest import read_manifest
+from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
             "data": str(Path(site_dir).resolve()),
             "n": {c: int(n) for c, n in zip(CLASSES, np.bincount(labels, minlength=len(CLASSES)))},
             "patients": len(set(patients)),
+            "patients_seen_by_run": _patients_seen(run_dir, patients),
             "unreadable": [{"path": p, "problem": why} for p, why in data.failures],
             "files": [{"path": str(s.path), "sha1": key, "label": CLASSES[s.label], "patient": s.patient}
                       for s, key in zip(data.samples, data.keys)],
@@ -133,6 +135,21 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     atomic_write_json(run / THRESHOLD, thresholds)
     _refresh_exports(run_dir, thresholds)
     return site
+
+
+def _patients_seen(run_dir: str | Path, patients: list[str]) -> int:
+    """How many of the sample's patient ids (from Kermany-style file names) the run trained
+    or validated on (manifest.csv); warns, since such films are not a new site's."""
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        return 0
+    seen = {s.patient for samples in read_manifest(path).values() for s in samples}
+    shared = sorted(set(patients) & seen)
+    if shared:
+        log.warning("%d patient(s) of the site sample are in the run's train/val split (%s%s): "
+                    "their films are not new to the model", len(shared), ", ".join(shared[:5]),
+                    ", ..." if len(shared) > 5 else "")
+    return len(shared)
 
 
 def _previous_default(thresholds: dict) -> str:

@@ -277,9 +277,11 @@ def _outcome_counts(confusion: dict) -> str:
 
 
 def _metrics_body(metrics: dict, data_name: str) -> str:
+    where = ("site sample of <code>pneumoscope calibrate</code>" if metrics["threshold_rule"] == "site"
+             else "run's validation split")
     intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
              f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
-             f"run's validation split). Intervals: stratified bootstrap, 95%. Same numbers as "
+             f"{where}). Intervals: stratified bootstrap, 95%. Same numbers as "
              f"<code>pneumoscope evaluate</code>; saved as <code>metrics.json</code>.</p>")
     unreadable = metrics.get("unreadable") or []
     if unreadable:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscope.cli import main
+from pneumoscope.data.discover import patient_id
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,18 +25,28 @@ def _load(path: Path, name: str):
     return module
 
 
-make_data_root = _load(HERE.parent / "conftest.py", "_tests_conftest").make_data_root
+_shared = _load(HERE.parent / "conftest.py", "_tests_conftest")
+make_data_root = _shared.make_data_root
 copy_folder = _load(HERE / "shift.py", "_site_shift").copy_folder
 
 
 @pytest.fixture(scope="session")
 def site_root(tmp_path_factory, shared_data) -> Path:
-    """train/ (52 + 52, 45% of it the run's validation part), and other images:
-    site/ (24 + 24) and new/ (20 + 20)."""
+    """train/ (52 + 52, 45% of it the run's validation part), and images of patients
+    outside train/: site/ (24 + 24) and new/ (20 + 20)."""
     root = tmp_path_factory.mktemp("site_data")
     make_data_root(root, shared_data, per_class=52)
-    make_data_root(root, shared_data, per_class=24, offset=3, split="site")
-    make_data_root(root, shared_data, per_class=20, offset=5, split="new")
+    seen = {patient_id(f.name) for f in (root / "train").rglob("*.jpeg")}
+    for split, per_class in (("site", 24), ("new", 20)):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            unseen = [f for f in sorted((shared_data / "train" / cls).glob("*.jpeg"))
+                      if patient_id(f.name) not in seen]
+            picked = unseen[:: len(unseen) // per_class][:per_class]  # spread over the listing
+            (root / split / cls).mkdir(parents=True)
+            for f in picked:
+                shutil.copy2(f, root / split / cls / f.name)
+            seen |= {patient_id(f.name) for f in picked}  # new/ shares no patient with site/
+            assert len(picked) == per_class
     return root
 
 

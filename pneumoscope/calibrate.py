@@ -30,9 +30,9 @@ import numpy as np
 from pneumoscope import CLASSES
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
+from pneumoscope.data.manifest import read_manifest
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
-from pneumoscope.data.manifest import read_manifest
 from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,12 @@ from pneumoscope import __version__
 
 
 def _add_threshold_rule(p) -> None:
-    p.add_argument("--threshold-rule", choices=["youden", "sensitivity95"],
-                   help="operating threshold chosen on validation (default: the run's default, youden)")
+    # Not argparse choices: the rules are the run's (site exists after calibrate); an
+    # unknown one is refused by OperatingPoint.threshold_for, naming the run's rules.
+    p.add_argument("--threshold-rule", metavar="RULE",
+                   help="operating threshold from the run's threshold.json: youden or sensitivity95 "
+                        "(chosen on validation), site (after `calibrate`); default: the run's default "
+                        "(site once calibrated, else youden)")
 
 
 def _add_strict(p) -> None:
@@ -179,6 +183,9 @@ def _add_report(sub) -> None:
                    help="Grad-CAM gallery: images per outcome (TP, FP, FN, TN) (default %(default)s)")
     p.add_argument("--perplexity", type=float, default=30.0,
                    help="t-SNE perplexity, capped below a third of the images (default %(default)s)")
+    p.add_argument("--drift", metavar="FOLDER",
+                   help="add a drift section: this folder of images (any layout, unlabelled) against the "
+                        "run's validation images, as `pneumoscope drift` measures it (drift.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of t-SNE and UMAP (default %(default)s)")
     _add_strict(p)
     p.set_defaults(func=cmd_report)
@@ -195,6 +202,36 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=cmd_explain)
 
 
+def _add_calibrate(sub) -> None:
+    from pneumoscope.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
+
+    p = sub.add_parser("calibrate", help="re-choose the operating threshold on a labelled sample of a "
+                                         "new site (rule `site`, made the run's default)")
+    p.add_argument("run_dir", help="run directory written by train (its threshold.json is updated)")
+    p.add_argument("--data", required=True, metavar="SITE_DIR",
+                   help=f"the site's labelled sample: SITE_DIR/NORMAL and SITE_DIR/PNEUMONIA, at least "
+                        f"{MIN_PER_CLASS} images each (40-100 advised)")
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
+                   help="the site threshold is the highest one whose sensitivity on the sample reaches "
+                        "this (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    _add_strict(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _add_drift(sub) -> None:
+    p = sub.add_parser("drift", help="how far an unlabelled folder of images is from the run's validation "
+                                     "images (domain AUC, score distributions, outliers)")
+    p.add_argument("run_dir", help="run directory written by train (validation images from manifest.csv)")
+    p.add_argument("--data", required=True, metavar="FOLDER",
+                   help="images in any layout (searched recursively; class folders are read as one set)")
+    p.add_argument("--out", help="drift JSON path (default RUN_DIR/drift.json)")
+    _add_threshold_rule(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default %(default)s)")
+    _add_strict(p)
+    p.set_defaults(func=cmd_drift)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pneumoscope",
@@ -204,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_audit, _add_train, _add_evaluate, _add_predict, _add_serve, _add_export,
-                _add_report, _add_explain):
+                _add_report, _add_explain, _add_calibrate, _add_drift):
         add(sub)
     return parser
 
@@ -294,7 +331,7 @@ def cmd_report(args) -> int:
     index = build_report(args.run_dir, args.data, args.out, split=args.split,
                          threshold_rule=args.threshold_rule, n_boot=args.bootstrap,
                          per_group=args.gradcam_per_group, perplexity=args.perplexity, seed=args.seed,
-                         strict=args.strict, show_progress=not args.quiet)
+                         strict=args.strict, show_progress=not args.quiet, drift=args.drift)
     print(f"report: {index}")
     return 0
 
@@ -307,6 +344,28 @@ def cmd_explain(args) -> int:
     print("path,p_pneumonia,label,overlay")
     for r in rows:
         print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']},{r['overlay']}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pneumoscope.calibrate import calibrate_run, format_site
+
+    site = calibrate_run(args.run_dir, args.data, target_sensitivity=args.target_sensitivity,
+                         n_boot=args.bootstrap, strict=args.strict, show_progress=not args.quiet)
+    print(format_site(site))
+    print(f"written: {Path(args.run_dir) / 'threshold.json'} (default rule: site; "
+          "--threshold-rule youden picks the validation one)")
+    return 0
+
+
+def cmd_drift(args) -> int:
+    from pneumoscope.drift import drift_run, format_drift
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "drift.json"
+    result = drift_run(args.run_dir, args.data, out=out, threshold_rule=args.threshold_rule,
+                       seed=args.seed, strict=args.strict, show_progress=not args.quiet)
+    print(format_drift(result))
+    print(f"written: {out}")
     return 0
 
 

@@ -199,6 +199,15 @@ def _probe_images(size: int) -> np.ndarray:
     return np.rint(np.stack([xx, yy, blob]) * 255).astype(np.uint8)
 
 
+def refresh_contract_thresholds(onnx_path: str | Path, thresholds: dict) -> None:
+    """Rewrite the thresholds of an export's contract (atomically), after `calibrate`
+    changed the run's threshold.json; the model and its SHA-256 stay as they are."""
+    contract = read_contract(onnx_path)
+    contract["thresholds"] = thresholds
+    contract["thresholds_updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(contract_path(onnx_path), contract)
+
+
 def read_contract(onnx_path: str | Path) -> dict:
     """The contract beside an ONNX file, checked for format and version."""
     path = contract_path(onnx_path)

@@ -93,12 +93,15 @@ class OperatingPoint:
         return float(self.thresholds["threshold"])
 
     def threshold_for(self, rule: str | None) -> float:
-        """The threshold of a named rule (youden, sensitivity95) or the default one."""
+        """The threshold of a named rule (youden, sensitivity95, site after `calibrate`)
+        or the default one."""
         if rule is None:
             return self.threshold
         rules = self.thresholds["rules"]
         if rule not in rules:
-            raise ValueError(f"unknown threshold rule {rule!r}; this model has {sorted(rules)}")
+            hint = " (`pneumoscope calibrate` adds the site rule)" if rule == "site" else ""
+            raise ValueError(f"threshold rule {rule!r} is not in this run's threshold.json; "
+                             f"it has: {', '.join(sorted(rules))}{hint}")
         return float(rules[rule])
 
     def load(self, source, name: str | None = None) -> np.ndarray:

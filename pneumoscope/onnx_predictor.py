@@ -3,11 +3,15 @@
 ``OnnxPredictor`` has the interface of ``inference.Predictor`` that predict and serve use
 (``image_size``, ``thresholds``, ``threshold``, ``threshold_for``, ``load``,
 ``predict_images``), but reads everything from the contract beside the ONNX file
-(``model.onnx.json``, written by ``pneumoscope export``), not from torch.
+(``model.onnx.json``, written by ``pneumoscope export``), not from torch. Given the run
+directory (predict and serve always give it), the thresholds come from the run's
+threshold.json instead: it is the one source of truth, which `calibrate` may have changed
+after the export (a warning names a contract whose thresholds are stale).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +21,9 @@ from tqdm import tqdm
 
 from pneumoscope.export import INPUT_NAME, file_sha256, read_contract
 from pneumoscope.inference import OperatingPoint
-from pneumoscope.rundir import RunDir
+from pneumoscope.rundir import THRESHOLD, RunDir
 
+log = logging.getLogger(__name__)
 
 def open_session(onnx_path: str | Path, threads: int | None = None):
     """An onnxruntime CPU session; `threads` caps intra-op threads (default: all cores)."""
@@ -48,12 +53,14 @@ class OnnxPredictor(OperatingPoint):
     path: Path
     contract: dict
     session: object = field(repr=False)
+    run_thresholds: dict | None = None  # the run's threshold.json, when a run_dir was given
 
     @classmethod
     def from_file(cls, onnx_path: str | Path, run_dir: str | Path | None = None,
                   threads: int | None = None) -> "OnnxPredictor":
         """Open `onnx_path` and its contract; with `run_dir`, refuse a model exported from
-        other weights than the run's (a stale export after retraining)."""
+        other weights than the run's (a stale export after retraining) and take the
+        thresholds from the run's threshold.json."""
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
@@ -61,9 +68,12 @@ class OnnxPredictor(OperatingPoint):
         if contract.get("model_sha256") != file_sha256(onnx_path):
             raise ValueError(f"{onnx_path}: does not match its contract {onnx_path.name}.json "
                              "(replaced or modified after export); export it again")
+        run_thresholds = None
         if run_dir is not None:
             check_same_weights(contract, run_dir, onnx_path)
-        return cls(path=onnx_path, contract=contract, session=open_session(onnx_path, threads))
+            run_thresholds = run_thresholds_for(contract, run_dir, onnx_path)
+        return cls(path=onnx_path, contract=contract, session=open_session(onnx_path, threads),
+                   run_thresholds=run_thresholds)
 
     @property
     def config(self) -> dict:
@@ -75,7 +85,7 @@ class OnnxPredictor(OperatingPoint):
 
     @property
     def thresholds(self) -> dict:
-        return self.contract["thresholds"]
+        return self.run_thresholds if self.run_thresholds is not None else self.contract["thresholds"]
 
     def predict_images(self, images: np.ndarray, show_progress: bool = False,
                        batch_size: int = 64) -> np.ndarray:
@@ -90,3 +100,14 @@ def check_same_weights(contract: dict, run_dir: str | Path, onnx_path: Path) -> 
             f"{onnx_path}: exported from other weights than {weights} (run retrained or another "
             f"run: {source.get('run_dir', '?')}); export again with `pneumoscope export {os.fspath(run_dir)}`"
         )
+
+
+def run_thresholds_for(contract: dict, run_dir: str | Path, onnx_path: Path) -> dict:
+    """The run's threshold.json; a warning when the contract carries other thresholds
+    (an export made before `calibrate`, outside the run directory it refreshes)."""
+    thresholds = RunDir(run_dir).read_threshold()
+    if contract.get("thresholds") != thresholds:
+        log.warning("%s.json: its thresholds differ from %s (changed after the export, e.g. by "
+                    "`pneumoscope calibrate`); using the run's (default rule %s)", onnx_path,
+                    Path(run_dir) / THRESHOLD, thresholds.get("default"))
+    return thresholds

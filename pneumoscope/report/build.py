@@ -9,6 +9,7 @@ Writes into OUT (default RUN_DIR/report):
     embeddings.npy         penultimate-layer embeddings (N, D) float32
     embeddings_meta.csv    path, label, p, prediction and t-SNE/UMAP coordinates per row
     report.json            what was reported on, and how long each step took
+    drift.json             with drift=FOLDER: `pneumoscope drift` of that folder (+ drift.png)
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ class _Steps:
 def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: str | Path | None = None,
                  *, split: str | None = None, threshold_rule: str | None = None, n_boot: int = 1000,
                  per_group: int = 4, perplexity: float = 30.0, seed: int = 0, strict: bool = False,
-                 show_progress: bool = True) -> Path:
+                 show_progress: bool = True, drift: str | Path | None = None) -> Path:
     """Write the report of `run_dir` on a labelled split; returns the path of index.html.
 
     split_dir: folder with NORMAL/ and PNEUMONIA/; or split: a role ("val", "train") of the
-    run's manifest.csv. Exactly one of them."""
+    run's manifest.csv. Exactly one of them. drift: a folder of (unlabelled) images to
+    compare with the run's validation images, as `pneumoscope drift` does (a section)."""
     started = time.perf_counter()
     steps = _Steps(show_progress)
     out = Path(out) if out else Path(run_dir) / "report"
@@ -143,12 +145,23 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
     with steps("Grad-CAM", own_bar=True):
         gallery = _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress)
     rel = reliability(labels, probs)
+    drift_result = None
+    if drift is not None:
+        from pneumoscope.drift import compute_drift
+
+        with steps("drift", own_bar=True):
+            drift_result = compute_drift(predictor, run_dir, drift, threshold_rule, seed=seed, strict=strict,
+                                         show_progress=show_progress)
+        atomic_write_json(out / "drift.json", drift_result)
     with steps("figures"):
         pngs = _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery)
+        if drift_result is not None:
+            pngs["drift"] = figures.png_of(figures.drift_figure(drift_result))
         for name, png in pngs.items():
             atomic_write_bytes(out / f"{name}.png", png)
     index = out / "index.html"
-    atomic_write_text(index, _page(run_dir, predictor, data, data_name, metrics, rel, pngs, emb.shape, seed))
+    atomic_write_text(index, _page(run_dir, predictor, data, data_name, metrics, rel, pngs, emb.shape, seed,
+                                   drift_result))
     steps.seconds["total"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / "report.json", {
         "run_dir": str(run_dir), "data": data_name, "n": len(labels), "threshold": threshold,
@@ -202,7 +215,8 @@ def _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gal
 # ----------------------------------------------------------------------------- page
 
 
-def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, emb_shape, seed) -> str:
+def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, emb_shape, seed,
+          drift: dict | None = None) -> str:
     config = predictor.config
 
     def fig(name: str, alt: str, caption: str, anchor: str = "") -> str:
@@ -244,6 +258,13 @@ def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, em
     nav = [("metrics", "Metrics"), ("confusion", "Confusion matrix"), ("curves", "ROC / PR"),
            ("calibration", "Calibration"), ("training", "Training curves"), ("embeddings", "t-SNE / UMAP"),
            ("gradcam", "Grad-CAM"), ("data-card", "Data card")]
+    if drift is not None:
+        sections.insert(-1, ("drift", "Drift: another folder against the validation images", html.grid(
+            html.drift_table(drift),
+            fig("drift", "Score distributions", "p(pneumonia) of the run's validation images and of "
+                f"<code>{escape(drift['data'])}</code>; dashed: the threshold. Numbers in "
+                "<code>drift.json</code>, as <code>pneumoscope drift</code> writes them."))))
+        nav.insert(-1, ("drift", "Drift"))
     subtitle = (f"Run <code>{escape(str(run_dir))}</code> · {escape(config['backbone'])} at "
                 f"{predictor.image_size}×{predictor.image_size} · {len(data.labels)} images of "
                 f"{escape(data_name)}")
@@ -258,9 +279,11 @@ def _outcome_counts(confusion: dict) -> str:
 
 
 def _metrics_body(metrics: dict, data_name: str) -> str:
+    where = ("site sample of <code>pneumoscope calibrate</code>" if metrics["threshold_rule"] == "site"
+             else "run's validation split")
     intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
              f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
-             f"run's validation split). Intervals: 95%, bootstrap over the {metrics.get('n_patients', metrics['n'])} "
+             f"{where}). Intervals: 95%, bootstrap over the {metrics.get('n_patients', metrics['n'])} "
              f"patients (all images of a drawn patient together; stratified by the patient's class, a "
              f"patient with any pneumonia image counting as pneumonia). Same numbers as "
              f"<code>pneumoscope evaluate</code>; saved as <code>metrics.json</code>.</p>")

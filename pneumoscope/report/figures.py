@@ -185,3 +185,20 @@ def _p_text(p: float) -> str:
 
 def _short(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def drift_figure(drift: dict) -> Figure:
+    """Histograms of p(pneumonia) of the run's validation images and of the drift folder
+    (shares of each set per bin), with the operating threshold."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.2))
+    for (key, label), colour in zip((("validation", "validation"), ("folder", "folder")), ("#0072B2", MARK)):
+        hist = drift["scores"][key]["histogram"]
+        counts = np.asarray(hist["counts"], float)
+        edges = np.asarray(hist["edges"])
+        ax.stairs(counts / max(counts.sum(), 1), edges, label=f"{label} (n={int(counts.sum())})",
+                  color=colour, linewidth=1.6)
+    ax.axvline(drift["threshold"], color=WRONG, linestyle="--", linewidth=1, label="threshold")
+    ax.set(xlabel="p(pneumonia)", ylabel="share of the set", xlim=(0, 1),
+           title=f"Score distributions (domain AUC {drift['domain_auc']:.2f})")
+    ax.legend(loc="upper center")
+    return fig

@@ -100,3 +100,20 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str, str]], footer
         f"<header><h1>{escape(title)}</h1><p>{subtitle}</p></header><nav>{nav}</nav>"
         f"<main>{body}</main><footer>{footer}</footer></body></html>\n"
     )
+
+
+def drift_table(drift: dict) -> str:
+    """The drift numbers (pneumoscope drift's console table) as HTML."""
+    v, f = drift["scores"]["validation"], drift["scores"]["folder"]
+    rows = [("Images", f"{v['n']}", f"{f['n']}")]
+    rows += [(f"p(pneumonia) {key[1:]}th percentile", f"{v['quantiles'][key]:.3f}", f"{f['quantiles'][key]:.3f}")
+             for key in ("q05", "q25", "q50", "q75", "q95")]
+    rows.append((f"Predicted positive (threshold {drift['threshold']:.3f})", f"{v['share_positive']:.1%}",
+                 f"{f['share_positive']:.1%}"))
+    body = "".join(f"<tr><td>{escape(a)}</td><td class=num>{b}</td><td class=num>{c}</td></tr>" for a, b, c in rows)
+    o = drift["outside"]
+    return (f"<p><b>Domain AUC {drift['domain_auc']:.3f}</b>: {escape(drift['verdict'])}.</p>"
+            "<table><tr><th></th><th>Validation</th><th>Folder</th></tr>" + body + "</table>"
+            f"<p class=note>Outside validation: {o['embedding']:.1%} of the folder by embedding distance "
+            f"({escape(o['embedding_definition'])}), {o['score']:.1%} by score "
+            f"({escape(o['score_definition'])}).</p>")

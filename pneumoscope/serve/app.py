@@ -48,7 +48,8 @@ class ModelInfo(BaseModel):
 class Prediction(BaseModel):
     p_pneumonia: float = Field(description="probability of pneumonia, in [0, 1]")
     label: Literal["NORMAL", "PNEUMONIA"] = Field(description="PNEUMONIA when p_pneumonia >= threshold")
-    threshold: float = Field(description="the run's operating threshold, chosen on validation")
+    threshold: float = Field(description="the run's operating threshold, chosen on validation "
+                             "(or on a site sample by `pneumoscope calibrate`)")
     threshold_rule: str
     model: ModelInfo
     input_png: str | None = Field(None, description="with ?heatmap=true: the model's input image, base64 PNG")

@@ -230,6 +230,19 @@ def _add_drift(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default %(default)s)")
     _add_strict(p)
     p.set_defaults(func=cmd_drift)
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="get the data: download the full Kermany set")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
+    d = verbs.add_parser("download", help="fetch (resumable), check and unpack the full data set to DIR/chest_xray")
+    d.add_argument("--to", required=True, metavar="DIR", help="folder to download and unpack into")
+    d.add_argument("--source", choices=["mendeley", "kaggle"], default="mendeley",
+                   help="mendeley: ChestXRay2017.zip over HTTPS; kaggle: the kaggle package, with its "
+                        "credentials (default %(default)s)")
+    d.add_argument("--url", help="fetch the mendeley zip from this URL instead (a mirror)")
+    d.add_argument("--sha256", help="expected SHA-256 of the archive; a mismatch is refused "
+                                    "(none is pinned for the Mendeley zip)")
+    d.add_argument("--keep-zip", action="store_true", help="keep the archive after unpacking")
+    d.set_defaults(func=cmd_data_download)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_audit, _add_train, _add_evaluate, _add_predict, _add_serve, _add_export,
-                _add_report, _add_explain, _add_calibrate, _add_drift):
+                _add_report, _add_explain, _add_calibrate, _add_drift, _add_data):
         add(sub)
     return parser
 
@@ -366,6 +379,16 @@ def cmd_drift(args) -> int:
                        seed=args.seed, strict=args.strict, show_progress=not args.quiet)
     print(format_drift(result))
     print(f"written: {out}")
+def cmd_data_download(args) -> int:
+    from pneumoscope.data.download import DownloadError, download
+
+    try:
+        root = download(args.to, args.source, url=args.url, sha256=args.sha256, keep_zip=args.keep_zip,
+                        show_progress=not args.quiet)
+    except DownloadError as err:
+        print(f"pneumoscope data download: error: {err}", file=sys.stderr)
+        return 2
+    print(f"data: {root}  (train with: pneumoscope train --data {root} --out RUN_DIR)")
     return 0
 
 

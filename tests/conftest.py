@@ -1,4 +1,5 @@
-"""Shared fixtures: small slices of the real shared data, copied into temporary folders."""
+"""Shared fixtures: the embedded real sample (data/sample/) and small slices of it copied
+into temporary folders. Tests need nothing beside the clone; benchmarks/ take the full data."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("PNEUMOSCOPE_DATA", REPO.parent / "shared" / "data" / "chest_xray_224"))
+# The embedded sample of real Kermany images (scripts/make_sample.py); always this one, so
+# every test sees the same files on every machine. SHARED_DATA is its older name.
+SAMPLE_DATA = REPO / "data" / "sample"
+SHARED_DATA = SAMPLE_DATA
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -26,14 +30,24 @@ def isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "train" / "NORMAL").is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (set PNEUMOSCOPE_DATA)")
-    return SHARED_DATA
+def sample_data() -> Path:
+    """DATA_ROOT of the embedded sample: train/ and val/, each with NORMAL/ and PNEUMONIA/."""
+    for split in ("train", "val"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            if not any((SAMPLE_DATA / split / cls).glob("*.jpeg")):
+                pytest.fail(f"embedded sample missing: no images in {SAMPLE_DATA / split / cls} "
+                            "(rebuild with scripts/make_sample.py)")
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data(sample_data) -> Path:
+    """The embedded sample, under the name older tests use."""
+    return sample_data
 
 
 def pick_images(shared_data: Path, per_class: int, offset: int = 0) -> dict[str, list[Path]]:
-    """Deterministic slice of the real train images, spread over the sorted listing so it
+    """Deterministic slice of the real train images of `shared_data` (the sample), spread over the sorted listing so it
     holds several patients and both file-name styles."""
     picked = {}
     for cls in ("NORMAL", "PNEUMONIA"):

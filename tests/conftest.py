@@ -46,20 +46,23 @@ def shared_data(sample_data) -> Path:
     return sample_data
 
 
-def pick_images(shared_data: Path, per_class: int, offset: int = 0) -> dict[str, list[Path]]:
+def pick_images(shared_data: Path, per_class: int, offset: int = 0,
+                exclude: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
     """Deterministic slice of the real train images of `shared_data` (the sample), spread over the sorted listing so it
     holds several patients and both file-name styles."""
     picked = {}
     for cls in ("NORMAL", "PNEUMONIA"):
-        files = sorted((shared_data / "train" / cls).glob("*.jpeg"))
+        files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg") if f.name not in exclude)
         step = max(1, len(files) // (per_class + offset))
         picked[cls] = files[offset * step :: step][:per_class]
     return picked
 
 
 def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 0,
-                   split: str = "train") -> Path:
-    for cls, files in pick_images(shared_data, per_class, offset).items():
+                   split: str = "train", exclude: frozenset[str] = frozenset()) -> Path:
+    """Copies pick_images' slice to root/split/{NORMAL,PNEUMONIA}; `exclude` names files
+    (e.g. another split's) that must not be picked, so splits do not share images."""
+    for cls, files in pick_images(shared_data, per_class, offset, exclude).items():
         dest = root / split / cls
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -91,7 +94,8 @@ def small_data_root(tmp_path_factory, shared_data) -> Path:
     other real images (12 + 12)."""
     root = tmp_path_factory.mktemp("data")
     make_data_root(root, shared_data, per_class=20)
-    make_data_root(root, shared_data, per_class=12, offset=1, split="test")
+    train_names = frozenset(f.name for f in (root / "train").rglob("*.jpeg"))
+    make_data_root(root, shared_data, per_class=12, offset=1, split="test", exclude=train_names)
     return root
 
 

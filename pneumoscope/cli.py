@@ -230,6 +230,8 @@ def _add_drift(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default %(default)s)")
     _add_strict(p)
     p.set_defaults(func=cmd_drift)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="get the data: download the full Kermany set")
     verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
@@ -379,6 +381,9 @@ def cmd_drift(args) -> int:
                        seed=args.seed, strict=args.strict, show_progress=not args.quiet)
     print(format_drift(result))
     print(f"written: {out}")
+    return 0
+
+
 def cmd_data_download(args) -> int:
     from pneumoscope.data.download import DownloadError, download
 

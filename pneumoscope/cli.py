@@ -57,6 +57,9 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per step and process (under torchrun the effective batch is "
                         "processes x this)")
+    p.add_argument("--task", choices=["binary", "three-class"], default=d.task,
+                   help="binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL, the pneumonia "
+                        "subtype read from the file name (person1_bacteria_2.jpeg, person3_virus_4.jpeg)")
     p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
                    help="class imbalance: class-weighted loss, class-balanced sampler, or nothing")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
@@ -292,28 +295,28 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pneumoscope.commands import evaluate_run
-    from pneumoscope.evaluation import format_metrics
+    from pneumoscope.commands import evaluate_run, format_evaluation
 
     metrics = evaluate_run(args.run_dir, args.data, out=args.out, threshold_rule=args.threshold_rule,
                            strict=args.strict, n_boot=args.bootstrap, show_progress=not args.quiet,
                            patients=args.patients)
-    print(format_metrics(metrics))
+    print(format_evaluation(metrics))
     print(f"written: {args.out or Path(args.run_dir) / 'metrics.json'}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from pneumoscope.commands import predict_paths
+    from pneumoscope.commands import predict_paths, predictions_csv
 
     rows = predict_paths(args.run_dir, args.paths, out=args.out, threshold_rule=args.threshold_rule,
                          strict=args.strict, show_progress=not args.quiet, onnx=args.onnx)
     if args.out:
         print(f"{len(rows)} predictions written to {args.out}")
     else:
-        print("path,p_pneumonia,label")
-        for r in rows:
-            print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']}")
+        header, lines = predictions_csv(rows)
+        print(",".join(header))
+        for line in lines:
+            print(",".join(line))
     return 0
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
-from pneumoscope.evaluation import evaluate_predictions
+from pneumoscope.evaluation import evaluate_predictions, format_metrics
 from pneumoscope.inference import Predictor
 from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json
+from pneumoscope.tasks import (
+    BINARY, THREE_CLASS, bv_threshold_of, p_pneumonia, prediction_columns, prediction_rows, task_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     samples = discover_split(split_dir, patients=load_patients(patients))
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)
-    probs = predictor.predict_images(data.images, show_progress=show_progress)
+    probs = predictor.predict_class_probs(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
     metrics["leakage"] = check_leakage(run_dir, data)
     write_evaluation(Path(out) if out else Path(run_dir) / "metrics.json", metrics, data, probs)
@@ -37,14 +39,36 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
 
 def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
                       threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
-    """The metrics.json content (evaluate and report share it) at the rule's threshold."""
+    """The metrics.json content (evaluate and report share it) at the rule's threshold.
+    probs: p(pneumonia) (N,) or class probabilities (N, C); a three-class run's metrics
+    (pneumoscope.three_class) need the (N, 3) ones."""
     threshold = predictor.threshold_for(threshold_rule)
     patients = [s.patient for s in data.samples]  # intervals resample patients, not images
-    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot, patients=patients)
-    metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
-    metrics["data"] = data_name
-    metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]
+    probs = np.asarray(probs)
+    task = getattr(predictor, "task", BINARY)
+    if task == BINARY:
+        p = p_pneumonia(probs) if probs.ndim == 2 else probs
+        metrics = evaluate_predictions(data.labels, p, threshold, n_boot=n_boot, patients=patients)
+    else:
+        from pneumoscope.three_class import evaluate_three_class
+
+        metrics = evaluate_three_class(task_labels(data.samples, task), probs, threshold,
+                                       bv_threshold_of(predictor.thresholds), n_boot=n_boot, patients=patients)
+    extra = {"threshold_rule": threshold_rule or predictor.thresholds["default"], "data": data_name,
+             "unreadable": [{"path": p, "problem": why} for p, why in data.failures]}
+    metrics.update(extra)
+    if task != BINARY:
+        metrics["binary"].update(extra)
     return metrics
+
+
+def format_evaluation(metrics: dict) -> str:
+    """The console table of either task's metrics.json."""
+    if metrics.get("task") == THREE_CLASS:
+        from pneumoscope.three_class import format_three_class
+
+        return format_three_class(metrics)
+    return format_metrics(metrics)
 
 
 def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, ...] = ()) -> dict | None:
@@ -64,11 +88,21 @@ def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, 
 
 
 def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarray) -> None:
-    """metrics.json at `out` and the per-image predictions beside it (OUT_predictions.csv)."""
+    """metrics.json at `out` and the per-image predictions beside it (OUT_predictions.csv:
+    path, label, p_pneumonia; three-class: path, label (0/1/2), p_normal, p_bacterial,
+    p_viral, p_pneumonia)."""
     atomic_write_json(out, metrics)
+    probs = np.asarray(probs)
+    task = metrics.get("task", BINARY)
+    if probs.ndim == 1:
+        values, labels = probs[:, None], data.labels
+    elif task == BINARY:
+        values, labels = p_pneumonia(probs)[:, None], data.labels
+    else:
+        values, labels = np.column_stack([probs, p_pneumonia(probs)]), task_labels(data.samples, task)
     atomic_write_csv(
-        out.with_name(out.stem + "_predictions.csv"), ["path", "label", "p_pneumonia"],
-        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(data.samples, probs)],
+        out.with_name(out.stem + "_predictions.csv"), ["path", "label", *prediction_columns(task)],
+        [[str(s.path), int(y), *(f"{v:.6f}" for v in row)] for s, y, row in zip(data.samples, labels, values)],
     )
 
 
@@ -108,14 +142,21 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
             failures.append((str(path), getattr(err, "problem", None) or str(err)))
     report_failures(failures, strict)
     stack = np.stack(images) if images else np.empty((0, predictor.image_size, predictor.image_size), np.uint8)
-    probs = predictor.predict_images(stack, show_progress=show_progress)
+    probs = predictor.predict_class_probs(stack, show_progress=show_progress)
     threshold = predictor.threshold_for(threshold_rule)
-    rows = [{"path": str(p), "p_pneumonia": float(q), "label": CLASSES[int(q >= threshold)]}
-            for p, q in zip(kept, probs)]
+    rows = [{"path": str(p), **r} for p, r in zip(kept, prediction_rows(
+        predictor.task, probs, threshold, bv_threshold_of(predictor.thresholds)))]
     if out:
-        atomic_write_csv(out, ["path", "p_pneumonia", "label"],
-                         [[r["path"], f"{r['p_pneumonia']:.6f}", r["label"]] for r in rows])
+        atomic_write_csv(out, *predictions_csv(rows, predictor.task))
     return rows
+
+
+def predictions_csv(rows: list[dict], task: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """predict's CSV: header `path,p_pneumonia,label` (three-class:
+    `path,p_normal,p_bacterial,p_viral,p_pneumonia,label`) and one line per row."""
+    columns = prediction_columns(task or (THREE_CLASS if rows and "p_viral" in rows[0] else BINARY))
+    return (["path", *columns, "label"],
+            [[r["path"], *(f"{r[c]:.6f}" for c in columns), r["label"]] for r in rows])
 
 
 def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,

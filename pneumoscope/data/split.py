@@ -9,16 +9,18 @@ from pneumoscope.data.discover import Sample
 
 
 def split_by_patient(
-    samples: list[Sample], val_fraction: float = 0.15, seed: int = 0
+    samples: list[Sample], val_fraction: float = 0.15, seed: int = 0, strata=None,
 ) -> tuple[list[Sample], list[Sample]]:
     """Split so that no patient is on both sides and class ratios stay close.
 
     StratifiedGroupKFold with k = round(1/val_fraction) folds; the first fold is val.
+    strata: one class per sample to stratify on (e.g. normal/bacterial/viral for
+    --task three-class); default the samples' labels.
     """
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     n_folds = max(2, round(1.0 / val_fraction))
-    labels = np.array([s.label for s in samples])
+    labels = np.asarray(strata if strata is not None else [s.label for s in samples])
     groups = np.array([s.patient for s in samples])
     if len(set(groups)) < n_folds or np.bincount(labels, minlength=2).min() < n_folds:
         raise ValueError(

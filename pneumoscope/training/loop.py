@@ -22,14 +22,17 @@ from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, 
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient
-from pneumoscope.evaluation import choose_thresholds, ranking_metrics
-from pneumoscope.inference import predict_probs
+from pneumoscope.evaluation import ranking_metrics
+from pneumoscope.inference import predict_class_probs
 from pneumoscope.models import build_model, get_spec
 from pneumoscope.models.weights import imagenet_weights_available
 from pneumoscope.rundir import (
     BEST_MODEL, LAST_CHECKPOINT, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
     save_model_weights, save_training_state,
+)
+from pneumoscope.tasks import (
+    BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, task_labels,
 )
 from pneumoscope.training import fastpath
 from pneumoscope.training.config import RESUME_KEYS, TrainConfig
@@ -66,24 +69,26 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
     samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
-    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
+    # three-class: stratified on normal/bacterial/viral (and a file naming neither stops here)
+    strata = task_labels(samples, cfg.task) if cfg.task != BINARY else None
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed, strata=strata)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
 
-def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """n / (2 * n_c): each class carries half of the loss."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1)), dtype=torch.float32)
+def class_weights(labels: np.ndarray, n_classes: int = 2) -> torch.Tensor:
+    """n / (C * n_c): each of the C classes carries an equal share of the loss."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (float(n_classes) * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int, n_classes: int = 2) -> np.ndarray:
     """Indices of one epoch: a permutation, or a class-balanced draw with replacement."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     n = len(labels)
     if balance != "sampler":
         return torch.randperm(n, generator=gen).numpy()
-    per_sample = class_weights(labels)[torch.as_tensor(labels)].double()
+    per_sample = class_weights(labels, n_classes)[torch.as_tensor(labels)].double()
     return torch.multinomial(per_sample, n, replacement=True, generator=gen).numpy()
 
 
@@ -147,7 +152,8 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
     aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + rank_offset)
     augment = PRESETS[cfg.augment]
     # Every rank draws the same epoch order and keeps its own slice (one rank: all of it).
-    order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch), env.rank, env.world_size)
+    order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch, n_classes(cfg.task)),
+                        env.rank, env.world_size)
     n_batches = len(order) // cfg.batch_size or 1  # drop the ragged last batch (BatchNorm)
     # The loss is summed on the device: reading it every step would make the host wait.
     total_loss, seen, start = torch.zeros((), dtype=torch.float64, device=feed.device), 0, time.perf_counter()
@@ -169,27 +175,40 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
 
 
 def predict_all(model, images: np.ndarray, device, env: DistEnv | None = None) -> np.ndarray:
-    """p(pneumonia) of every image; under torchrun each rank predicts every world_size-th
+    """Class probabilities (N, C) of every image; under torchrun each rank predicts every world_size-th
     image and the parts are gathered back in order, so every rank holds all of them."""
     if env is None or not env.is_distributed:
-        return predict_probs(model, images, device=device)
+        return predict_class_probs(model, images, device=device)
     env.sync_module_state(model)  # BatchNorm statistics as rank 0 has them (and saves them)
     idx = np.arange(env.rank, len(images), env.world_size)
-    return env.gather_by_index(predict_probs(model, images[idx], device=device), idx, len(images))
+    return env.gather_by_index(predict_class_probs(model, images[idx], device=device), idx, len(images))
 
 
 def validate(model, data: DecodedSet, device, env: DistEnv | None = None,
              predict=None) -> tuple[dict, np.ndarray]:
-    """predict: model -> validation probabilities (the recipe's inputs); default: the images."""
+    """predict: model -> validation class probabilities (the recipe's inputs); default: the
+    images. Three-class: val_roc_auc is the macro one-vs-rest ROC AUC (what early stopping
+    selects on), val_loss the cross-entropy."""
     probs = predict(model) if predict else predict_all(model, data.images, device, env)
-    y = data.labels
-    eps = 1e-7
-    loss = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
-    metrics = ranking_metrics(y, probs)
-    metrics = {"val_loss": loss, "val_roc_auc": metrics["roc_auc"], "val_pr_auc": metrics["pr_auc"]}
+    metrics = validation_metrics(data.labels, probs)
     # Computed from the same gathered predictions everywhere; rank 0's copy makes the
     # early-stopping decision identical on every rank even across machines.
     return (env.broadcast(metrics) if env else metrics), probs
+
+
+def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """val_loss, val_roc_auc, val_pr_auc; binary: on p(pneumonia), as always; three-class:
+    cross-entropy, macro one-vs-rest ROC AUC and macro average precision."""
+    eps = 1e-7
+    if probs.shape[1] == 2:
+        p = p_pneumonia(probs)
+        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+        ranking = ranking_metrics(y, p)
+        return {"val_loss": loss, "val_roc_auc": ranking["roc_auc"], "val_pr_auc": ranking["pr_auc"]}
+    loss = float(-np.mean(np.log(probs[np.arange(len(y)), y] + eps)))
+    per_class = [ranking_metrics((y == c).astype(int), probs[:, c]) for c in range(probs.shape[1])]
+    return {"val_loss": loss, "val_roc_auc": float(np.mean([m["roc_auc"] for m in per_class])),
+            "val_pr_auc": float(np.mean([m["pr_auc"] for m in per_class]))}
 
 
 def is_better(metrics: dict, state: dict) -> bool:
@@ -207,7 +226,7 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     """The saved training state, or None when there is nothing to resume."""
     if not (run / LAST_CHECKPOINT).exists():
         return None
-    saved = run.read_config()
+    saved = {"task": BINARY, **run.read_config()}  # runs from before --task are binary
     saved_world = saved.get("distributed", {}).get("world_size", 1)
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
         raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
@@ -239,13 +258,13 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     # (bf16 kernels round differently per weight layout). Training is over, so no harm.
     model.to(memory_format=torch.channels_last)
     probs = predict_all(model, val.images, device, env)
-    thresholds = choose_thresholds(val.labels, probs)
+    thresholds = choose_task_thresholds(cfg.task, val.labels, probs)
     if env is None or env.is_main:
         atomic_write_json(run / THRESHOLD, thresholds)
-        atomic_write_csv(
-            run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
-            [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
-        )
+        columns = prediction_columns(cfg.task)
+        values = p_pneumonia(probs)[:, None] if cfg.task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
+        atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
+                         [[str(s.path), s.label, *(f"{v:.6f}" for v in row)] for s, row in zip(val.samples, values)])
     return thresholds
 
 
@@ -275,7 +294,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     device = env.device
     torch.manual_seed(cfg.seed)
 
-    model = fastpath.prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), device)
+    model = fastpath.prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout,
+                                               n_classes=n_classes(cfg.task)), device)
     if not saved and main:
         run.write_config({**cfg.to_dict(), "preprocessing": preprocessing_contract(cfg),
                           "distributed": env.describe()})
@@ -290,6 +310,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples},
                        sha1=sha1_by_path(train_set, val_set))
     require_both_classes({"train": train_set, "validation": val_set})
+    if cfg.task != BINARY:  # labels 0 normal, 1 bacterial, 2 viral (the manifest keeps 0/1)
+        train_set, val_set = (replace(d, samples=relabel(d.samples, cfg.task)) for d in (train_set, val_set))
     log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
              len(train_set.samples), len(val_set.samples), cfg.backbone, device)
 
@@ -300,7 +322,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     optimizer = make_optimizer(model, replace(cfg, lr=cfg.lr * env.world_size) if cfg.scale_lr else cfg)
     steps = math.ceil(len(train_set.samples) / env.world_size) // cfg.batch_size or 1
     scheduler = make_scheduler(optimizer, cfg, steps)
-    loss_weights = class_weights(train_set.labels).to(device) if cfg.balance == "loss" else None
+    loss_weights = class_weights(train_set.labels, n_classes(cfg.task)).to(device) if cfg.balance == "loss" else None
     state = {"epoch": -1, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
              "bad_epochs": 0, "stopped": False}
     if saved:

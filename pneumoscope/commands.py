@@ -33,6 +33,8 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     probs = predictor.predict_class_probs(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
     metrics["leakage"] = check_leakage(run_dir, data)
+    if "binary" in metrics:  # three-class: the binary block carries every binary key
+        metrics["binary"]["leakage"] = metrics["leakage"]
     write_evaluation(Path(out) if out else Path(run_dir) / "metrics.json", metrics, data, probs)
     return metrics
 

@@ -29,7 +29,8 @@ BV_RULE = ("youden on p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_
            "over the validation pneumonia films (bacterial = positive)")
 
 # person123_bacteria_456 / person124_virus_457 (Kermany names); whole words only.
-_SUBTYPE = re.compile(r"(?:^|[_\-. ])(bacteria|bacterial|virus|viral)(?:$|[_\-. ])", re.IGNORECASE)
+_SEPARATORS = re.compile(r"[_\-. ]+")
+_WORDS = {"bacteria": "bacterial", "bacterial": "bacterial", "virus": "viral", "viral": "viral"}
 
 
 class UnnamedSubtypeError(ValueError):
@@ -53,10 +54,8 @@ def task_of(config: dict) -> str:
 
 def subtype_of(file_name: str) -> str | None:
     """'bacterial' or 'viral' from a Kermany file name, None when it says neither (or both)."""
-    found = {m.lower().startswith("bact") for m in _SUBTYPE.findall(Path(file_name).stem)}
-    if len(found) != 1:
-        return None
-    return "bacterial" if found.pop() else "viral"
+    found = {_WORDS[w] for w in _SEPARATORS.split(Path(file_name).stem.lower()) if w in _WORDS}
+    return found.pop() if len(found) == 1 else None
 
 
 def task_labels(samples, task: str) -> np.ndarray:

@@ -43,6 +43,12 @@ def train(data: str, out: Path, task: str) -> dict:
     return {"run": str(run), "command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mb_upto": round(peak)}
 
 
+def existing(out: Path, task: str) -> dict:
+    run = out / task
+    seconds = (run / "summary.json").stat().st_mtime - (run / "config.json").stat().st_mtime
+    return {"run": str(run), "wall_s": round(seconds, 1), "wall_s_from": "config.json to summary.json mtimes"}
+
+
 def score(run: Path, task: str) -> dict:
     rows = list(csv.DictReader(open(run / "val_predictions.csv")))
     thresholds = json.loads((run / "threshold.json").read_text())
@@ -83,12 +89,15 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--tasks", nargs="+", default=[THREE_CLASS, BINARY])
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the runs already in OUT (wall time: config.json to summary.json, "
+                             "which leaves out the seconds before config.json is written)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for task in args.tasks:
-        results[task] = train(args.data, out, task)
+        results[task] = existing(out, task) if args.score_only else train(args.data, out, task)
         results[task]["metrics"] = score(Path(results[task]["run"]), task)
         results[task]["load_after"] = os.getloadavg()
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -288,7 +288,8 @@ def cmd_train(args) -> int:
         return 0
     t = summary["thresholds"]
     print(f"run: {cfg.out}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
-          f"/{summary['epochs_run']}  val ROC AUC {summary['val_roc_auc']:.4f}")
+          f"/{summary['epochs_run']}  val {'macro one-vs-rest ' if 'task' in summary else ''}"
+          f"ROC AUC {summary['val_roc_auc']:.4f}")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items())
           + f"  (default: {t['default']})")
     return 0

@@ -71,11 +71,15 @@ def predict_class_probs(
     return torch.cat(out).numpy() if out else np.empty((0, n_out), dtype=np.float32)
 
 
-def predict_probs(model: torch.nn.Module, images: np.ndarray, **kwargs) -> np.ndarray:
+def predict_probs(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
+    device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+    precision: str | None = None,
+) -> np.ndarray:
     """p(pneumonia) for a uint8 image array (N,S,S): softmax column 1 of a binary model,
-    p(bacterial) + p(viral) of a three-class one (pneumoscope.tasks.p_pneumonia).
-    Keyword arguments as predict_class_probs."""
-    return p_pneumonia(predict_class_probs(model, images, **kwargs))
+    p(bacterial) + p(viral) of a three-class one (pneumoscope.tasks.p_pneumonia); the
+    arguments as predict_class_probs."""
+    return p_pneumonia(predict_class_probs(model, images, batch_size, device, show_progress, desc, precision))
 
 
 def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:

@@ -267,3 +267,16 @@ def test_audit_counts_three_classes():
     assert report["splits"]["train"]["three_class"] == {"NORMAL": 202, "BACTERIAL": 152, "VIRAL": 79,
                                                         "UNNAMED": 0}
     assert report["splits"]["val"]["three_class"] == {"NORMAL": 8, "BACTERIAL": 8, "VIRAL": 0, "UNNAMED": 0}
+
+
+def test_report_has_the_three_class_section(three_run, tmp_path):
+    from pneumoscope.report.build import build_report
+
+    index = build_report(three_run, split="val", out=tmp_path / "report", n_boot=20, per_group=2,
+                         show_progress=False)
+    page = index.read_text()
+    assert 'id="three-class"' in page and "Grad-CAM per class" in page
+    for name in ("confusion_3class", "roc_ovr", "tsne_3class", "umap_3class", "gradcam_classes", "confusion"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["task"] == THREE_CLASS and metrics["binary"]["leakage"] is not None

@@ -378,6 +378,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         "thresholds": thresholds, "n_train": len(train_set.samples), "n_val": len(val_set.samples),
         "unreadable": train_set.failures + val_set.failures,
     }
+    if cfg.task != BINARY:  # val_roc_auc above is then the macro one-vs-rest ROC AUC
+        summary["task"] = cfg.task
     if main:
         atomic_write_json(run / "summary.json", summary)
     env.barrier()

@@ -34,7 +34,7 @@ import torch
 
 from pneumoscope import CLASSES, __version__
 from pneumoscope.inference import Predictor
-from pneumoscope.rundir import RunDir, atomic_write_json
+from pneumoscope.rundir import RunDir, atomic_write_json, default_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
         contract = build_contract(predictor, run_dir, out.name, opset)
         contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
         contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 is not what an export should keep
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -228,7 +228,7 @@ def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
     unless --overwrite (which removes that run's files first); nothing is written before
     that check, so a refused call leaves the folder as it was."""
     if resume and overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+        raise RunDirError(f"{run.path}: --resume continues the run and --overwrite replaces it: give one")
     found = [name for name in RUN_FILES if (run / name).exists()]
     if found and not resume and not overwrite:
         raise RunDirError(f"{run.path}: holds a training run ({', '.join(found)}); --resume continues it, "
@@ -319,13 +319,14 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         raise ValueError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
                          "(or auto, which picks full there)")
     show_progress = show_progress and env.is_main
+    requested = {k: getattr(cfg, k) for k in RESOLVED_FIELDS}  # config.json keeps both
     saved = env.broadcast(start_run(run, cfg, env, resume, overwrite) if env.is_main else None)
     resolved = env.broadcast({k: getattr(cfg, k) for k in RESOLVED_FIELDS} if env.is_main else None)
     for name, value in resolved.items():  # every rank runs what rank 0 resolved
         setattr(cfg, name, value)
     seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
     model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), env.device)
-    train_set, val_set = load_data(cfg, run, env, resumed=saved is not None, show_progress=show_progress)
+    train_set, val_set = load_data(cfg, run, env, requested, resumed=saved is not None, show_progress=show_progress)
     optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
     state = restore(saved, run, env, model, optimizer, scheduler)
     # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
@@ -359,12 +360,12 @@ def resolve_config(cfg: TrainConfig, env: DistEnv, saved_backbone: str | None) -
     cfg.precision, cfg.trunk_precision, cfg.device = settings["precision"], settings["trunk_precision"], settings["device"]
 
 
-def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, resumed: bool,
+def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, resumed: bool,
               show_progress: bool) -> tuple[DecodedSet, DecodedSet]:
     """The patient-grouped split (manifest.csv), decoded; config.json on a new run."""
     train_samples, val_samples = env.broadcast(prepare_split(cfg, run, resume=resumed) if env.is_main else None)
     if not resumed and env.is_main:  # after the split: it records the fraction the split gave
-        run.write_config({**cfg.to_dict(), "decode_version": decode_version(),
+        run.write_config({**cfg.to_dict(), "requested": requested, "decode_version": decode_version(),
                           "val_fraction_actual": round(split_fraction(train_samples, val_samples), 4),
                           "preprocessing": preprocessing_contract(cfg), "distributed": env.describe()})
     decode = dict(show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)

@@ -221,22 +221,25 @@ def is_better(metrics: dict, state: dict) -> bool:
 
 RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "device")  # TrainConfig fields resolve_config sets
 RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
+# What a run leaves once an epoch has ended: a folder with any of them holds a run's results.
+RESULT_FILES = (METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json")
 
 
 def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Make RUN_DIR ready for a run: a new one is refused in a folder holding another run
-    unless --overwrite (which removes that run's files first); nothing is written before
-    that check, so a refused call leaves the folder as it was."""
+    """Make RUN_DIR ready for a run: a new one is refused in a folder holding another run's
+    results unless --overwrite (which removes that run's files first); nothing is written
+    before that check, so a refused call leaves the folder as it was. A run killed before
+    its first epoch ended (config and manifest only) is simply started over."""
     if resume and overwrite:
         raise RunDirError(f"{run.path}: --resume continues the run and --overwrite replaces it: give one")
-    found = [name for name in RUN_FILES if (run / name).exists()]
-    if found and not resume and not overwrite:
-        raise RunDirError(f"{run.path}: holds a training run ({', '.join(found)}); --resume continues it, "
+    results = [name for name in RESULT_FILES if (run / name).exists()]
+    if results and not resume and not overwrite:
+        raise RunDirError(f"{run.path}: holds a training run ({', '.join(results)}); --resume continues it, "
                           "--overwrite replaces it, or choose another --out")
     run.path.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for name in found:
-            (run / name).unlink()
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
         shutil.rmtree(run / "report", ignore_errors=True)  # it described the replaced model
     if resume or overwrite:  # even with no checkpoint yet: a kill may have come mid-write
         for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read

@@ -121,6 +121,15 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
     assert not list(run.glob(".*.tmp"))
 
 
+def test_a_run_killed_before_its_first_epoch_ended_starts_over(one_epoch_run, tmp_path, small_data_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", MANIFEST):  # what a kill before the first epoch's end leaves
+        shutil.copy2(one_epoch_run / name, run / name)
+    assert main(train_args(small_data_root, run, "--epochs", "1")) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [0]
+
+
 def test_run_files_get_the_usual_mode(one_epoch_run, tmp_path):
     old = os.umask(0o022)
     try:

@@ -29,10 +29,11 @@ import torch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.models import build_model
-from pneumoscope.training.step import PRECISIONS, BatchFeed, prepare_model, step_precision, train_step
+from pneumoscope.precision import PRECISIONS
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas
 from pneumoscope.training.loop import class_weights, make_optimizer, make_scheduler, train_one_epoch
+from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224"))

@@ -16,11 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.precision import PRECISIONS, autocast, resolve_precision
+from pneumoscope.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
-
-__all__ = ["PRECISIONS", "BatchFeed", "prepare_model", "step_precision", "train_step"]
 
 GPU_CACHE_FRACTION = 0.5  # of free GPU memory the uint8 image cache may take
 

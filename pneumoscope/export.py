@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pneumoscope import CLASSES, __version__
+from pneumoscope.errors import DataError, MissingFileError
 from pneumoscope.inference import Predictor
 from pneumoscope.rundir import RunDir, atomic_write_json
 
@@ -212,10 +213,10 @@ def read_contract(onnx_path: str | Path) -> dict:
     """The contract beside an ONNX file, checked for format and version."""
     path = contract_path(onnx_path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; an ONNX model needs the contract that "
-                                "`pneumoscope export` writes beside it")
+        raise MissingFileError(f"{path}: missing; an ONNX model needs the contract that "
+                               "`pneumoscope export` writes beside it")
     contract = json.loads(path.read_text())
     if contract.get("format") != CONTRACT_FORMAT or contract.get("format_version") != CONTRACT_VERSION:
-        raise ValueError(f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
-                         f"(format {contract.get('format')!r}, version {contract.get('format_version')!r})")
+        raise DataError(f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
+                        f"(format {contract.get('format')!r}, version {contract.get('format_version')!r})")
     return contract

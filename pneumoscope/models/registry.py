@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from pneumoscope.errors import OptionError
+
 from . import weights as _w
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,4 +159,4 @@ def get_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         valid = ", ".join(sorted(BACKBONES))
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {valid}") from None
+        raise OptionError(f"unknown backbone {name!r}; valid backbones: {valid}") from None

@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from pneumoscope.errors import UserError
+
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
 RESNET50_FILE = os.path.basename(RESNET50_URL)
 DOWNLOAD_TIMEOUT_S = 15.0
@@ -29,7 +31,7 @@ NO_DOWNLOAD_ENV = "PNEUMOSCOPE_NO_DOWNLOAD"
 """Set to 1 to never try the network (cache or --weights PATH only)."""
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """The requested weights cannot be had or do not fit the backbone."""
 
 

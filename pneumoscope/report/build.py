@@ -30,6 +30,7 @@ from pneumoscope.commands import check_leakage, score_predictions, write_evaluat
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import Sample, discover_split
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.errors import DataError, MissingFileError, OptionError
 from pneumoscope.inference import Predictor
 from pneumoscope.report import figures, html
 from pneumoscope.report.calibration import reliability
@@ -53,19 +54,19 @@ def select_samples(run_dir: str | Path, split_dir: str | Path | None, split: str
     """The labelled images to report on: a folder with NORMAL/ and PNEUMONIA/, or a role
     (train/val) of the run's manifest.csv. Returns (samples, description)."""
     if (split_dir is None) == (split is None):
-        raise ValueError("report: give exactly one of --data SPLIT_DIR or --split ROLE")
+        raise OptionError("report: give exactly one of --data SPLIT_DIR or --split ROLE")
     if split_dir is not None:
         return discover_split(split_dir), str(split_dir)
     roles = read_manifest(_manifest_path(run_dir))
     if split not in roles:
-        raise ValueError(f"{Path(run_dir) / MANIFEST}: no rows with role {split!r}; roles: {sorted(roles)}")
+        raise OptionError(f"{Path(run_dir) / MANIFEST}: no rows with role {split!r}; roles: {sorted(roles)}")
     return roles[split], f"{split} part of the run's split ({Path(run_dir) / MANIFEST})"
 
 
 def _manifest_path(run_dir: str | Path) -> Path:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest in this run directory (needed for --split)")
+        raise MissingFileError(f"{path}: no manifest in this run directory (needed for --split)")
     return path
 
 
@@ -175,8 +176,8 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
 def _check_both_classes(labels: np.ndarray, data_name: str) -> None:
     counts = np.bincount(labels, minlength=2)
     if counts.min() == 0:
-        raise ValueError(f"{data_name}: the report needs images of both classes; readable images: "
-                         + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
+        raise DataError(f"{data_name}: the report needs images of both classes; readable images: "
+                        + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
 
 
 def _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress):

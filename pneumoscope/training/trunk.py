@@ -38,6 +38,7 @@ from tqdm import tqdm
 from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
+from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
 
 log = logging.getLogger(__name__)
@@ -297,8 +298,8 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
                      show_progress: bool = True) -> CachedTrunk:
     """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached."""
     if cfg.trainable_stages < 1:
-        raise ValueError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                         f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
+        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+                          f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
     precision = resolve_trunk_precision(cfg.trunk_precision, device)
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,

@@ -154,7 +154,7 @@ def _refresh_exports(run_dir: str | Path, thresholds: dict) -> None:
     """ONNX exports inside the run carry the thresholds in their contract: update them.
     (Exports elsewhere are corrected at load time: OnnxPredictor with a run_dir takes the
     run's threshold.json and warns that the contract is stale.)"""
-    from pneumoscope.export import contract_path, refresh_contract_thresholds
+    from pneumoscope.onnx_contract import contract_path, refresh_contract_thresholds
 
     for onnx in sorted(Path(run_dir).glob("*.onnx")):
         if contract_path(onnx).exists():

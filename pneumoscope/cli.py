@@ -152,7 +152,7 @@ def _serve_options(p) -> None:
 
 
 def _export_options(p) -> None:
-    from pneumoscope.export import DEFAULT_OPSET
+    from pneumoscope.onnx_contract import DEFAULT_OPSET
 
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx", help="export format (default %(default)s)")
@@ -352,7 +352,7 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from pneumoscope.commands import export_run
-    from pneumoscope.export import contract_path
+    from pneumoscope.onnx_contract import contract_path
 
     out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
     print(f"written: {out}\ncontract: {contract_path(out)}")

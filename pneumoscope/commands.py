@@ -124,6 +124,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     """Export a run's model (ONNX only) with its preprocessing contract beside it."""
     if fmt != "onnx":
         raise OptionError(f"unknown export format {fmt!r}; supported: onnx")
-    from pneumoscope.export import DEFAULT_OPSET, export_onnx
+    from pneumoscope.export import export_onnx
+    from pneumoscope.onnx_contract import DEFAULT_OPSET
 
     return export_onnx(run_dir, out, opset=opset or DEFAULT_OPSET)

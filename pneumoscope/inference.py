@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
 from pneumoscope.errors import OptionError
-from pneumoscope.models import build_model
+from pneumoscope.models import PNEUMONIA_INDEX, build_model
 from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
 
 
@@ -65,7 +65,7 @@ def predict_probs(
         x = images_to_input(images[start : start + batch_size]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 

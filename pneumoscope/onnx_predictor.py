@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pneumoscope.errors import DataError, MissingFileError
-from pneumoscope.export import INPUT_NAME, file_sha256, read_contract
+from pneumoscope.onnx_contract import INPUT_NAME, file_sha256, read_contract
 from pneumoscope.inference import OperatingPoint
 from pneumoscope.rundir import THRESHOLD, RunDir
 

@@ -4,7 +4,7 @@ Every function here works on the *raw* library model (torchvision / timm, with i
 1000-class head), before `Classifier` wraps it. Failures raise `WeightsError` with a
 message a user can act on (which file, which keys, what to fetch and where to put it).
 
-This module must not import `registry` at import time (registry imports it).
+It knows nothing of the registry: a backbone's spec hands its functions in (no import cycle).
 """
 
 from __future__ import annotations
@@ -46,13 +46,6 @@ def load_weights(spec, model: nn.Module, weights: str) -> None:
         spec.load_imagenet(model)
         return
     load_local_weights(spec, model, Path(weights))
-
-
-def imagenet_weights_available(name: str) -> bool:
-    """True when the backbone's ImageNet weights are on this machine (no network used)."""
-    from .registry import get_spec
-
-    return get_spec(name).imagenet_available()
 
 
 # ------------------------------------------------------------------ resnet50

@@ -26,7 +26,7 @@ from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
 from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model, get_spec
-from pneumoscope.models.weights import imagenet_weights_available
+from pneumoscope.models.registry import imagenet_weights_available
 from pneumoscope.rundir import (
     BEST_MODEL, LAST_CHECKPOINT, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,

@@ -40,6 +40,7 @@ from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
 from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
+from pneumoscope.models import PNEUMONIA_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class CachedTrunk:
         for start in range(0, len(self.val_acts), batch_size):
             act = activations_to_input(self.val_acts[start : start + batch_size], self.device)
             logits = model.forward_from(self.k, act)
-            out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
         return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 

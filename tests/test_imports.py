@@ -1,11 +1,14 @@
-"""pyproject.toml against the code: each extra holds the distributions its code imports,
-and each lower bound admits only releases that have what the code uses."""
+"""What the code imports: each extra of pyproject.toml holds the distributions its code
+imports, each lower bound admits only releases that have what the code uses, and the
+package's modules import each other without cycles."""
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata as md
 import inspect
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,3 +197,55 @@ def test_import_walk_sees_lazy_and_relative_imports():
     assert {"fastapi", "starlette", "pydantic", "uvicorn", "torch", "numpy"} <= serve
     assert "onnxruntime" not in serve  # serve --onnx needs the export extra, by design
     assert "torch" in imports_of(PACKAGE / "models" / "registry.py", module_level_only=True)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """pneumoscope module -> the pneumoscope modules it imports (lazy imports included:
+    a cycle through a function-level import is still a cycle of dependencies). A
+    package's __init__ importing its own submodules lazily is the usual facade, not a cycle."""
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(path)
+        targets = {module_name(f) for n in imports_of(path, module_level_only=False)
+                   if n.split(".")[0] == "pneumoscope" and (f := module_file(n)) is not None}
+        if path.name == "__init__.py":
+            targets = {t for t in targets if not t.startswith(name + ".")}
+        graph[name] = targets - {name}
+    return graph
+
+
+def cycle_through(graph: dict[str, set[str]], start: str) -> list[str] | None:
+    """A path start -> ... -> start, if there is one (depth-first)."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        node, path = stack.pop()
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                return path + [start]
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append((nxt, path + [nxt]))
+    return None
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "pneumoscope.onnx_contract" in graph["pneumoscope.onnx_predictor"]
+    cycles = [c for m in sorted(graph) if (c := cycle_through(graph, m))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_export_and_onnx_predictor_meet_in_the_contract_module():
+    graph = import_graph()
+    assert "pneumoscope.export" not in graph["pneumoscope.onnx_predictor"]
+    assert "pneumoscope.models.registry" not in graph["pneumoscope.models.weights"]
+    # reading a contract imports no torch (its write goes through rundir, lazily)
+    code = "import sys, pneumoscope.onnx_contract; print(sorted(m for m in sys.modules if m == 'torch'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

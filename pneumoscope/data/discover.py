@@ -39,6 +39,13 @@ def patient_id(file_name: str) -> str:
     return stem
 
 
+def kermany_named(file_name: str) -> bool:
+    """True for a file named the way the Kermany et al. 2018 chest X-ray set names its
+    films (personN_bacteria_M, personN_virus_M, IM-NNNN-..., NORMAL2-IM-NNNN-...)."""
+    stem = Path(file_name).stem
+    return any(pattern.match(stem) for pattern in (_PERSON, _IM))
+
+
 def real_path(path: str | Path) -> str:
     """The path with symlinks resolved, for telling whether two names are one file; a
     symlink loop or an unreadable link keeps its absolute path (no error here: the decode

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
-from pneumoscope.models import build_model
+from pneumoscope.errors import OptionError
+from pneumoscope.models import PNEUMONIA_INDEX, build_model
 from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
 
@@ -59,7 +60,7 @@ def predict_probs(
         x = images_to_input(images[start : start + batch_size]).to(dev)
         with autocast(dev, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -95,8 +96,8 @@ class OperatingPoint:
         rules = self.thresholds["rules"]
         if rule not in rules:
             hint = " (`pneumoscope calibrate` adds the site rule)" if rule == "site" else ""
-            raise ValueError(f"threshold rule {rule!r} is not in this run's threshold.json; "
-                             f"it has: {', '.join(sorted(rules))}{hint}")
+            raise OptionError(f"threshold rule {rule!r} is not in this run's threshold.json; "
+                              f"it has: {', '.join(sorted(rules))}{hint}")
         return float(rules[rule])
 
     def load(self, source, name: str | None = None) -> np.ndarray:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pneumoscope.errors import OptionError
+
 PRECISIONS = ("auto", "bf16", "fp32")
 _CPU_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
@@ -31,7 +33,7 @@ def resolve_precision(precision: str, device: str | torch.device, *, option: str
 
     cpu_auto: what auto means on a CPU: "native" (bf16 where native) or "fp32"."""
     if precision not in PRECISIONS:
-        raise ValueError(f"{option} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise OptionError(f"{option} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if torch.device(device).type == "cpu" and cpu_auto == "fp32":

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from pneumoscope.data.discover import Sample
+from pneumoscope.errors import DataError, OptionError
 
 
 def split_by_patient(
@@ -23,7 +24,7 @@ def split_by_patient(
     val_fraction. strata: one value per sample (default: the labels), e.g. the three
     classes normal / bacterial / viral."""
     if not 0.0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+        raise OptionError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     strata = np.array([s.label for s in samples]) if strata is None else np.asarray(strata)
     if len(strata) != len(samples):
         raise ValueError(f"strata has {len(strata)} values for {len(samples)} samples")
@@ -32,8 +33,8 @@ def split_by_patient(
     val = [s for s in samples if s.patient in val_patients]
     labels = {s.label for s in samples}
     if not train or not val or {s.label for s in val} != labels or {s.label for s in train} != labels:
-        raise ValueError(f"too few patients or images per class ({len(samples)} images) "
-                         f"for a {val_fraction:.0%} validation split")
+        raise DataError(f"too few patients or images per class ({len(samples)} images) "
+                        f"for a {val_fraction:.0%} validation split")
     return train, val
 
 

@@ -29,10 +29,11 @@ from pneumoscope.data.cache import (
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient, split_fraction
+from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
 from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model, get_spec
-from pneumoscope.models.weights import imagenet_weights_available
+from pneumoscope.models.registry import imagenet_weights_available
 from pneumoscope.precision import resolve_precision
 from pneumoscope.rundir import (
     BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
@@ -319,8 +320,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     # they need (env.broadcast); without torchrun env is a world of one and all is as before.
     env = init_from_env(cfg.device)
     if env.is_distributed and cfg.recipe != "full":  # its cached trunk is a one-process shortcut
-        raise ValueError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
-                         "(or auto, which picks full there)")
+        raise OptionError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
+                          "(or auto, which picks full there)")
     show_progress = show_progress and env.is_main
     requested = {k: getattr(cfg, k) for k in RESOLVED_FIELDS}  # config.json keeps both
     saved = env.broadcast(start_run(run, cfg, env, resume, overwrite) if env.is_main else None)

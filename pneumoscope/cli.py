@@ -88,12 +88,15 @@ def _train_options(p) -> None:
     p.add_argument("--device", default=d.device,
                    help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="autocast of the training step; auto: bf16 on CUDA, fp32 on CPU")
+                   help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on CPUs "
+                        "with native bf16), fp32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
     p.add_argument("--scale-lr", action="store_true",
                    help="under torchrun, multiply --lr by the number of processes (linear scaling rule)")
     p.add_argument("--strict", action="store_true", help="stop before any work if a file is unreadable")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a training run already in --out (without it, or --resume, that is refused)")
     _add_patients(p)
     _recipe_defaults(p)
     p.set_defaults(func=cmd_train)
@@ -299,7 +302,7 @@ def cmd_train(args) -> int:
 
     names = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    summary = train(cfg, resume=args.resume, show_progress=not args.quiet)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
     if not is_main_process():  # under torchrun rank 0 speaks for all
         return 0
     t = summary["thresholds"]

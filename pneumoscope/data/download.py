@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from pneumoscope.errors import UserError
+
 # Mendeley Data record rscbjbr9sj v2, file ChestXRay2017.zip (public, no login). The record
 # publishes no checksum and none could be verified here, so none is pinned: pass --sha256
 # to check one you trust; the digest of what was fetched is always printed.
@@ -40,7 +42,7 @@ CHUNK = 1 << 20
 _CUT = (http.client.IncompleteRead, ConnectionError, TimeoutError, urllib.error.URLError)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download or unpack that cannot go on; the message says what to do."""
 
 

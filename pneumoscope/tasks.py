@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscope.errors import DataError, OptionError
+
 BINARY, THREE_CLASS = "binary", "three-class"
 TASKS = (BINARY, THREE_CLASS)
 CLASS_NAMES = {BINARY: ("NORMAL", "PNEUMONIA"), THREE_CLASS: ("NORMAL", "BACTERIAL", "VIRAL")}
@@ -33,13 +35,13 @@ _SEPARATORS = re.compile(r"[_\-. ]+")
 _WORDS = {"bacteria": "bacterial", "bacterial": "bacterial", "virus": "viral", "viral": "viral"}
 
 
-class UnnamedSubtypeError(ValueError):
+class UnnamedSubtypeError(DataError):
     """PNEUMONIA files whose name says neither bacteria nor virus (three-class only)."""
 
 
 def check_task(task: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise OptionError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     return task
 
 

@@ -250,8 +250,10 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
-          stop_after_epochs: int | None = None) -> dict | None:
+          stop_after_epochs: int | None = None, on_epoch=None) -> dict | None:
     """Train a model into cfg.out; returns the summary that is also written to summary.json.
+
+    on_epoch: called with each finished epoch's metrics row on rank 0 (the trackers).
 
     stop_after_epochs: leave after that many epochs as an interrupted run would (no
     thresholds, no summary; --resume continues), for tests and time-boxed sessions."""
@@ -340,6 +342,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
         if main:
             run.append_metrics(row)
             save_checkpoint(run, model, optimizer, scheduler, state)
+            if on_epoch:
+                on_epoch(row)
         env.barrier()  # no rank runs ahead of the epoch's checkpoint
         log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1,
                  row["train_loss"], row["val_roc_auc"], row["val_loss"], row["seconds"],

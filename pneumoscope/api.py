@@ -107,9 +107,9 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
         trackers.close(failed=True)
         raise
     if summary is not None and main:
-        from pneumoscope.model_card import write_model_card
+        from pneumoscope.model_card import update_model_card
 
-        write_model_card(cfg.out)
+        update_model_card(cfg.out)
         trackers.finish()
     trackers.close()
     return Path(cfg.out)

@@ -8,6 +8,7 @@ directory's own files, so the card is rebuilt, never edited.
 from __future__ import annotations
 
 import csv
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import numpy as np
 
 from pneumoscope import CLASSES, __version__
 from pneumoscope.rundir import (
-    CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, atomic_write_json, atomic_write_text, read_json,
+    CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDirError, atomic_write_json, atomic_write_text, read_json,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL_CARD = "MODEL_CARD.md"
 EVALUATIONS = "evaluations.json"
@@ -51,11 +54,17 @@ def record_evaluation(run_dir: str | Path, metrics: dict, metrics_file: str | Pa
     atomic_write_json(path, [r for r in records if r["data"] != data] + [entry])
 
 
-def update_model_card(run_dir: str | Path, evaluation: tuple[dict, str | Path] | None = None) -> Path:
-    """Record an evaluation (metrics, metrics file) if given, then write the card."""
-    if evaluation is not None:
-        record_evaluation(run_dir, *evaluation)
-    return write_model_card(run_dir)
+def update_model_card(run_dir: str | Path, evaluation: tuple[dict, str | Path] | None = None) -> Path | None:
+    """Record an evaluation (metrics, metrics file) if given, then write the card. A run
+    the card cannot be made for (an older or partial run directory) gets a warning: the
+    verb that called this has done its own work already."""
+    try:
+        if evaluation is not None:
+            record_evaluation(run_dir, *evaluation)
+        return write_model_card(run_dir)
+    except (KeyError, OSError, ValueError, TypeError, RunDirError) as err:
+        log.warning("%s: model card not updated: %s", Path(run_dir) / MODEL_CARD, err)
+        return None
 
 
 def write_model_card(run_dir: str | Path) -> Path:

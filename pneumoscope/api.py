@@ -20,6 +20,7 @@ import numpy as np
 
 from pneumoscope.commands import decode_sources, expand_paths, load_predictor, predict_sources
 from pneumoscope.data.cache import report_failures
+from pneumoscope.errors import OptionError
 
 
 class Model:
@@ -56,7 +57,7 @@ class Model:
             self._torch = load_predictor(self.run_dir, device=self.device)
         sources = _sources(image)
         if len(sources) != 1:
-            raise ValueError(f"explain takes one image, got {len(sources)} (call it once per image)")
+            raise OptionError(f"explain takes one image, got {len(sources)} (call it once per image)")
         _, loaded, failures = decode_sources(self._torch, sources)
         report_failures(failures, strict=True)
         return overlay_heatmap(loaded[0], gradcam_heatmap(self._torch.model, loaded[0]), alpha=alpha)
@@ -96,7 +97,7 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"train: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise OptionError(f"train: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     given = {**options, **{k: str(v) for k, v in (("data", data), ("out", out)) if v is not None}}
     cfg = TrainConfig(**merge_options(config, given))
     main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes and logs

@@ -14,6 +14,7 @@ from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
+from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
 from pneumoscope.model_card import update_model_card
@@ -122,7 +123,7 @@ def array_png(image: np.ndarray) -> bytes:
     from pneumoscope.report.gradcam import png_bytes
 
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
-        raise ValueError(f"expected a uint8 image array (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+        raise DataError(f"expected a uint8 image array (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
     return png_bytes(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
 
 
@@ -167,7 +168,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                opset: int | None = None) -> Path:
     """Export a run's model (ONNX only) with its preprocessing contract beside it."""
     if fmt != "onnx":
-        raise ValueError(f"unknown export format {fmt!r}; supported: onnx")
-    from pneumoscope.export import DEFAULT_OPSET, export_onnx
+        raise OptionError(f"unknown export format {fmt!r}; supported: onnx")
+    from pneumoscope.export import export_onnx
+    from pneumoscope.onnx_contract import DEFAULT_OPSET
 
     return export_onnx(run_dir, out, opset=opset or DEFAULT_OPSET)

@@ -13,6 +13,7 @@ import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from pneumoscope.errors import MissingFileError, OptionError
 from pneumoscope.training.config import TrainConfig
 
 # Keys a run's own config.json holds beside the options; replaying that file ignores them
@@ -125,7 +126,7 @@ def read_config_file(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise FileNotFoundError(f"{path}: cannot read the config file: {err.strerror or err}") from err
+        raise MissingFileError(f"{path}: cannot read the config file: {err.strerror or err}") from err
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -134,11 +135,11 @@ def read_config_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except ValueError as err:  # json.JSONDecodeError
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+        raise OptionError(f"{path}: not valid JSON: {err}") from err
     except Exception as err:  # yaml.YAMLError, without importing yaml for JSON files
-        raise ValueError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+        raise OptionError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values, found {type(data).__name__}")
+        raise OptionError(f"{path}: expected a mapping of option names to values, found {type(data).__name__}")
     return data
 
 
@@ -160,12 +161,12 @@ def config_file_options(path: str | Path) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k in data if k not in known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; "
+        raise OptionError(f"{path}: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
     try:
         parsed = vars(_file_parser().parse_args(_as_argv(data)))
     except argparse.ArgumentError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise OptionError(f"{path}: {err}") from err
     return {k: v for k, v in parsed.items() if k not in NOT_OPTIONS}
 
 
@@ -180,5 +181,5 @@ def merge_options(config: str | Path | None, given: dict) -> dict:
     options = {**(config_file_options(config) if config else {}), **given}
     missing = [f"--{k}" for k in ("data", "out") if not options.get(k)]
     if missing:
-        raise ValueError(f"train needs {' and '.join(missing)} (given, or in --config)")
+        raise OptionError(f"train needs {' and '.join(missing)} (given, or in --config)")
     return options

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from pneumoscope.errors import OptionError, UserError
+
 TRACKERS = ("tensorboard", "mlflow")
 EXTRA = "pip install 'pneumoscope[track]'"
 EPOCH_SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_roc_auc": "val/roc_auc",
@@ -19,15 +21,15 @@ EPOCH_SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_roc_au
 N_GRADCAM = 4  # overlays at the end: the first validation images of each class, two apiece
 
 
-class MissingExtraError(ValueError):
-    """A tracker's package is not installed (a ValueError: the CLI prints it as one line)."""
+class MissingExtraError(UserError, ImportError):
+    """A tracker's package is not installed."""
 
 
 def parse_log(spec: str) -> list[str]:
     names = [s.strip().lower() for s in (spec or "").split(",") if s.strip()]
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ValueError(f"--log: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        raise OptionError(f"--log: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
     return list(dict.fromkeys(names))
 
 

@@ -83,12 +83,12 @@ def load(run_dir: str | Path, onnx: str | Path | None = None, *, threshold_rule:
 
 
 def train(data: str | Path | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
-          resume: bool = False, show_progress: bool = True, **options) -> Path:
+          resume: bool = False, overwrite: bool = False, show_progress: bool = True, **options) -> Path:
     """Train a run as `pneumoscope train` does; returns RUN_DIR.
 
     options: TrainConfig's fields (epochs=8, backbone="efficientnet_lite0", log="tensorboard",
     ...). config: a JSON or YAML file of options (a run's config.json replays it); data,
-    out and options given here override it."""
+    out and options given here override it. resume / overwrite: as --resume / --overwrite."""
     from pneumoscope.training.config import TrainConfig
     from pneumoscope.training.loop import train as run_training
     from pneumoscope.training.options import merge_options
@@ -103,7 +103,8 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes and logs
     trackers = open_trackers(cfg, enabled=main)
     try:
-        summary = run_training(cfg, resume=resume, show_progress=show_progress, on_epoch=trackers.log_epoch)
+        summary = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress,
+                               on_epoch=trackers.log_epoch)
     except BaseException:
         trackers.close(failed=True)
         raise

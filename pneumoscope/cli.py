@@ -237,7 +237,7 @@ def cmd_train(args) -> int:
     from pneumoscope.training.options import given_options
 
     run = train(config=getattr(args, "config", None), resume=getattr(args, "resume", False),
-                show_progress=not args.quiet, **given_options(args))
+                overwrite=getattr(args, "overwrite", False), show_progress=not args.quiet, **given_options(args))
     if not is_main_process():  # under torchrun rank 0 speaks for all
         return 0
     summary = read_json(run / "summary.json")

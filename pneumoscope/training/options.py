@@ -17,8 +17,9 @@ from pneumoscope.errors import MissingFileError, OptionError
 from pneumoscope.training.config import TrainConfig
 
 # Keys a run's own config.json holds beside the options; replaying that file ignores them
-# (the new run writes its own).
-RUN_RECORD_KEYS = frozenset({"preprocessing", "distributed", "format_version", "pneumoscope_version"})
+# (the new run writes its own). "requested" is read: see config_file_options.
+RUN_RECORD_KEYS = frozenset({"preprocessing", "distributed", "format_version", "pneumoscope_version",
+                             "requested", "decode_version", "val_fraction_actual"})
 
 # (group title, [(flags, add_argument keywords)]); dest is the TrainConfig field.
 _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
@@ -70,7 +71,8 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--scale-lr",), dict(action=argparse.BooleanOptionalAction,
                                help="under torchrun, multiply --lr by the number of processes")),
         (("--precision",), dict(choices=["auto", "bf16", "fp32"],
-                                help="autocast of the training step; auto: bf16 on CUDA, fp32 on CPU")),
+                                help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on "
+                                     "CPUs with native bf16), fp32 elsewhere")),
         (("--trunk-precision",), dict(choices=["auto", "bf16", "fp32"],
                                       help="cpu-fast trunk pass; auto: bf16 where the CPU has it natively")),
         (("--compile",), dict(action=argparse.BooleanOptionalAction,
@@ -87,10 +89,13 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
                                                    "needs the track extra")),
         (("--resume",), dict(action=argparse.BooleanOptionalAction,
                              help="continue the run in --out from its last finished epoch")),
+        (("--overwrite",), dict(action=argparse.BooleanOptionalAction,
+                                help="replace a training run already in --out (without it, or --resume, "
+                                     "that is refused)")),
     ]),
 ]
 
-NOT_OPTIONS = ("config", "resume")  # arguments that are not TrainConfig fields
+NOT_OPTIONS = ("config", "resume", "overwrite")  # arguments that are not TrainConfig fields
 
 
 def _default_text(dest: str) -> str:
@@ -156,8 +161,13 @@ def _as_argv(options: dict) -> list[str]:
 
 def config_file_options(path: str | Path) -> dict:
     """A config file's options, checked by the same parser as the command line (types,
-    choices); unknown keys are an error naming them."""
-    data = {k: v for k, v in read_config_file(path).items() if k not in RUN_RECORD_KEYS}
+    choices); unknown keys are an error naming them. A run's config.json records what the
+    auto options resolved to and, under "requested", what was asked: the replay asks the
+    same (so on a like machine it resolves the same, and its config.json matches)."""
+    raw = read_config_file(path)
+    data = {k: v for k, v in raw.items() if k not in RUN_RECORD_KEYS}
+    if isinstance(raw.get("requested"), dict):
+        data.update(raw["requested"])
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k in data if k not in known)
     if unknown:

@@ -62,6 +62,9 @@ def _add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="fraction of train/ held out for validation, grouped by patient")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, init, order and augmentation")
+    p.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="seed of the train/validation split alone (default: --seed); members of an "
+                        "ensemble must share their split")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the new head")
     p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
                    help="pretrained stages learn at lr times this")
@@ -167,6 +170,20 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_ensemble(sub) -> None:
+    from pneumoscope.models.ensemble import TTA_PRESETS
+
+    p = sub.add_parser("ensemble", help="make several runs and/or test-time views one model, in a run directory "
+                                        "every other verb reads")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="finished runs sharing one train/validation split (train them with the same --split-seed)")
+    p.add_argument("--out", required=True, help="the ensemble's run directory to write")
+    p.add_argument("--tta", choices=list(TTA_PRESETS), default="none",
+                   help="test-time views averaged with the members (default %(default)s; views are listed in "
+                        "the README and recorded in config.json)")
+    p.set_defaults(func=cmd_ensemble)
+
+
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="HTML report: metrics, ROC/PR, calibration, training curves, "
                                       "t-SNE/UMAP, Grad-CAM, data card")
@@ -256,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_audit, _add_train, _add_evaluate, _add_predict, _add_serve, _add_export,
-                _add_report, _add_explain, _add_calibrate, _add_drift, _add_data):
+                _add_ensemble, _add_report, _add_explain, _add_calibrate, _add_drift, _add_data):
         add(sub)
     return parser
 
@@ -337,6 +354,18 @@ def cmd_export(args) -> int:
 
     out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
     print(f"written: {out}\ncontract: {contract_path(out)}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from pneumoscope.ensemble import build_ensemble
+
+    summary = build_ensemble(args.run_dirs, args.out, tta=args.tta, show_progress=not args.quiet)
+    t = summary["thresholds"]
+    print(f"ensemble: {args.out}\n{len(summary['members'])} member(s) x {summary['n_views']} view(s) "
+          f"= {summary['forward_passes_per_image']} forward passes per image; val ROC AUC "
+          f"{summary['val_roc_auc']:.4f} on {summary['n_val']} images")
+    print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items()) + f"  (default: {t['default']})")
     return 0
 
 

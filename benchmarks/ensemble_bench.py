@@ -8,10 +8,11 @@ suite, and the inference cost (issue 11, item 2).
 Every run must share one patient-grouped split (`--split-seed`); all figures are on its
 validation part only, the optimistic in-distribution number, and on fixed shifted copies
 of it (the stress suite of benchmarks/recipe_sweep.py: gamma, contrast, zoom, rotation,
-resolution, aspect ratio). An ensemble's probability is the mean of its members' over
-its views (models/ensemble.py), so each (run, view, shift) is predicted once, stored in
-OUT/probs.npz, and every candidate is combined from those; the combination is checked
-against a real ensemble directory built by `pneumoscope ensemble` (clean validation).
+resolution, aspect ratio; `--shifts hard`: its 11 harshest). An ensemble's probability
+is the mean of its members' over its views (models/ensemble.py), so each (run, view,
+shift) is predicted once (through recipe_sweep's cached bf16 trunk), stored in
+OUT/probs.npz, and every candidate is combined from those; `--cost ENS_DIR` compares the
+combination with the ensemble directory's own fp32 validation predictions.
 Thresholds: each candidate's own Youden threshold on clean validation, as `ensemble` and
 `train` choose it; stressed sensitivity/specificity are read at that threshold.
 """
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_sweep import STRESS, shifted_uint8  # noqa: E402
+from recipe_sweep import HARD, STRESS, stressed_probs  # noqa: E402
 from recipe_sweep import _summarise as summarise  # noqa: E402
 
 from pneumoscope.data.cache import decode_samples  # noqa: E402
@@ -45,29 +46,38 @@ def view_key(view: dict) -> str:
     return ",".join(f"{k}{view[k]:g}" for k in sorted(view)) if view != IDENTITY else "identity"
 
 
-def member_probs(run: Path, views: list[dict], images: np.ndarray, cache: dict, save) -> None:
-    """p(pneumonia) of one run for every view x shift, into cache[run|view|shift]."""
+def member_probs(run: Path, views: list[dict], data, shifts: list[str], cache: dict, save) -> None:
+    """p(pneumonia) of one run for every view x shift, into cache[run|view|shift].
+
+    As recipe_sweep scores runs: the frozen trunk's part of each (shift, view) copy is
+    computed once (bf16) and cached, keyed by the trunk's weights, so runs that share a
+    trunk (two Lite0 seeds: the cpu-fast recipe freezes stem..blocks5) share that work;
+    the run's own top does the rest. The view is applied after the shift, to the model
+    input, as the Ensemble does (here re-quantised to uint8 between the two)."""
     predictor = Predictor.from_run(run, device="cpu")
+    model, size = predictor.model, predictor.image_size
+    k = model.n_stages - int(predictor.config["trainable_stages"])
     for view in views:
-        net = torch.nn.Sequential(View(view, predictor.image_size), predictor.model).eval()
-        for shift_name, shift in {"clean": None, **STRESS}.items():
+        look = View(view, size)
+        for shift_name in ["clean", *shifts]:
             key = f"{run.name}|{view_key(view)}|{shift_name}"
             if key in cache:
                 continue
-            x = images if shift is None else shifted_uint8(images, shift)
+            shift = STRESS.get(shift_name, lambda x: x)
             started = time.perf_counter()
-            cache[key] = predict_probs(net, x, precision="fp32")
+            cache[key] = stressed_probs(model, k, data, f"{shift_name}|{view_key(view)}",
+                                        lambda x, shift=shift: look(shift(x)))
             print(f"{key}: {time.perf_counter() - started:.0f} s", flush=True)
             save()
 
 
-def score(labels: np.ndarray, probs: dict[str, np.ndarray]) -> dict:
+def score(labels: np.ndarray, probs: dict[str, np.ndarray], shifts: list[str]) -> dict:
     """Clean validation metrics at the candidate's own Youden threshold and the stress
     metrics at that same threshold."""
     t = choose_thresholds(labels, probs["clean"])["threshold"]
     clean = {**ranking_metrics(labels, probs["clean"]), **threshold_metrics(labels, probs["clean"], t)}
     per = {}
-    for name in STRESS:
+    for name in shifts:
         m = {**ranking_metrics(labels, probs[name]), **threshold_metrics(labels, probs[name], t)}
         per[name] = {"auc": m["roc_auc"], "sens": m["sensitivity"], "spec": m["specificity"]}
     return {"threshold": t, "val_auc": clean["roc_auc"], "val_sens": clean["sensitivity"],
@@ -123,12 +133,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for probs.npz and results.json")
     ap.add_argument("--cost", default="", help="comma-separated run or ensemble directories to time")
     ap.add_argument("--cost-images", type=int, default=128)
+    ap.add_argument("--shifts", default="hard", choices=["hard", "all"],
+                    help="the stress suite: recipe_sweep's 11 HARD shifts or all 19")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r) for r in args.runs.split(",")]
     tta_runs = [Path(r) for r in args.tta_runs.split(",") if r]
     views = TTA_PRESETS[args.views]
+    shifts = list(HARD) if args.shifts == "hard" else list(STRESS)
 
     val = read_manifest(runs[0] / "manifest.csv")["val"]
     size = Predictor.from_run(runs[0], device="cpu").image_size
@@ -140,12 +153,12 @@ def main(argv=None) -> int:
         np.savez(npz, **cache)
 
     for run in runs:
-        member_probs(run, views if run in tta_runs else [IDENTITY], data.images, cache, save)
+        member_probs(run, views if run in tta_runs else [IDENTITY], data, shifts, cache, save)
 
     results = {}
     for name, parts in candidates(runs, tta_runs, views, args.views).items():
-        probs = {s: np.mean([cache[f"{r}|{v}|{s}"] for r, v in parts], axis=0) for s in ["clean", *STRESS]}
-        results[name] = {"forward_passes": len(parts), **score(data.labels, probs)}
+        probs = {s: np.mean([cache[f"{r}|{v}|{s}"] for r, v in parts], axis=0) for s in ["clean", *shifts]}
+        results[name] = {"forward_passes": len(parts), **score(data.labels, probs, shifts)}
         r = results[name]
         print(f"{name:40s} passes {len(parts)}  val AUC {r['val_auc']:.4f}  stress AUC {r['stress_auc_mean']:.4f} "
               f"(min {r['stress_auc_min']:.4f})  stress sens/spec {r['stress_sens_mean']:.3f}/"
@@ -157,7 +170,7 @@ def main(argv=None) -> int:
         print(f"cost {path}: {timing[str(path)]:.1f} images/s", flush=True)
         if predictor.config.get("kind") == "ensemble":
             checks[str(path)] = check_against(path, predictor.config, cache)
-    (out / "results.json").write_text(json.dumps({"n_val": len(data.samples), "views": args.views,
+    (out / "results.json").write_text(json.dumps({"n_val": len(data.samples), "views": args.views, "shifts": shifts,
                                                   "torch_threads": torch.get_num_threads(),
                                                   "candidates": results, "images_per_s": timing,
                                                   "ensemble_dir_vs_combined_max_abs_dp": checks}, indent=1))

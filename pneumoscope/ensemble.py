@@ -28,10 +28,11 @@ import torch
 
 from pneumoscope.data.cache import decode_samples, require_both_classes
 from pneumoscope.data.manifest import files_by_role, read_manifest
+from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import ranking_metrics
 from pneumoscope.inference import load_trained_model, predict_probs
 from pneumoscope.models.ensemble import Ensemble, tta_views
-from pneumoscope.export import file_sha256
+from pneumoscope.onnx_contract import file_sha256
 from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, save_model_weights
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 COMBINE = "mean of the members' and views' softmax probabilities (see models/ensemble.py)"
 
 
-class EnsembleError(ValueError):
+class EnsembleError(OptionError):
     """Runs that cannot form an ensemble (another split, another input size, ...)."""
 
 

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
-from pneumoscope.models import build_model
+from pneumoscope.errors import OptionError
+from pneumoscope.models import PNEUMONIA_INDEX, build_model
 from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
 
 
@@ -38,7 +39,7 @@ def inference_precision(device: str | torch.device) -> str:
     if forced in ("fp32", "bf16"):
         return forced
     if forced != "auto":
-        raise ValueError(f"PNEUMOSCOPE_PRECISION must be fp32, bf16 or auto, got {forced!r}")
+        raise OptionError(f"PNEUMOSCOPE_PRECISION must be fp32, bf16 or auto, got {forced!r}")
     if torch.device(device).type != "cpu":
         return "fp32"
     native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -64,7 +65,7 @@ def predict_probs(
         x = images_to_input(images[start : start + batch_size]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -109,8 +110,8 @@ class OperatingPoint:
         rules = self.thresholds["rules"]
         if rule not in rules:
             hint = " (`pneumoscope calibrate` adds the site rule)" if rule == "site" else ""
-            raise ValueError(f"threshold rule {rule!r} is not in this run's threshold.json; "
-                             f"it has: {', '.join(sorted(rules))}{hint}")
+            raise OptionError(f"threshold rule {rule!r} is not in this run's threshold.json; "
+                              f"it has: {', '.join(sorted(rules))}{hint}")
         return float(rules[rule])
 
     def load(self, source, name: str | None = None) -> np.ndarray:

@@ -27,6 +27,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from pneumoscope import __version__
+from pneumoscope.errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -39,7 +40,7 @@ THRESHOLD = "threshold.json"
 VAL_PREDICTIONS = "val_predictions.csv"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory that is missing, incomplete or of an incompatible version."""
 
 

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscope.data.discover import Sample
+from pneumoscope.errors import DataError, OptionError
 
 
 def split_by_patient(
@@ -16,12 +17,12 @@ def split_by_patient(
     StratifiedGroupKFold with k = round(1/val_fraction) folds; the first fold is val.
     """
     if not 0.0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+        raise OptionError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
     n_folds = max(2, round(1.0 / val_fraction))
     labels = np.array([s.label for s in samples])
     groups = np.array([s.patient for s in samples])
     if len(set(groups)) < n_folds or np.bincount(labels, minlength=2).min() < n_folds:
-        raise ValueError(
+        raise DataError(
             f"too few patients or images per class ({len(samples)} images) "
             f"for a {val_fraction:.0%} validation split"
         )

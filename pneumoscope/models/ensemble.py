@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pneumoscope.errors import OptionError
+
 from .classifier import Classifier
 
 IDENTITY = {"zoom": 1.0, "aspect": 1.0, "gamma": 1.0}
@@ -46,7 +48,7 @@ TTA_PRESETS: dict[str, list[dict]] = {
 
 def tta_views(name: str) -> list[dict]:
     if name not in TTA_PRESETS:
-        raise ValueError(f"unknown TTA preset {name!r}; choose one of: {', '.join(TTA_PRESETS)}")
+        raise OptionError(f"unknown TTA preset {name!r}; choose one of: {', '.join(TTA_PRESETS)}")
     return [dict(v) for v in TTA_PRESETS[name]]
 
 

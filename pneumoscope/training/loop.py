@@ -22,10 +22,11 @@ from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, 
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient
+from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
 from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model, get_spec
-from pneumoscope.models.weights import imagenet_weights_available
+from pneumoscope.models.registry import imagenet_weights_available
 from pneumoscope.rundir import (
     BEST_MODEL, LAST_CHECKPOINT, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
@@ -267,8 +268,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     # they need (env.broadcast); without torchrun env is a world of one and all is as before.
     env = init_from_env(cfg.device)
     if env.is_distributed and cfg.recipe != "full":  # its cached trunk is a one-process shortcut
-        raise ValueError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
-                         "(or auto, which picks full there)")
+        raise OptionError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
+                          "(or auto, which picks full there)")
     main = env.is_main
     show_progress = show_progress and main
     if main:

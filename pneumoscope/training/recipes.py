@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from pneumoscope.errors import OptionError
+
 RECIPE_NAMES = ("auto", "cpu-fast", "full")
 
 RECIPES: dict[str, dict] = {
@@ -47,7 +49,7 @@ def training_on_cpu(device: str) -> bool:
 
 def resolve_recipe_name(recipe: str, device: str, weights: str) -> str:
     if recipe not in RECIPE_NAMES:
-        raise ValueError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPE_NAMES)}")
+        raise OptionError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPE_NAMES)}")
     if recipe != "auto":
         return recipe
     one_process = int(os.environ.get("WORLD_SIZE", "1")) <= 1
@@ -63,8 +65,8 @@ def apply_recipe(cfg) -> None:
     if cfg.backbone == "auto" and cfg.recipe in RECIPE_BACKBONE:
         cfg.backbone = RECIPE_BACKBONE[cfg.recipe]
     if cfg.recipe == "cpu-fast" and cfg.trainable_stages < 1:  # before any work is done
-        raise ValueError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                         f"give 1 or more (got {cfg.trainable_stages}), or use --recipe full")
+        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+                          f"give 1 or more (got {cfg.trainable_stages}), or use --recipe full")
 
 
 def recipe_help(name: str) -> str:

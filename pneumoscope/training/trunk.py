@@ -38,7 +38,9 @@ from tqdm import tqdm
 from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
+from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
+from pneumoscope.models import PNEUMONIA_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +269,7 @@ class CachedTrunk:
         for start in range(0, len(self.val_acts), batch_size):
             act = activations_to_input(self.val_acts[start : start + batch_size], self.device)
             logits = model.forward_from(self.k, act)
-            out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
         return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -297,8 +299,8 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
                      show_progress: bool = True) -> CachedTrunk:
     """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached."""
     if cfg.trainable_stages < 1:
-        raise ValueError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                         f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
+        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+                          f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
     precision = resolve_trunk_precision(cfg.trunk_precision, device)
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,

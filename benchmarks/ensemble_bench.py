@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_sweep import HARD, STRESS, stressed_probs  # noqa: E402
-from recipe_sweep import _summarise as summarise  # noqa: E402
 
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
@@ -57,10 +56,27 @@ def member_probs(run: Path, views: list[dict], data, shifts: list[str], cache: d
     predictor = Predictor.from_run(run, device="cpu")
     model, size = predictor.model, predictor.image_size
     k = model.n_stages - int(predictor.config["trainable_stages"])
+    stressed_views(model, k, size, views, data, shifts, run.name, cache, save)
+
+
+def warm_trunk(backbone: str, views: list[dict], data, shifts: list[str]) -> None:
+    """Fill the activation cache for every run of `backbone` under the cpu-fast recipe
+    (frozen ImageNet stem..blocks5): the members' scoring then reads it back. With more
+    than one view, the identity view is left to another `--views none` process."""
+    from pneumoscope.models import build_model
+    from pneumoscope.training.config import TrainConfig
+
+    model = build_model(backbone, weights="imagenet").eval()
+    k = model.n_stages - int(TrainConfig(data="", out="", recipe="cpu-fast").trainable_stages)
+    views = [v for v in views if v != IDENTITY] or views
+    stressed_views(model, k, data.images.shape[-1], views, data, shifts, "warm:" + backbone, {}, lambda: None)
+
+
+def stressed_views(model, k: int, size: int, views, data, shifts, name: str, cache: dict, save) -> None:
     for view in views:
         look = View(view, size)
         for shift_name in ["clean", *shifts]:
-            key = f"{run.name}|{view_key(view)}|{shift_name}"
+            key = f"{name}|{view_key(view)}|{shift_name}"
             if key in cache:
                 continue
             shift = STRESS.get(shift_name, lambda x: x)
@@ -80,8 +96,10 @@ def score(labels: np.ndarray, probs: dict[str, np.ndarray], shifts: list[str]) -
     for name in shifts:
         m = {**ranking_metrics(labels, probs[name]), **threshold_metrics(labels, probs[name], t)}
         per[name] = {"auc": m["roc_auc"], "sens": m["sensitivity"], "spec": m["specificity"]}
+    mean = {f"stress_{m}_mean": float(np.mean([v[m] for v in per.values()])) for m in ("auc", "sens", "spec")}
     return {"threshold": t, "val_auc": clean["roc_auc"], "val_sens": clean["sensitivity"],
-            "val_spec": clean["specificity"], **summarise(per)}
+            "val_spec": clean["specificity"], **mean,
+            "stress_auc_min": float(np.min([v["auc"] for v in per.values()])), "stress": per}
 
 
 def candidates(runs: list[Path], tta_runs: list[Path], views: list[dict], tta: str) -> dict[str, list[tuple]]:
@@ -133,18 +151,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for probs.npz and results.json")
     ap.add_argument("--cost", default="", help="comma-separated run or ensemble directories to time")
     ap.add_argument("--cost-images", type=int, default=128)
-    ap.add_argument("--shifts", default="hard", choices=["hard", "all"],
-                    help="the stress suite: recipe_sweep's 11 HARD shifts or all 19")
+    ap.add_argument("--shifts", default="hard",
+                    help="the stress suite: hard (recipe_sweep's 11 HARD shifts), all (its 19), or names")
+    ap.add_argument("--warm", metavar="BACKBONE", default="",
+                    help="only compute and cache the frozen trunk's part of every (shift, view) for the "
+                         "ImageNet BACKBONE (what every cpu-fast run of it shares); needs --runs for the split")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r) for r in args.runs.split(",")]
     tta_runs = [Path(r) for r in args.tta_runs.split(",") if r]
     views = TTA_PRESETS[args.views]
-    shifts = list(HARD) if args.shifts == "hard" else list(STRESS)
+    shifts = list(HARD) if args.shifts == "hard" else list(STRESS) if args.shifts == "all" else args.shifts.split(",")
 
     val = read_manifest(runs[0] / "manifest.csv")["val"]
-    size = Predictor.from_run(runs[0], device="cpu").image_size
+    size = int(json.loads((runs[0] / "config.json").read_text())["image_size"])
     data = decode_samples(val, size, show_progress=False)
     npz = out / "probs.npz"
     cache = dict(np.load(npz)) if npz.exists() else {}
@@ -152,6 +173,9 @@ def main(argv=None) -> int:
     def save():
         np.savez(npz, **cache)
 
+    if args.warm:
+        warm_trunk(args.warm, views, data, shifts)
+        return 0
     for run in runs:
         member_probs(run, views if run in tta_runs else [IDENTITY], data, shifts, cache, save)
 

@@ -155,14 +155,20 @@ def test_report_reads_the_ensemble(tta_dir, small_data_root, tmp_path):
 
 
 def test_gradcam_of_an_ensemble_averages_its_members(members, ens_dir, real_images):
+    from pneumoscope.models.ensemble import IDENTITY, Ensemble
     from pneumoscope.report.gradcam import gradcam_heatmaps
 
+    pneumonia = real_images[-4:]  # sorted files: the last 12 are PNEUMONIA
+    member = Predictor.from_run(members[0], device="cpu").model
+    # one member, one view: exactly the member's own map (log-softmax keeps the log-odds)
+    alone = gradcam_heatmaps(Ensemble([member], [IDENTITY], 64), pneumonia)
+    assert np.allclose(alone, gradcam_heatmaps(member, pneumonia), atol=1e-5)
     ens = Predictor.from_run(ens_dir, device="cpu").model
-    heat = gradcam_heatmaps(ens, real_images[:3])
-    assert heat.shape == (3, 64, 64) and heat.dtype == np.float32
+    heat = gradcam_heatmaps(ens, pneumonia)
+    assert heat.shape == (4, 64, 64) and heat.dtype == np.float32
     assert 0.0 <= heat.min() and heat.max() <= 1.0 and heat.max() > 0
     # the ensemble's probabilities are untouched by the Grad-CAM pass (hooks removed)
     before = predict_probs(ens, real_images)
-    gradcam_heatmaps(ens, real_images[:1])
+    gradcam_heatmaps(ens, pneumonia[:1])
     assert np.array_equal(before, predict_probs(ens, real_images))
     assert math.isfinite(float(ens(images_to_input(real_images[:2])).sum()))

@@ -52,7 +52,7 @@ def part_recipe(args) -> dict:
     from pneumoscope.cli import main
 
     start = time.perf_counter()
-    code = main(["-q", "train", "--data", args.data, "--out", args.out, "--cache-dir", args.cache_dir,
+    code = main(["-q", "train", "--data", args.data, "--out", args.out, "--overwrite", "--cache-dir", args.cache_dir,
                  *args.extra])
     wall = time.perf_counter() - start
     if code != 0:

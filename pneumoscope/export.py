@@ -43,7 +43,7 @@ from pneumoscope.onnx_contract import (
     write_contract,
 )
 from pneumoscope.onnx_predictor import open_session, run_session
-from pneumoscope.rundir import RunDir
+from pneumoscope.rundir import RunDir, default_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
         contract = build_contract(predictor, run_dir, out.name, opset)
         contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
         contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 is not what an export should keep
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

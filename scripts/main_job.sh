@@ -35,8 +35,10 @@ PS=.venv/bin/pneumoscope
 $PS audit "$DATA"
 start=$(date +%s)
 RESUME=
-if [ -f "$RUN/checkpoint_last.pt" ]; then
+if [ -f "$RUN/config.json" ]; then
   # Resume only a run of this very data; another data set's run is never continued.
+  # (config.json, not the checkpoint: a run killed before its first checkpoint is resumed
+  # too, which starts it over; without --resume train refuses a folder holding a run.)
   RAN_ON=$(.venv/bin/python -c "import json,os,sys; print(os.path.realpath(json.load(open(sys.argv[1]))['data']))" "$RUN/config.json" 2>/dev/null || true)
   if [ "$RAN_ON" = "$(realpath "$DATA")" ]; then
     RESUME=--resume

@@ -102,3 +102,16 @@ def test_a_run_of_other_data_is_never_resumed(checkout, tmp_path):
     done, calls = run_job(checkout, str(tmp_path / "full"))
     assert done.returncode == 0, done.stderr
     assert train_call(calls) == f"train --data {tmp_path}/full --out runs/main --resume"
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_resumed(checkout, tmp_path):
+    """config.json but no checkpoint yet (perhaps metrics.jsonl): train without --resume
+    would refuse the folder, so the job resumes it (which starts it over)."""
+    (tmp_path / "full" / "train").mkdir(parents=True)
+    run = checkout / "runs" / "main"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "full")}))
+    (run / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    done, calls = run_job(checkout, str(tmp_path / "full"))
+    assert done.returncode == 0, done.stderr
+    assert train_call(calls) == f"train --data {tmp_path}/full --out runs/main --resume"

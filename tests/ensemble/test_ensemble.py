@@ -171,4 +171,4 @@ def test_gradcam_of_an_ensemble_averages_its_members(members, ens_dir, real_imag
     before = predict_probs(ens, real_images)
     gradcam_heatmaps(ens, pneumonia[:1])
     assert np.array_equal(before, predict_probs(ens, real_images))
-    assert math.isfinite(float(ens(images_to_input(real_images[:2])).sum()))
+    assert math.isfinite(float(ens(images_to_input(real_images[:2])).detach().sum()))

@@ -73,8 +73,10 @@ def _add_train(sub) -> None:
                    help="after the head epochs, how many top backbone stages are unfrozen (-1: all)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="early stopping: epochs without a better validation ROC AUC")
-    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide", "robust"], default=d.augment,
-                   help="augmentation strength (affine, brightness, contrast, gamma; no flips)")
+    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide", "robust", "lungs"],
+                   default=d.augment,
+                   help="augmentation preset (affine, brightness, contrast, gamma; lungs adds film markers, "
+                        "border blanking, erasing, resampling and JPEG jitter; no flips)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
     p.add_argument("--recipe", choices=["auto", "cpu-fast", "full"], default="auto",

@@ -7,6 +7,8 @@ import shutil
 import pytest
 
 from pneumoscope.cli import main
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.inference import Predictor
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
 
@@ -48,7 +50,9 @@ def test_train_writes_run_directory(one_epoch_run):
     val_p = {r["patient"] for r in manifest if r["role"] == "val"}
     assert not train_p & val_p
     thresholds = json.loads((run / THRESHOLD).read_text())
-    assert thresholds["default"] == "youden" and set(thresholds["rules"]) == {"youden", "sensitivity95"}
+    assert thresholds["default"] == DEFAULT_THRESHOLD_RULE and set(thresholds["rules"]) == {"youden", *SENSITIVITY_RULES}
+    assert thresholds["threshold"] == thresholds["rules"][DEFAULT_THRESHOLD_RULE]
+    assert Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]  # what every verb uses
 
 
 def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root):

@@ -15,6 +15,7 @@ import pytest
 
 from pneumoscope.calibrate import MIN_PER_CLASS, SITE_RULE, site_threshold
 from pneumoscope.cli import main
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
 
 def _thresholds(run: Path) -> dict:
@@ -93,8 +94,8 @@ def test_recalibrate_replaces_the_site_rule(fresh_run, site_sample):
     second = _thresholds(fresh_run)
     assert second["rules"][SITE_RULE] >= first["rules"][SITE_RULE]
     assert second["site"]["target_sensitivity"] == 0.8 and second["threshold"] == second["rules"][SITE_RULE]
-    assert second["site"]["previous_default"]["rule"] == "youden"  # not the first site rule
-    assert set(second["rules"]) == {"youden", "sensitivity95", SITE_RULE}
+    assert second["site"]["previous_default"]["rule"] == DEFAULT_THRESHOLD_RULE  # not the first site rule
+    assert set(second["rules"]) == {"youden", *SENSITIVITY_RULES, SITE_RULE}
 
 
 def test_too_small_sample_is_refused(fresh_run, site_sample, tmp_path, capsys):
@@ -113,7 +114,7 @@ def test_threshold_rule_choices_come_from_the_run(fresh_run, site_sample, capsys
     image = str(sorted((site_sample / "PNEUMONIA").iterdir())[0])
     assert main(["-q", "predict", str(fresh_run), image, "--threshold-rule", "site"]) == 2
     err = capsys.readouterr().err
-    assert "'site' is not in this run's threshold.json" in err and "sensitivity95, youden" in err
+    assert "'site' is not in this run's threshold.json" in err and ", ".join(sorted({"youden", *SENSITIVITY_RULES})) in err
     assert "calibrate" in err
     assert main(["-q", "predict", str(fresh_run), image, "--threshold-rule", "nonsense"]) == 2
     assert "'nonsense'" in capsys.readouterr().err

@@ -241,6 +241,31 @@ def summarise(result: dict) -> dict:
     return out
 
 
+MIN_SENSITIVITY = 0.97  # issue 11's sensitivity target: a default rule must keep it under the shifts
+
+
+def rule_movement(result: dict) -> dict:
+    """Per rule, over every shift of every suite: mean shifted sensitivity, and the mean
+    |sensitivity - clean| + |specificity - clean| (how far the operating point travels)."""
+    out = {}
+    for rule, clean in result["clean"]["rules"].items():
+        sens = np.array([s["rules"][rule]["sens"] for s in result["shifts"].values()])
+        spec = np.array([s["rules"][rule]["spec"] for s in result["shifts"].values()])
+        out[rule] = {"sens": float(sens.mean()), "spec": float(spec.mean()),
+                     "move": float(np.abs(sens - clean["sens"]).mean() + np.abs(spec - clean["spec"]).mean())}
+    return out
+
+
+def robust_rule(result: dict) -> str:
+    """The rule that moves least among those whose mean shifted sensitivity stays at
+    MIN_SENSITIVITY (none does: the one with the highest sensitivity)."""
+    moves = rule_movement(result)
+    keep = {r: m for r, m in moves.items() if m["sens"] >= MIN_SENSITIVITY}
+    if not keep:
+        return max(moves, key=lambda r: moves[r]["sens"])
+    return min(keep, key=lambda r: (keep[r]["move"], -keep[r]["sens"]))
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| run | suite | AUC mean (min) | mean \\|Δp\\| | rule | clean sens / spec | shifted sens / spec "
              "(min) | mean \\|Δsens\\| / \\|Δspec\\| |", "|" + "---|" * 8]
@@ -252,6 +277,16 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"| {name} | {suite} | {row['auc']:.4f} ({row['auc_min']:.4f}) | {row['mean_abs_dp']:.4f} "
                              f"| {rule} | {c['sens']:.3f} / {c['spec']:.3f} | {m['sens']:.3f} / {m['spec']:.3f} "
                              f"({m['sens_min']:.3f} / {m['spec_min']:.3f}) | {m['move_sens']:.3f} / {m['move_spec']:.3f} |")
+    lines += ["", "| run | rule | all shifts: sens / spec | mean \\|Δsens\\| + \\|Δspec\\| |", "|---|---|---|---|"]
+    for r in results:
+        for rule, m in rule_movement(r).items():
+            lines.append(f"| {Path(r['run']).name} | {rule} | {m['sens']:.3f} / {m['spec']:.3f} | {m['move']:.3f} |")
+        lines.append(f"| {Path(r['run']).name} | **robust rule: {robust_rule(r)}** | | |")
+    lines += ["", "| run | shift | suite | AUC | mean \\|Δp\\| | max \\|Δp\\| |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for name, sh in r["shifts"].items():
+            lines.append(f"| {Path(r['run']).name} | {name} | {sh['suite']} | {sh['auc']:.4f} | {sh['mean_abs_dp']:.4f} "
+                         f"| {sh['max_abs_dp']:.3f} |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ def part_recipe(args) -> dict:
     from pneumoscope.cli import main
 
     start = time.perf_counter()
-    code = main(["-q", "train", "--data", args.data, "--out", args.out, "--cache-dir", args.cache_dir,
+    code = main(["-q", "train", "--data", args.data, "--out", args.out, "--overwrite", "--cache-dir", args.cache_dir,
                  *args.extra])
     wall = time.perf_counter() - start
     if code != 0:
@@ -82,7 +82,8 @@ def part_baseline(args) -> dict:
     from torchvision import transforms as T
 
     from pneumoscope.data.manifest import read_manifest
-    from pneumoscope.models.weights import imagenet_weights_available
+    from pneumoscope.models import PNEUMONIA_INDEX
+    from pneumoscope.models.registry import imagenet_weights_available
 
     run = Path(args.run)
     roles = read_manifest(run / "manifest.csv")
@@ -126,7 +127,7 @@ def part_baseline(args) -> dict:
         with torch.inference_mode():
             for i in range(0, len(samples), 32):
                 batch = torch.stack([eval_tf(Image.open(s.path).convert("RGB")) for s in samples[i : i + 32]])
-                out.append(torch.softmax(model(batch), 1)[:, 1])
+                out.append(torch.softmax(model(batch), 1)[:, PNEUMONIA_INDEX])
         return torch.cat(out).numpy()
 
     t = time.perf_counter()
@@ -141,7 +142,7 @@ def part_inference(args) -> dict:
     import torch
 
     from pneumoscope.inference import Predictor, predict_probs
-    from pneumoscope.models import build_model
+    from pneumoscope.models import PNEUMONIA_INDEX, build_model
 
     torch.manual_seed(0)
     model = build_model("resnet50", weights="none").eval()
@@ -151,7 +152,7 @@ def part_inference(args) -> dict:
     with torch.inference_mode():
         ref = model(x[:16]).float()
         model.head.weight.mul_(4.0 / ref.std())  # logits of a few units, as a trained model has
-        ref = torch.softmax(model(x[:16]).float(), 1)[:, 1]
+        ref = torch.softmax(model(x[:16]).float(), 1)[:, PNEUMONIA_INDEX]
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
             for batch in ((1, 8, 32) if (precision, channels_last) == ("bf16", True) else (32,)):
@@ -198,6 +199,8 @@ def part_inference(args) -> dict:
 def _infer_rate(model, x, precision: str, channels_last: bool, batch: int, repeat: int):
     import torch
 
+    from pneumoscope.models import PNEUMONIA_INDEX
+
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     out = []
@@ -205,7 +208,7 @@ def _infer_rate(model, x, precision: str, channels_last: bool, batch: int, repea
         model(x[:batch].contiguous(memory_format=fmt))  # warm-up (primitive creation)
         t = time.perf_counter()
         for _ in range(repeat):
-            out = [torch.softmax(model(x[i : i + batch].contiguous(memory_format=fmt)).float(), 1)[:, 1]
+            out = [torch.softmax(model(x[i : i + batch].contiguous(memory_format=fmt)).float(), 1)[:, PNEUMONIA_INDEX]
                    for i in range(0, len(x), batch)]
         rate = repeat * len(x) / (time.perf_counter() - t)
     model.to(memory_format=torch.contiguous_format)

@@ -1,7 +1,7 @@
 """Device benchmark: ResNet50 training rate on one GPU, model step alone vs end to end.
 
 1. model step: synthetic (B,1,S,S) tensors already on the GPU through pneumoscope's own
-   training step (fastpath.train_step: bf16 autocast, channels_last, AdamW), nothing else;
+   training step (train_step: bf16 autocast, channels_last, AdamW), nothing else;
 2. end to end: real shared images, decoded once to the uint8 cache, fed, augmented on the
    GPU and trained by the training loop itself (loop.train_one_epoch), epoch after epoch.
 
@@ -29,10 +29,11 @@ import torch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.models import build_model
-from pneumoscope.training import fastpath
+from pneumoscope.precision import PRECISIONS
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas
 from pneumoscope.training.loop import class_weights, make_optimizer, make_scheduler, train_one_epoch
+from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224"))
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed model steps first (cuDNN autotune, compile)")
     p.add_argument("--epochs", type=int, default=3, help="end-to-end epochs; the first is warm-up")
     p.add_argument("--limit", type=int, default=0, help="use the first N train images (0: all)")
-    p.add_argument("--precision", choices=fastpath.PRECISIONS, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny settings that run anywhere in seconds: {SMOKE}; records nothing unless --record")
@@ -79,7 +80,7 @@ def make_training(args, device: torch.device, steps_per_epoch: int):
                       image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
                       compile=args.compile, balance="loss", head_epochs=0)
     torch.manual_seed(0)
-    model = fastpath.prepare_model(build_model(cfg.backbone, weights="none", dropout=cfg.dropout), device)
+    model = prepare_model(build_model(cfg.backbone, weights="none", dropout=cfg.dropout), device)
     net = Replicas(model, DistEnv(device=device), compile_model=cfg.compile).current()
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -95,18 +96,18 @@ def model_step_rate(args, cfg, net, optimizer, scheduler, device, precision: str
     y = torch.randint(0, 2, (args.batch_size,), generator=gen).to(device)
     net.train()
     for _ in range(args.warmup):
-        fastpath.train_step(net, optimizer, scheduler, x, y, precision=precision)
+        train_step(net, optimizer, scheduler, x, y, precision=precision)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        fastpath.train_step(net, optimizer, scheduler, x, y, precision=precision)
+        train_step(net, optimizer, scheduler, x, y, precision=precision)
     synchronize(device)
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
 def end_to_end_rates(args, cfg, net, optimizer, scheduler, data, device, precision: str) -> list[float]:
     """Images/s of each epoch of the training loop on the real decoded images."""
-    feed = fastpath.BatchFeed(data.images, data.labels, device)
+    feed = BatchFeed(data.images, data.labels, device)
     loss_weights = class_weights(data.labels).to(device)
     env = DistEnv(device=device)
     rates = []
@@ -145,7 +146,7 @@ def record(path: str, lines: list[str]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    precision = fastpath.resolve_precision(args.precision, device)
+    precision = step_precision(args.precision, device)
     data, decode_rate = load_images(args)
     steps_per_epoch = max(1, len(data.samples) // args.batch_size)
     cfg, net, optimizer, scheduler = make_training(args, device, steps_per_epoch)

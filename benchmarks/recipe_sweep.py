@@ -37,6 +37,7 @@ from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
 from pneumoscope.evaluation import ranking_metrics, threshold_metrics  # noqa: E402
 from pneumoscope.inference import Predictor, images_to_input  # noqa: E402
+from pneumoscope.models import PNEUMONIA_INDEX  # noqa: E402
 from pneumoscope.training import TrainConfig, train  # noqa: E402
 from pneumoscope.training.trunk import (  # noqa: E402
     ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
@@ -126,7 +127,7 @@ def stressed_probs(model, k: int, data, name: str, shift) -> np.ndarray:
         FrozenTrunk(model, k), shifted_uint8(data.images, shift), augment=None, gen=None,
         precision="bf16", device=torch.device("cpu"), show_progress=False))
     model.eval()
-    out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, 1]
+    out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, PNEUMONIA_INDEX]
            for i in range(0, len(acts), 256)]
     return torch.cat(out).numpy()
 

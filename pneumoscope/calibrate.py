@@ -30,6 +30,7 @@ from pneumoscope import CLASSES
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation import evaluate_predictions, sensitivity_threshold
 from pneumoscope.inference import Predictor
 from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
@@ -44,7 +45,7 @@ OPTIMISM_NOTE = ("the metrics are measured on the same sample the threshold was 
                  "they are optimistic for this site (sensitivity most of all)")
 
 
-class SampleTooSmallError(ValueError):
+class SampleTooSmallError(DataError):
     """A site sample with fewer than MIN_PER_CLASS readable images of a class."""
 
 
@@ -52,7 +53,7 @@ def site_threshold(y_true: np.ndarray, p: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity (label = p >= t) on the site sample reaches
     `target`: the validation rule sensitivity95's, with the site's target."""
     if not np.any(np.asarray(y_true) == 1):
-        raise ValueError("site threshold: the sample has no PNEUMONIA image")
+        raise DataError("site threshold: the sample has no PNEUMONIA image")
     return sensitivity_threshold(y_true, p, target)
 
 
@@ -82,7 +83,7 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     """Choose the site threshold on SITE_DIR/{NORMAL,PNEUMONIA}, write it into the run's
     threshold.json as the default rule `site`, and return the `site` block written."""
     if not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+        raise OptionError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     run = RunDir(run_dir)
     predictor = Predictor.from_run(run_dir)
     samples = discover_split(site_dir)
@@ -153,7 +154,7 @@ def _refresh_exports(run_dir: str | Path, thresholds: dict) -> None:
     """ONNX exports inside the run carry the thresholds in their contract: update them.
     (Exports elsewhere are corrected at load time: OnnxPredictor with a run_dir takes the
     run's threshold.json and warns that the contract is stale.)"""
-    from pneumoscope.export import contract_path, refresh_contract_thresholds
+    from pneumoscope.onnx_contract import contract_path, refresh_contract_thresholds
 
     for onnx in sorted(Path(run_dir).glob("*.onnx")):
         if contract_path(onnx).exists():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pneumoscope import __version__
+from pneumoscope.errors import UserError
 
 
 def _add_threshold_rule(p) -> None:
@@ -30,20 +31,17 @@ def _add_patients(p) -> None:
                         "named the Kermany way (every image must be listed)")
 
 
-def _add_audit(sub) -> None:
-    p = sub.add_parser("audit", help="counts, imbalance, unreadable files, duplicates, shared patients")
+def _audit_options(p) -> None:
     p.add_argument("data_root", help="folder holding train/ (and optionally val/, test/), each with NORMAL/ and PNEUMONIA/")
     p.add_argument("--json", action="store_true", help="print the audit as JSON instead of a table")
     _add_patients(p)
     p.set_defaults(func=cmd_audit)
 
 
-def _add_train(sub) -> None:
+def _train_options(p) -> None:
     from pneumoscope.training.config import TrainConfig
 
     d = TrainConfig(data="", out="")
-    p = sub.add_parser("train", help="train a classifier into a run directory",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="DATA_ROOT holding train/{NORMAL,PNEUMONIA}")
     p.add_argument("--out", required=True, help="run directory to create (or resume)")
     p.add_argument("--backbone", default=d.backbone,
@@ -92,12 +90,15 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default=d.device,
                    help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="autocast of the training step; auto: bf16 on CUDA, fp32 on CPU")
+                   help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on CPUs "
+                        "with native bf16), fp32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
     p.add_argument("--scale-lr", action="store_true",
                    help="under torchrun, multiply --lr by the number of processes (linear scaling rule)")
     p.add_argument("--strict", action="store_true", help="stop before any work if a file is unreadable")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a training run already in --out (without it, or --resume, that is refused)")
     _add_patients(p)
     _recipe_defaults(p)
     p.set_defaults(func=cmd_train)
@@ -114,8 +115,7 @@ def _recipe_defaults(p) -> None:
             action.help = f"{action.help} {recipe_help(action.dest)}"
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained run on a labelled folder")
+def _evaluate_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--data", required=True, help="SPLIT_DIR holding NORMAL/ and PNEUMONIA/")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics.json); predictions CSV beside it")
@@ -126,8 +126,7 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="p(pneumonia) and label for image files or folders")
+def _predict_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("paths", nargs="+", help="image files (JPEG, PNG, DICOM) or folders")
     p.add_argument("--out", help="CSV path (path, p_pneumonia, label); default: print CSV")
@@ -139,10 +138,9 @@ def _add_predict(sub) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def _add_serve(sub) -> None:
+def _serve_options(p) -> None:
     from pneumoscope.serve import DEFAULT_MAX_UPLOAD_BYTES
 
-    p = sub.add_parser("serve", help="web page and JSON API (POST /v1/predict) for a trained run")
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default %(default)s; 0.0.0.0 exposes the app to the network)")
@@ -158,10 +156,9 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _add_export(sub) -> None:
-    from pneumoscope.export import DEFAULT_OPSET
+def _export_options(p) -> None:
+    from pneumoscope.onnx_contract import DEFAULT_OPSET
 
-    p = sub.add_parser("export", help="export a run's model to ONNX with its preprocessing contract")
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx", help="export format (default %(default)s)")
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx); the contract goes to OUT.json")
@@ -169,9 +166,7 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="HTML report: metrics, ROC/PR, calibration, training curves, "
-                                      "t-SNE/UMAP, Grad-CAM, data card")
+def _report_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--data", metavar="SPLIT_DIR", help="folder holding NORMAL/ and PNEUMONIA/ to report on")
@@ -193,8 +188,7 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _add_explain(sub) -> None:
-    p = sub.add_parser("explain", help="Grad-CAM heatmap overlay PNG and p(pneumonia) per image")
+def _explain_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, DICOM) or folders")
     p.add_argument("--out", help="folder for the overlays, IMAGE_STEM_gradcam.png (default RUN_DIR/explain)")
@@ -204,11 +198,9 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=cmd_explain)
 
 
-def _add_calibrate(sub) -> None:
+def _calibrate_options(p) -> None:
     from pneumoscope.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
 
-    p = sub.add_parser("calibrate", help="re-choose the operating threshold on a labelled sample of a "
-                                         "new site (rule `site`, made the run's default)")
     p.add_argument("run_dir", help="run directory written by train (its threshold.json is updated)")
     p.add_argument("--data", required=True, metavar="SITE_DIR",
                    help=f"the site's labelled sample: SITE_DIR/NORMAL and SITE_DIR/PNEUMONIA, at least "
@@ -221,9 +213,7 @@ def _add_calibrate(sub) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
-def _add_drift(sub) -> None:
-    p = sub.add_parser("drift", help="how far an unlabelled folder of images is from the run's validation "
-                                     "images (domain AUC, score distributions, outliers)")
+def _drift_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train (validation images from manifest.csv)")
     p.add_argument("--data", required=True, metavar="FOLDER",
                    help="images in any layout (searched recursively; class folders are read as one set)")
@@ -234,8 +224,7 @@ def _add_drift(sub) -> None:
     p.set_defaults(func=cmd_drift)
 
 
-def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="get the data: download the full Kermany set")
+def _data_options(p) -> None:
     verbs = p.add_subparsers(dest="data_command", required=True, metavar="VERB")
     d = verbs.add_parser("download", help="fetch (resumable), check and unpack the full data set to DIR/chest_xray")
     d.add_argument("--to", required=True, metavar="DIR", help="folder to download and unpack into")
@@ -249,7 +238,31 @@ def _add_data(sub) -> None:
     d.set_defaults(func=cmd_data_download)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each verb: the function adding its options, and its one-line help. A verb's options are
+# built only when that verb runs (or for the whole parser: build_parser()), since some
+# read their defaults from modules that import torch: `pneumoscope --help`, `--version`
+# and `audit` stay fast and work without it.
+VERBS = {
+    "audit": (_audit_options, "counts, imbalance, unreadable files, duplicates, shared patients"),
+    "train": (_train_options, "train a classifier into a run directory"),
+    "evaluate": (_evaluate_options, "metrics of a trained run on a labelled folder"),
+    "predict": (_predict_options, "p(pneumonia) and label for image files or folders"),
+    "serve": (_serve_options, "web page and JSON API (POST /v1/predict) for a trained run"),
+    "export": (_export_options, "export a run's model to ONNX with its preprocessing contract"),
+    "report": (_report_options, "HTML report: metrics, ROC/PR, calibration, training curves, "
+                                "t-SNE/UMAP, Grad-CAM, data card"),
+    "explain": (_explain_options, "Grad-CAM heatmap overlay PNG and p(pneumonia) per image"),
+    "calibrate": (_calibrate_options, "re-choose the operating threshold on a labelled sample of a "
+                                      "new site (rule `site`, made the run's default)"),
+    "drift": (_drift_options, "how far an unlabelled folder of images is from the run's validation "
+                              "images (domain AUC, score distributions, outliers)"),
+    "data": (_data_options, "get the data: download the full Kermany set"),
+}
+
+
+def build_parser(verbs: set[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `verbs`, only those verbs get their options (the
+    others keep their name and help line)."""
     parser = argparse.ArgumentParser(
         prog="pneumoscope",
         description="Train, evaluate, explain and serve a chest X-ray pneumonia classifier.",
@@ -257,10 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoscope {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_audit, _add_train, _add_evaluate, _add_predict, _add_serve, _add_export,
-                _add_report, _add_explain, _add_calibrate, _add_drift, _add_data):
-        add(sub)
+    for name, (options, help_text) in VERBS.items():
+        # train shows every default (most come from its config and recipes)
+        formatter = argparse.ArgumentDefaultsHelpFormatter if name == "train" else argparse.HelpFormatter
+        p = sub.add_parser(name, help=help_text, formatter_class=formatter)
+        if verbs is None or name in verbs:
+            options(p)
     return parser
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    """The verb a command line runs: its first word that is not an option (the top-level
+    options take no value), or None (`--help`, `--version`)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -282,7 +304,7 @@ def cmd_train(args) -> int:
 
     names = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    summary = train(cfg, resume=args.resume, show_progress=not args.quiet)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
     if not is_main_process():  # under torchrun rank 0 speaks for all
         return 0
     t = summary["thresholds"]
@@ -335,7 +357,7 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from pneumoscope.commands import export_run
-    from pneumoscope.export import contract_path
+    from pneumoscope.onnx_contract import contract_path
 
     out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
     print(f"written: {out}\ncontract: {contract_path(out)}")
@@ -387,36 +409,24 @@ def cmd_drift(args) -> int:
 
 
 def cmd_data_download(args) -> int:
-    from pneumoscope.data.download import DownloadError, download
+    from pneumoscope.data.download import download
 
-    try:
-        root = download(args.to, args.source, url=args.url, sha256=args.sha256, keep_zip=args.keep_zip,
-                        show_progress=not args.quiet)
-    except DownloadError as err:
-        print(f"pneumoscope data download: error: {err}", file=sys.stderr)
-        return 2
+    root = download(args.to, args.source, url=args.url, sha256=args.sha256, keep_zip=args.keep_zip,
+                    show_progress=not args.quiet)
     print(f"data: {root}  (train with: pneumoscope train --data {root} --out RUN_DIR)")
     return 0
 
 
-# Errors a user can act on: printed as one line, not as a traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pneumoscope.data.cache import UnreadableImagesError
-    from pneumoscope.data.decode import ImageDecodeError
-    from pneumoscope.models.weights import WeightsError
-    from pneumoscope.rundir import RunDirError
-
-    return (WeightsError, RunDirError, ImageDecodeError, UnreadableImagesError, FileNotFoundError, ValueError)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser({_verb_of(argv)}).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except _user_errors() as err:
-        print(f"pneumoscope {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:  # a mistake the user can fix: one line; anything else is a bug (traceback)
+        verb = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"pneumoscope {verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; `--resume` continues a training run from its last finished epoch", file=sys.stderr)

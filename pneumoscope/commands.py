@@ -12,6 +12,7 @@ from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
+from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
 from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json
@@ -122,7 +123,8 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
                opset: int | None = None) -> Path:
     """Export a run's model (ONNX only) with its preprocessing contract beside it."""
     if fmt != "onnx":
-        raise ValueError(f"unknown export format {fmt!r}; supported: onnx")
-    from pneumoscope.export import DEFAULT_OPSET, export_onnx
+        raise OptionError(f"unknown export format {fmt!r}; supported: onnx")
+    from pneumoscope.export import export_onnx
+    from pneumoscope.onnx_contract import DEFAULT_OPSET
 
     return export_onnx(run_dir, out, opset=opset or DEFAULT_OPSET)

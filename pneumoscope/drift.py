@@ -32,6 +32,7 @@ from pneumoscope.commands import expand_paths
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import Sample, patient_id
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.errors import DataError, MissingFileError
 from pneumoscope.inference import Predictor
 from pneumoscope.report.embeddings import embed_and_predict
 from pneumoscope.rundir import MANIFEST, atomic_write_json
@@ -149,7 +150,7 @@ def folder_samples(folder: str | Path) -> list[Sample]:
     """Every image below `folder`, any layout (class folders are read as one set)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise MissingFileError(f"{folder}: no such folder")
     # label -1: unknown; drift never reads it
     return [Sample(path=f, label=-1, patient=patient_id(f.name)) for f in expand_paths([folder])]
 
@@ -157,10 +158,10 @@ def folder_samples(folder: str | Path) -> list[Sample]:
 def validation_samples(run_dir: str | Path) -> list[Sample]:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; drift compares with the run's validation images")
+        raise MissingFileError(f"{path}: no manifest; drift compares with the run's validation images")
     roles = read_manifest(path)
     if "val" not in roles:
-        raise ValueError(f"{path}: no rows with role 'val'; roles: {sorted(roles)}")
+        raise DataError(f"{path}: no rows with role 'val'; roles: {sorted(roles)}")
     return roles["val"]
 
 
@@ -169,7 +170,7 @@ def _embed_set(predictor: Predictor, samples: list[Sample], name: str, strict: b
     data = decode_samples(samples, predictor.image_size, strict=strict, desc=f"decode {name}",
                           show_progress=show_progress)
     if len(data.samples) < MIN_IMAGES:
-        raise ValueError(f"{name}: {len(data.samples)} readable images; drift needs at least {MIN_IMAGES}")
+        raise DataError(f"{name}: {len(data.samples)} readable images; drift needs at least {MIN_IMAGES}")
     emb, p = embed_and_predict(predictor.model, data.images, device=predictor.device,
                                show_progress=show_progress)
     return data, emb, p

@@ -19,8 +19,6 @@ Whatever ``Predictor.model`` is (a plain Classifier, or a wrapper with the same
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -33,16 +31,22 @@ import numpy as np
 import torch
 
 from pneumoscope import CLASSES, __version__
-from pneumoscope.inference import Predictor
-from pneumoscope.rundir import RunDir, atomic_write_json
+from pneumoscope.inference import Predictor, predict_probs
+from pneumoscope.models import PNEUMONIA_INDEX
+from pneumoscope.onnx_contract import (
+    CONTRACT_FORMAT,
+    CONTRACT_VERSION,
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    file_sha256,
+    write_contract,
+)
+from pneumoscope.onnx_predictor import open_session, run_session
+from pneumoscope.rundir import RunDir, default_file_mode
 
 log = logging.getLogger(__name__)
 
-CONTRACT_FORMAT = "pneumoscope-onnx-contract"
-CONTRACT_VERSION = 1
-DEFAULT_OPSET = 18
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "p_pneumonia")
 # The parity the export itself checks (and the tests demand on real images).
 PARITY_TOLERANCE = 1e-4
 
@@ -60,21 +64,7 @@ class _WithProbability(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x).float()
-        return logits, torch.softmax(logits, dim=1)[:, 1]
-
-
-def contract_path(onnx_path: str | Path) -> Path:
-    """Where the contract of an ONNX file lives: ``model.onnx`` -> ``model.onnx.json``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return logits, torch.softmax(logits, dim=1)[:, PNEUMONIA_INDEX]
 
 
 def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: int) -> dict:
@@ -151,9 +141,6 @@ def _quiet_exporter():
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
     """Max |p_torch - p_onnx| over uint8 images (N,S,S); ExportError past the tolerance."""
-    from pneumoscope.inference import predict_probs
-    from pneumoscope.onnx_predictor import open_session, run_session
-
     expected = predict_probs(model, images, precision="fp32")  # the graph computes in fp32
     got = run_session(open_session(onnx_path), images)
     diff = float(np.max(np.abs(expected - got))) if len(images) else 0.0
@@ -185,10 +172,11 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
         contract = build_contract(predictor, run_dir, out.name, opset)
         contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
         contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 is not what an export should keep
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_json(contract_path(out), contract)
+    write_contract(out, contract)
     return out
 
 
@@ -197,25 +185,3 @@ def _probe_images(size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     blob = np.exp(-((xx - 0.4) ** 2 + (yy - 0.5) ** 2) / 0.05)
     return np.rint(np.stack([xx, yy, blob]) * 255).astype(np.uint8)
-
-
-def refresh_contract_thresholds(onnx_path: str | Path, thresholds: dict) -> None:
-    """Rewrite the thresholds of an export's contract (atomically), after `calibrate`
-    changed the run's threshold.json; the model and its SHA-256 stay as they are."""
-    contract = read_contract(onnx_path)
-    contract["thresholds"] = thresholds
-    contract["thresholds_updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(contract_path(onnx_path), contract)
-
-
-def read_contract(onnx_path: str | Path) -> dict:
-    """The contract beside an ONNX file, checked for format and version."""
-    path = contract_path(onnx_path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; an ONNX model needs the contract that "
-                                "`pneumoscope export` writes beside it")
-    contract = json.loads(path.read_text())
-    if contract.get("format") != CONTRACT_FORMAT or contract.get("format_version") != CONTRACT_VERSION:
-        raise ValueError(f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
-                         f"(format {contract.get('format')!r}, version {contract.get('format_version')!r})")
-    return contract

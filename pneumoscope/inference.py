@@ -15,7 +15,9 @@ import torch
 from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
-from pneumoscope.models import build_model
+from pneumoscope.errors import OptionError
+from pneumoscope.models import PNEUMONIA_INDEX, build_model
+from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
 
 
@@ -31,18 +33,12 @@ def inference_precision(device: str | torch.device) -> str:
     """The precision predict_probs uses by default: fp32, so predict, serve, report and the
     ONNX export give the same probabilities (to 1e-4) on every machine.
 
-    PNEUMOSCOPE_PRECISION=bf16 (or auto: bf16 where the CPU runs it natively, AVX512-BF16
-    / AMX) trades that for speed: about 2x for ResNet50 on such a CPU with the same
-    validation ROC AUC, but single probabilities move by up to ~0.1 (benchmarks/RESULTS.md)."""
+    PNEUMOSCOPE_PRECISION=bf16 (or auto: bf16 where the hardware runs it natively, see
+    pneumoscope.precision) trades that for speed: about 2x for ResNet50 on a CPU with
+    AVX512-BF16 / AMX with the same validation ROC AUC, but single probabilities move by
+    up to ~0.1 (benchmarks/RESULTS.md)."""
     forced = os.environ.get("PNEUMOSCOPE_PRECISION", "fp32").lower()
-    if forced in ("fp32", "bf16"):
-        return forced
-    if forced != "auto":
-        raise ValueError(f"PNEUMOSCOPE_PRECISION must be fp32, bf16 or auto, got {forced!r}")
-    if torch.device(device).type != "cpu":
-        return "fp32"
-    native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return "bf16" if any(getattr(torch.cpu, name, lambda: False)() for name in native) else "fp32"
+    return resolve_precision(forced, device, option="PNEUMOSCOPE_PRECISION")
 
 
 @torch.inference_mode()
@@ -62,9 +58,9 @@ def predict_probs(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
         x = images_to_input(images[start : start + batch_size]).to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(dev, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -100,8 +96,8 @@ class OperatingPoint:
         rules = self.thresholds["rules"]
         if rule not in rules:
             hint = " (`pneumoscope calibrate` adds the site rule)" if rule == "site" else ""
-            raise ValueError(f"threshold rule {rule!r} is not in this run's threshold.json; "
-                             f"it has: {', '.join(sorted(rules))}{hint}")
+            raise OptionError(f"threshold rule {rule!r} is not in this run's threshold.json; "
+                              f"it has: {', '.join(sorted(rules))}{hint}")
         return float(rules[rule])
 
     def load(self, source, name: str | None = None) -> np.ndarray:

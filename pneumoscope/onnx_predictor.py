@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope.export import INPUT_NAME, file_sha256, read_contract
+from pneumoscope.errors import DataError, MissingFileError
+from pneumoscope.onnx_contract import INPUT_NAME, file_sha256, read_contract
 from pneumoscope.inference import OperatingPoint
 from pneumoscope.rundir import THRESHOLD, RunDir
 
@@ -63,11 +64,11 @@ class OnnxPredictor(OperatingPoint):
         thresholds from the run's threshold.json."""
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
-            raise FileNotFoundError(f"{onnx_path}: no such ONNX file")
+            raise MissingFileError(f"{onnx_path}: no such ONNX file")
         contract = read_contract(onnx_path)
         if contract.get("model_sha256") != file_sha256(onnx_path):
-            raise ValueError(f"{onnx_path}: does not match its contract {onnx_path.name}.json "
-                             "(replaced or modified after export); export it again")
+            raise DataError(f"{onnx_path}: does not match its contract {onnx_path.name}.json "
+                            "(replaced or modified after export); export it again")
         run_thresholds = None
         if run_dir is not None:
             check_same_weights(contract, run_dir, onnx_path)
@@ -96,7 +97,7 @@ def check_same_weights(contract: dict, run_dir: str | Path, onnx_path: Path) -> 
     source = contract.get("source", {})
     weights = RunDir(run_dir).best_model_path()
     if source.get("weights_sha256") != file_sha256(weights):
-        raise ValueError(
+        raise DataError(
             f"{onnx_path}: exported from other weights than {weights} (run retrained or another "
             f"run: {source.get('run_dir', '?')}); export again with `pneumoscope export {os.fspath(run_dir)}`"
         )

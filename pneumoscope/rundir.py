@@ -27,6 +27,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from pneumoscope import __version__
+from pneumoscope.errors import UserError
 
 FORMAT_VERSION = 1
 
@@ -39,7 +40,7 @@ THRESHOLD = "threshold.json"
 VAL_PREDICTIONS = "val_predictions.csv"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory that is missing, incomplete or of an incompatible version."""
 
 
@@ -47,12 +48,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_with(path, lambda handle: handle.write(data))
 
 
+def default_file_mode() -> int:
+    """0666 less the process umask (0644 under the usual 022): the mode open() gives a new
+    file. mkstemp's temporary files are 0600, which a renamed result must not keep."""
+    try:  # Linux states the umask without changing it (no window for other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_with(path: str | Path, write) -> None:
-    """write(handle) into a temporary file beside path, flush, fsync, rename over path."""
+    """write(handle) into a temporary file beside path, flush, fsync, rename over path
+    (with the mode a plain open() would have given it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -4,10 +4,15 @@
 # Without DATA_ROOT: ../shared/data/chest_xray_224 (beside this checkout) when it exists,
 # else $PNEUMOSCOPE_DATA when set, else the embedded sample data/sample/ (a few minutes on a CPU).
 set -euo pipefail
+# Paths given by the user are read from where they ran the script, not from the repository.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+ARG_DATA=${1:+$(abspath "$1")}
+ARG_RUN=${2:+$(abspath "$2")}
+[ -n "${PNEUMOSCOPE_DATA:-}" ] && PNEUMOSCOPE_DATA=$(abspath "$PNEUMOSCOPE_DATA")
 cd "$(dirname "$0")/.."
 SAMPLE=data/sample
-if [ $# -ge 1 ]; then
-  DATA=$1; WHY="given on the command line"
+if [ -n "$ARG_DATA" ]; then
+  DATA=$ARG_DATA; WHY="given on the command line"
 elif [ -d ../shared/data/chest_xray_224/train ]; then
   DATA=../shared/data/chest_xray_224; WHY="found beside this checkout"
 elif [ -n "${PNEUMOSCOPE_DATA:-}" ]; then
@@ -15,7 +20,8 @@ elif [ -n "${PNEUMOSCOPE_DATA:-}" ]; then
 else
   DATA=$SAMPLE; WHY="the embedded sample (no ../shared/data/chest_xray_224, no \$PNEUMOSCOPE_DATA)"
 fi
-RUN=${2:-runs/main}
+# The demo and the full data get run folders of their own, so one never resumes the other.
+if [ "$DATA" = "$SAMPLE" ]; then RUN=${ARG_RUN:-runs/sample}; else RUN=${ARG_RUN:-runs/main}; fi
 [ -d "$DATA/train" ] || { echo "no data at $DATA ($WHY): pass DATA_ROOT holding train/{NORMAL,PNEUMONIA}" >&2; exit 2; }
 echo "data: $DATA — $WHY"
 if [ "$DATA" = "$SAMPLE" ]; then
@@ -28,7 +34,19 @@ bash scripts/setup_env.sh
 PS=.venv/bin/pneumoscope
 $PS audit "$DATA"
 start=$(date +%s)
-if [ -f "$RUN/checkpoint_last.pt" ]; then RESUME=--resume; else RESUME=; fi
+RESUME=
+if [ -f "$RUN/config.json" ]; then
+  # Resume only a run of this very data; another data set's run is never continued.
+  # (config.json, not the checkpoint: a run killed before its first checkpoint is resumed
+  # too, which starts it over; without --resume train refuses a folder holding a run.)
+  RAN_ON=$(.venv/bin/python -c "import json,os,sys; print(os.path.realpath(json.load(open(sys.argv[1]))['data']))" "$RUN/config.json" 2>/dev/null || true)
+  if [ "$RAN_ON" = "$(realpath "$DATA")" ]; then
+    RESUME=--resume
+  else
+    echo "$RUN holds a run on ${RAN_ON:-other data}, not on $DATA: pass another RUN_DIR as the second argument" >&2
+    exit 2
+  fi
+fi
 $PS train --data "$DATA" --out "$RUN" $RESUME
 echo "train wall time: $(( $(date +%s) - start )) s"
 # Evaluate on the held-out test split when it is there; otherwise on the official val split

@@ -47,22 +47,25 @@ def shared_data(sample_data) -> Path:
 
 
 def pick_images(shared_data: Path, per_class: int, offset: int = 0,
-                exclude: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
+                exclude_patients: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
     """Deterministic slice of the real train images of `shared_data` (the sample), spread over the sorted listing so it
-    holds several patients and both file-name styles."""
+    holds several patients and both file-name styles; no image of `exclude_patients`."""
+    from pneumoscope.data.discover import patient_id
+
     picked = {}
     for cls in ("NORMAL", "PNEUMONIA"):
-        files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg") if f.name not in exclude)
+        files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg")
+                       if patient_id(f.name) not in exclude_patients)
         step = max(1, len(files) // (per_class + offset))
         picked[cls] = files[offset * step :: step][:per_class]
     return picked
 
 
 def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 0,
-                   split: str = "train", exclude: frozenset[str] = frozenset()) -> Path:
-    """Copies pick_images' slice to root/split/{NORMAL,PNEUMONIA}; `exclude` names files
-    (e.g. another split's) that must not be picked, so splits do not share images."""
-    for cls, files in pick_images(shared_data, per_class, offset, exclude).items():
+                   split: str = "train", exclude_patients: frozenset[str] = frozenset()) -> Path:
+    """Copies pick_images' slice to root/split/{NORMAL,PNEUMONIA}; `exclude_patients` names
+    patients (e.g. another split's) that must not be picked, so splits share no patient."""
+    for cls, files in pick_images(shared_data, per_class, offset, exclude_patients).items():
         dest = root / split / cls
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -91,11 +94,14 @@ def small_run_trainer():
 @pytest.fixture(scope="session")
 def small_data_root(tmp_path_factory, shared_data) -> Path:
     """DATA_ROOT with train/ of 20 NORMAL + 20 PNEUMONIA real images and a test/ split of
-    other real images (12 + 12)."""
+    12 + 12 real images of other patients."""
+    from pneumoscope.data.discover import patient_id
+
     root = tmp_path_factory.mktemp("data")
     make_data_root(root, shared_data, per_class=20)
-    train_names = frozenset(f.name for f in (root / "train").rglob("*.jpeg"))
-    make_data_root(root, shared_data, per_class=12, offset=1, split="test", exclude=train_names)
+    train_patients = frozenset(patient_id(f.name) for f in (root / "train").rglob("*.jpeg"))
+    make_data_root(root, shared_data, per_class=12, offset=1, split="test", exclude_patients=train_patients)
+    assert not train_patients & {patient_id(f.name) for f in (root / "test").rglob("*.jpeg")}
     return root
 
 

@@ -10,7 +10,7 @@ import torch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.inference import images_to_input, inference_precision, predict_probs
-from pneumoscope.models import build_model
+from pneumoscope.models import PNEUMONIA_INDEX, build_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def model():
 def test_fp32_is_the_plain_forward_pass(model, images):
     p = predict_probs(model, images, batch_size=7, precision="fp32")
     with torch.no_grad():
-        expected = torch.softmax(model(images_to_input(images)), dim=1)[:, 1].numpy()
+        expected = torch.softmax(model(images_to_input(images)), dim=1)[:, PNEUMONIA_INDEX].numpy()
     np.testing.assert_allclose(p, expected, atol=1e-5)
     assert np.ptp(p) > 1e-3  # real images told apart, not a constant
 

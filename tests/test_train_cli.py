@@ -2,15 +2,20 @@
 
 import csv
 import json
+import os
 import shutil
+import stat
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from pneumoscope.cli import main
 from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.inference import Predictor
 from pneumoscope.training import TrainConfig, train
-from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
+from pneumoscope.data.cache import decode_version
+from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, atomic_write_json
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "0"]
 
@@ -73,6 +78,16 @@ def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root)
     full = read_metrics(one_epoch_run)
     for key in ("train_loss", "val_roc_auc", "val_loss"):
         assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
+    assert_same_weights(run, one_epoch_run)
+
+
+def assert_same_weights(run, reference):
+    """The selected model and the last checkpoint's model: every tensor equal."""
+    got, want = load_file(run / BEST_MODEL), load_file(reference / BEST_MODEL)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got, want = (torch.load(r / LAST_CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+                 for r in (run, reference))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_with_changed_options_is_refused(one_epoch_run, tmp_path, small_data_root, capsys):
@@ -80,6 +95,75 @@ def test_resume_with_changed_options_is_refused(one_epoch_run, tmp_path, small_d
     shutil.copytree(one_epoch_run, run)
     assert main(train_args(small_data_root, run, "--epochs", "2", "--seed", "5", "--resume")) == 2
     assert "seed 0 -> 5" in capsys.readouterr().err
+
+
+def snapshot(run):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir()) if p.is_file()}
+
+
+def test_train_into_an_existing_run_is_refused_and_leaves_it_untouched(one_epoch_run, tmp_path, small_data_root,
+                                                                       capsys):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    before = snapshot(run)
+    assert main(train_args(small_data_root, run, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and str(run) in err
+    assert snapshot(run) == before
+    assert main(train_args(small_data_root, run, "--epochs", "1", "--resume", "--overwrite")) == 2
+    assert snapshot(run) == before
+
+
+def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    (run / ".config.json.x.tmp").write_text("half-written")  # left by a kill: removed too
+    assert main(train_args(small_data_root, run, "--epochs", "1", "--overwrite")) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [0]  # not the old run's lines + the new one
+    assert json.loads((run / "summary.json").read_text())["epochs_run"] == 1
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_run_killed_before_its_first_epoch_ended_starts_over(one_epoch_run, tmp_path, small_data_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", MANIFEST):  # what a kill before the first epoch's end leaves
+        shutil.copy2(one_epoch_run / name, run / name)
+    assert main(train_args(small_data_root, run, "--epochs", "1")) == 0
+    assert [r["epoch"] for r in read_metrics(run)] == [0]
+
+
+def test_run_files_get_the_usual_mode(one_epoch_run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644  # mkstemp's was 0600
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~old
+    for path in one_epoch_run.iterdir():
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
+
+
+def test_config_records_what_ran_and_resume_refuses_a_change(one_epoch_run, tmp_path, small_data_root, capsys):
+    config = json.loads((one_epoch_run / "config.json").read_text())
+    assert config["recipe"] == "cpu-fast" and config["backbone"] == "efficientnet_lite0"
+    assert config["precision"] in ("fp32", "bf16") and config["trunk_precision"] in ("fp32", "bf16")
+    assert config["device"] == "cpu" and config["decode_version"] == decode_version()
+    assert config["requested"]["precision"] == "auto"
+    assert 0.2 <= config["val_fraction_actual"] <= 0.3
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch_run, run)
+    other = "bf16" if config["precision"] == "fp32" else "fp32"
+    assert main(train_args(small_data_root, run, "--epochs", "2", "--precision", other, "--resume")) == 2
+    assert f"precision {config['precision']!r} -> {other!r}" in capsys.readouterr().err
+    saved = json.loads((run / "config.json").read_text())
+    saved["decode_version"] = "0ld"  # a run decoded by other code
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(train_args(small_data_root, run, "--epochs", "2", "--resume")) == 2
+    assert "decode_version '0ld'" in capsys.readouterr().err
 
 
 def test_evaluate_writes_metrics_json(one_epoch_run, small_data_root, tmp_path, capsys):

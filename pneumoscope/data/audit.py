@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pneumoscope import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray
 from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
+from pneumoscope.errors import MissingFileError
 
 
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
@@ -60,7 +61,7 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
     splits = {s: _class_dirs(data_root / s) for s in SPLIT_NAMES}
     splits = {s: dirs for s, dirs in splits.items() if dirs}
     if not splits:
-        raise FileNotFoundError(f"{data_root}: no {'/'.join(SPLIT_NAMES)} folders with class folders")
+        raise MissingFileError(f"{data_root}: no {'/'.join(SPLIT_NAMES)} folders with class folders")
     jobs = []
     skipped = []
     for split, class_dirs in splits.items():

@@ -32,11 +32,12 @@ from pneumoscope.data import decode as _decode
 from pneumoscope.data.decode import ImageDecodeError, load_image, read_bytes
 from pneumoscope.data.discover import Sample
 from pneumoscope.data.diskcache import read_array, read_meta, resolve_cache_dir, write_array
+from pneumoscope.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class UnreadableImagesError(RuntimeError):
+class UnreadableImagesError(UserError, RuntimeError):
     """Raised in --strict mode before any work is done."""
 
 

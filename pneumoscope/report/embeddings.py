@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pneumoscope import CLASSES
 from pneumoscope.inference import images_to_input, inference_precision
 from pneumoscope.models.classifier import PNEUMONIA_INDEX, Classifier
+from pneumoscope.precision import autocast
 from pneumoscope.rundir import atomic_write_bytes, atomic_write_csv
 
 
@@ -41,14 +42,14 @@ def embed_and_predict(model: torch.nn.Module, images: np.ndarray, batch_size: in
     model.eval()
     one_pass = isinstance(model, Classifier)
     dev = torch.device(device)
-    bf16 = inference_precision(dev) == "bf16"
+    precision = inference_precision(dev)
     embs, probs = [], []
     starts = range(0, len(images), batch_size)
     desc = "predict + embed" if with_probs else "embed"
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
         x = images_to_input(images[start : start + batch_size]).to(dev)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(dev, precision):
             emb = model.embed(x)
             logits = (model.head(model.dropout(emb)) if one_pass else model(x)) if with_probs else None
         embs.append(emb.float().cpu())

@@ -11,6 +11,7 @@ from pneumoscope import CLASSES
 from pneumoscope.commands import expand_paths
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.decode import ImageDecodeError
+from pneumoscope.errors import MissingFileError
 from pneumoscope.inference import Predictor
 from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
 from pneumoscope.rundir import atomic_write_bytes
@@ -39,7 +40,7 @@ def explain_images(run_dir: str | Path, images: list[str | Path], out: str | Pat
     out = Path(out) if out else Path(run_dir) / "explain"
     files = expand_paths(images)
     if not files:
-        raise FileNotFoundError(f"explain: no image files among {[str(p) for p in images]}")
+        raise MissingFileError(f"explain: no image files among {[str(p) for p in images]}")
     loaded, failures = [], []
     for path in files:
         try:

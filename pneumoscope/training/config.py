@@ -32,7 +32,9 @@ class TrainConfig:
     label_smoothing: float | None = None
     views: int | None = None  # cpu-fast: augmented views of each training image through the trunk
     cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
-    trunk_precision: str = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
+    # precision, trunk_precision and device: as given, then replaced by what they resolve
+    # to when training starts (config.json records what ran; full: no trunk, None).
+    trunk_precision: str | None = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
     strict: bool = False  # stop before any work if a file is unreadable
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
@@ -61,3 +63,6 @@ RESUME_KEYS = (
     "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "head_epochs",
     "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views",
 )
+# What the run resolved from auto (config.json records these values, not "auto"); a
+# --resume that would resolve any of them otherwise is refused, naming it.
+RESOLVED_KEYS = ("recipe", "backbone", "device", "precision", "trunk_precision", "decode_version")

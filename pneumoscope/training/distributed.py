@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pneumoscope.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 
@@ -139,7 +141,7 @@ def init_from_env(device_name: str = "auto") -> DistEnv:
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device_name}: no CUDA device on this machine (rank {rank})")
+            raise OptionError(f"--device {device_name}: no CUDA device on this machine (rank {rank})")
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     else:

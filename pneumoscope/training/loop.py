@@ -1,38 +1,48 @@
 """The training loop: plain and explicit, in the manner of torchvision's references.
 
-Every random draw of an epoch (order, augmentation, dropout) comes from generators
-seeded with (seed, epoch), so `--resume` after a kill repeats exactly what the
-uninterrupted run would have done.
+train() is a sequence of named steps: open the run directory, resolve what will run,
+load the data, build the optimizer, run the epochs, finish. Every random draw of an
+epoch (order, augmentation, dropout) comes from its own stream of (seed, epoch)
+(training.seeds), so `--resume` after a kill repeats exactly what the uninterrupted run
+would have done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
 from pneumoscope.data.augment import PRESETS, augment_batch
-from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures, require_both_classes
+from pneumoscope.data.cache import (
+    DecodedSet, decode_samples, decode_version, report_failures, require_both_classes,
+)
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
-from pneumoscope.data.split import split_by_patient
+from pneumoscope.data.split import split_by_patient, split_fraction
+from pneumoscope.errors import OptionError
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics
 from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model, get_spec
-from pneumoscope.models.weights import imagenet_weights_available
+from pneumoscope.models.registry import imagenet_weights_available
+from pneumoscope.precision import resolve_precision
 from pneumoscope.rundir import (
-    BEST_MODEL, LAST_CHECKPOINT, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
+    BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
     save_model_weights, save_training_state,
 )
-from pneumoscope.training import fastpath
-from pneumoscope.training.config import RESUME_KEYS, TrainConfig
+from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
+from pneumoscope.training import seeds
+from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
 from pneumoscope.training.inputs import make_inputs
 
@@ -79,7 +89,7 @@ def class_weights(labels: np.ndarray) -> torch.Tensor:
 
 def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:
     """Indices of one epoch: a permutation, or a class-balanced draw with replacement."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = seeds.generator(seed, "order", epoch)
     n = len(labels)
     if balance != "sampler":
         return torch.randperm(n, generator=gen).numpy()
@@ -103,32 +113,40 @@ def frozen_stages_at(epoch: int, n_stages: int, cfg: TrainConfig) -> int:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; the new head learns at lr, the pretrained stages at lr*backbone_lr_scale;
-    no weight decay on norms and biases (as timm and torchvision's references do)."""
-    groups = {}
-    for name, param in model.named_parameters():
-        part = "head" if name.startswith("head.") else "backbone"
-        decay = "decay" if param.ndim > 1 else "no_decay"
-        groups.setdefault((part, decay), []).append(param)
-    param_groups = []
-    for (part, decay), params in sorted(groups.items()):
-        lr = cfg.lr if part == "head" or cfg.weights == "none" else cfg.lr * cfg.backbone_lr_scale
-        wd = cfg.weight_decay if decay == "decay" else 0.0
-        param_groups.append({"params": params, "lr": lr, "weight_decay": wd})
-    return torch.optim.AdamW(param_groups)
+    no weight decay on norms and biases (timm's param_groups_weight_decay). Every
+    parameter is in a group, frozen or not: staged fine-tuning unfreezes them later."""
+    backbone_lr = cfg.lr if cfg.weights == "none" else cfg.lr * cfg.backbone_lr_scale
+    groups = []
+    for part, lr in ((model.stages, backbone_lr), (model.head, cfg.lr)):
+        with _all_trainable(part):  # timm leaves out what is frozen at this moment
+            for group in param_groups_weight_decay(part, cfg.weight_decay):
+                groups.append({**group, "lr": lr})
+    return torch.optim.AdamW(groups)
+
+
+@contextlib.contextmanager
+def _all_trainable(module: torch.nn.Module):
+    """requires_grad on every parameter of module for the duration, then as it was."""
+    params = list(module.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, was):
+            p.requires_grad_(flag)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warmup, then cosine decay to zero, stepped per batch."""
+    """Linear warmup from lr/(warmup+1), then cosine decay to zero, stepped per batch."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    if warmup == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 # ----------------------------------------------------------------------------- epochs
@@ -136,15 +154,15 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainConfig, epoch: int,
                     device, loss_weights, show_progress: bool = True, *, env: DistEnv | None = None,
-                    feed: fastpath.BatchFeed | None = None, precision: str = "fp32") -> dict:
+                    feed: BatchFeed | None = None, precision: str = "fp32") -> dict:
     """model: what the step calls (the Classifier, or its DDP / compiled wrapper).
-    feed: the batch source (fastpath.BatchFeed; built from data when not given)."""
+    feed: the batch source (BatchFeed; built from data when not given)."""
     env = env or DistEnv(device=torch.device(device))
-    feed = feed or fastpath.BatchFeed(data.images, data.labels, torch.device(device))
+    feed = feed or BatchFeed(data.images, data.labels, torch.device(device))
     model.train()
-    rank_offset = env.rank * 7_777_777  # each rank its own dropout and augmentation draws
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch + rank_offset)  # dropout of this epoch
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch + rank_offset)
+    # Each rank its own dropout and augmentation streams; one epoch order for all.
+    seeds.seed_global(cfg.seed, "dropout", epoch, env.rank)
+    aug_gen = seeds.generator(cfg.seed, "augment", epoch, env.rank)
     augment = PRESETS[cfg.augment]
     # Every rank draws the same epoch order and keeps its own slice (one rank: all of it).
     order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch), env.rank, env.world_size)
@@ -156,7 +174,7 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
     for b in bar:
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x, y = feed(idx)
-        loss = fastpath.train_step(model, optimizer, scheduler, augment_batch(x, augment, aug_gen), y,
+        loss = train_step(model, optimizer, scheduler, augment_batch(x, augment, aug_gen), y,
                                    loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
                                    precision=precision)
         total_loss += loss.double() * len(idx)
@@ -200,11 +218,51 @@ def is_better(metrics: dict, state: dict) -> bool:
     return abs(auc - best) <= 1e-4 and metrics["val_loss"] < state["best_loss"]
 
 
-# ----------------------------------------------------------------------------- resume
+# ----------------------------------------------------------------------------- the run directory
+
+RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "device")  # TrainConfig fields resolve_config sets
+RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
+# What a run leaves once an epoch has ended: a folder with any of them holds a run's results.
+RESULT_FILES = (METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json")
+
+
+def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
+    """Make RUN_DIR ready for a run: a new one is refused in a folder holding another run's
+    results unless --overwrite (which removes that run's files first); nothing is written
+    before that check, so a refused call leaves the folder as it was. A run killed before
+    its first epoch ended (config and manifest only) is simply started over."""
+    if resume and overwrite:
+        raise RunDirError(f"{run.path}: --resume continues the run and --overwrite replaces it: give one")
+    results = [name for name in RESULT_FILES if (run / name).exists()]
+    if results and not resume and not overwrite:
+        raise RunDirError(f"{run.path}: holds a training run ({', '.join(results)}); --resume continues it, "
+                          "--overwrite replaces it, or choose another --out")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        shutil.rmtree(run / "report", ignore_errors=True)  # it described the replaced model
+    if resume or overwrite:  # even with no checkpoint yet: a kill may have come mid-write
+        for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read
+            log.info("removed %s (an interrupted write)", stale.name)
+
+
+def resolve_settings(cfg: TrainConfig, device: torch.device) -> dict:
+    """What will actually run where the options say auto (config.json records these, and
+    --resume refuses to change them)."""
+    if cfg.recipe == "cpu-fast":  # the top's step and the trunk pass: bf16 where native
+        step = resolve_precision(cfg.precision, device)
+        trunk = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
+    else:  # the whole network's step: fp32 on every CPU
+        step, trunk = step_precision(cfg.precision, device), None
+    return {"recipe": cfg.recipe, "backbone": cfg.backbone, "device": device.type, "precision": step,
+            "trunk_precision": trunk, "decode_version": decode_version()}
 
 
 def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict | None:
-    """The saved training state, or None when there is nothing to resume."""
+    """The saved training state, or None when there is nothing to resume. cfg holds the
+    resolved settings (resolve_settings) by now; every RESUME_KEYS and RESOLVED_KEYS
+    value must match the saved run's."""
     if not (run / LAST_CHECKPOINT).exists():
         return None
     saved = run.read_config()
@@ -212,11 +270,12 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
         raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
                           f"trained with {saved_world} (start it the same way)")
-    changed = [k for k in RESUME_KEYS if k != "backbone" and saved.get(k) != getattr(cfg, k)]
+    now = {**cfg.to_dict(), "decode_version": decode_version()}
+    changed = [k for k in dict.fromkeys(RESUME_KEYS + RESOLVED_KEYS) if saved.get(k) != now.get(k)]
     if changed:
         raise RunDirError(
             f"{run.path}: --resume with options that differ from the saved run: "
-            + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+            + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         )
     return load_training_state(run / LAST_CHECKPOINT)
 
@@ -250,113 +309,163 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
-          stop_after_epochs: int | None = None) -> dict | None:
+          stop_after_epochs: int | None = None, overwrite: bool = False) -> dict | None:
     """Train a model into cfg.out; returns the summary that is also written to summary.json.
 
     stop_after_epochs: leave after that many epochs as an interrupted run would (no
-    thresholds, no summary; --resume continues), for tests and time-boxed sessions."""
+    thresholds, no summary; --resume continues), for tests and time-boxed sessions.
+    overwrite: replace a run already in cfg.out (without it, or resume, that is refused)."""
     run = RunDir(cfg.out)
     # Under torchrun rank 0 alone reads and writes RUN_DIR and hands the others what
     # they need (env.broadcast); without torchrun env is a world of one and all is as before.
     env = init_from_env(cfg.device)
     if env.is_distributed and cfg.recipe != "full":  # its cached trunk is a one-process shortcut
-        raise ValueError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
-                         "(or auto, which picks full there)")
-    main = env.is_main
-    show_progress = show_progress and main
-    if main:
-        run.path.mkdir(parents=True, exist_ok=True)
-    if resume and main:  # even with no checkpoint yet: a kill may have come mid-write
-        for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read
-            log.info("removed %s (an interrupted write)", stale.name)
-    saved = env.broadcast(check_resumable(run, cfg, env.world_size) if resume and main else None)
-    cfg.backbone = env.broadcast(
-        (run.read_config()["backbone"] if saved else resolve_backbone(cfg)) if main else None)
-    device = env.device
-    torch.manual_seed(cfg.seed)
+        raise OptionError(f"--recipe {cfg.recipe} trains in one process; under torchrun use --recipe full "
+                          "(or auto, which picks full there)")
+    show_progress = show_progress and env.is_main
+    requested = {k: getattr(cfg, k) for k in RESOLVED_FIELDS}  # config.json keeps both
+    saved = env.broadcast(start_run(run, cfg, env, resume, overwrite) if env.is_main else None)
+    resolved = env.broadcast({k: getattr(cfg, k) for k in RESOLVED_FIELDS} if env.is_main else None)
+    for name, value in resolved.items():  # every rank runs what rank 0 resolved
+        setattr(cfg, name, value)
+    seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
+    model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), env.device)
+    train_set, val_set = load_data(cfg, run, env, requested, resumed=saved is not None, show_progress=show_progress)
+    optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
+    state = restore(saved, run, env, model, optimizer, scheduler)
+    # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
+    inputs = make_inputs(cfg, model, train_set, val_set, env.device,
+                         feed=BatchFeed(train_set.images, train_set.labels, env.device),  # images to the GPU once
+                         replicas=Replicas(model, env, compile_model=cfg.compile), precision=cfg.precision,
+                         predict=lambda m: predict_all(m, val_set.images, env.device, env),
+                         show_progress=show_progress)
+    finished = run_epochs(cfg, run, env, model, inputs, optimizer, scheduler, loss_weights, state,
+                          train_set, val_set, show_progress, stop_after_epochs)
+    if not finished:
+        return None
+    return write_summary(run, cfg, env, model, state, train_set, val_set)
 
-    model = fastpath.prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), device)
-    if not saved and main:
-        run.write_config({**cfg.to_dict(), "preprocessing": preprocessing_contract(cfg),
-                          "distributed": env.describe()})
-    train_samples, val_samples = env.broadcast(
-        prepare_split(cfg, run, resume=saved is not None) if main else None)
-    train_set = decode_samples(train_samples, cfg.image_size, desc="decode train",
-                               show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
-    val_set = decode_samples(val_samples, cfg.image_size, desc="decode val",
-                             show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
+
+def start_run(run: RunDir, cfg: TrainConfig, env: DistEnv, resume: bool, overwrite: bool) -> dict | None:
+    """Rank 0: open RUN_DIR, resolve cfg to what will run, check a --resume against the
+    saved run; returns the saved training state (None for a new run)."""
+    open_run(run, resume, overwrite)
+    has_checkpoint = resume and (run / LAST_CHECKPOINT).exists()
+    resolve_config(cfg, env, saved_backbone=run.read_config().get("backbone") if has_checkpoint else None)
+    return check_resumable(run, cfg, env.world_size) if resume else None
+
+
+def resolve_config(cfg: TrainConfig, env: DistEnv, saved_backbone: str | None) -> None:
+    """Replace every auto in cfg by what will run (in place): the backbone (on --resume,
+    `auto` is the saved run's), the precisions, the device type."""
+    if cfg.backbone == "auto":
+        cfg.backbone = saved_backbone or resolve_backbone(cfg)
+    settings = resolve_settings(cfg, env.device)
+    cfg.precision, cfg.trunk_precision, cfg.device = settings["precision"], settings["trunk_precision"], settings["device"]
+
+
+def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, resumed: bool,
+              show_progress: bool) -> tuple[DecodedSet, DecodedSet]:
+    """The patient-grouped split (manifest.csv), decoded; config.json on a new run."""
+    train_samples, val_samples = env.broadcast(prepare_split(cfg, run, resume=resumed) if env.is_main else None)
+    if not resumed and env.is_main:  # after the split: it records the fraction the split gave
+        run.write_config({**cfg.to_dict(), "requested": requested, "decode_version": decode_version(),
+                          "val_fraction_actual": round(split_fraction(train_samples, val_samples), 4),
+                          "preprocessing": preprocessing_contract(cfg), "distributed": env.describe()})
+    decode = dict(show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
+    train_set = decode_samples(train_samples, cfg.image_size, desc="decode train", **decode)
+    val_set = decode_samples(val_samples, cfg.image_size, desc="decode val", **decode)
     report_failures(train_set.failures + val_set.failures, cfg.strict)  # one warning, or --strict stops
-    if main:  # the manifest's sha1 column: the content keys decoding just computed
+    if env.is_main:  # the manifest's sha1 column: the content keys decoding just computed
         write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples},
                        sha1=sha1_by_path(train_set, val_set))
     require_both_classes({"train": train_set, "validation": val_set})
     log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
-             len(train_set.samples), len(val_set.samples), cfg.backbone, device)
+             len(train_set.samples), len(val_set.samples), cfg.backbone, env.device)
+    return train_set, val_set
 
-    feed = fastpath.BatchFeed(train_set.images, train_set.labels, device)  # images to the GPU once
-    precision = fastpath.resolve_precision(cfg.precision, device)
-    replicas = Replicas(model, env, compile_model=cfg.compile)
+
+def build_optimization(cfg: TrainConfig, model, train_set: DecodedSet, env: DistEnv):
+    """(optimizer, scheduler, class weights of the loss or None)."""
     # --batch-size is per process; --scale-lr applies the linear rule to the effective batch.
     optimizer = make_optimizer(model, replace(cfg, lr=cfg.lr * env.world_size) if cfg.scale_lr else cfg)
     steps = math.ceil(len(train_set.samples) / env.world_size) // cfg.batch_size or 1
     scheduler = make_scheduler(optimizer, cfg, steps)
-    loss_weights = class_weights(train_set.labels).to(device) if cfg.balance == "loss" else None
+    loss_weights = class_weights(train_set.labels).to(env.device) if cfg.balance == "loss" else None
+    return optimizer, scheduler, loss_weights
+
+
+def restore(saved: dict | None, run: RunDir, env: DistEnv, model, optimizer, scheduler) -> dict:
+    """The early-stopping state: fresh, or the checkpoint's (model, optimizer and
+    scheduler loaded from it)."""
     state = {"epoch": -1, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
              "bad_epochs": 0, "stopped": False}
-    if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {k: saved[k] for k in state}
-        if main:
-            run.truncate_metrics(state["epoch"])
-        log.info("resuming after epoch %d", state["epoch"] + 1)
-    # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
-    inputs = make_inputs(cfg, model, train_set, val_set, device, feed=feed, replicas=replicas, precision=precision,
-                         predict=lambda m: predict_all(m, val_set.images, device, env), show_progress=show_progress)
+    if not saved:
+        return state
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if env.is_main:
+        run.truncate_metrics(saved["epoch"])
+    log.info("resuming after epoch %d", saved["epoch"] + 1)
+    return {k: saved[k] for k in state}
 
+
+def run_epochs(cfg, run: RunDir, env: DistEnv, model, inputs, optimizer, scheduler, loss_weights,
+               state: dict, train_set, val_set, show_progress: bool, stop_after_epochs: int | None) -> bool:
+    """Train, validate and checkpoint epoch after epoch until the last or an early stop;
+    False when stop_after_epochs ended it first (an interrupted run)."""
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if state["stopped"]:
             break
         model.freeze_stages(frozen_stages_at(epoch, model.n_stages, cfg))
         started = time.perf_counter()
         row = {"epoch": epoch, **train_one_epoch(inputs.net(), optimizer, scheduler, train_set, inputs.step_cfg(cfg),
-                                                  epoch, device, loss_weights, show_progress, env=env,
+                                                  epoch, env.device, loss_weights, show_progress, env=env,
                                                   feed=inputs.feed(epoch), precision=inputs.precision)}
-        metrics, _ = validate(model, val_set, device, env, predict=inputs.predict_val)
+        metrics, _ = validate(model, val_set, env.device, env, predict=inputs.predict_val)
         row.update(metrics, lr=scheduler.get_last_lr()[0], frozen_stages=model.frozen_stages,
                    seconds=round(time.perf_counter() - started, 2))
-        if is_better(metrics, state):
-            state.update(best_auc=metrics["val_roc_auc"], best_loss=metrics["val_loss"],
-                         best_epoch=epoch, bad_epochs=0)
-            if main:
-                save_model_weights(run / BEST_MODEL, model.state_dict(),
-                                   {"backbone": cfg.backbone, "epoch": epoch})
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        state["stopped"] = state["bad_epochs"] >= cfg.patience
-        row["best_epoch"] = state["best_epoch"]
-        if main:
-            run.append_metrics(row)
-            save_checkpoint(run, model, optimizer, scheduler, state)
-        env.barrier()  # no rank runs ahead of the epoch's checkpoint
-        log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1,
-                 row["train_loss"], row["val_roc_auc"], row["val_loss"], row["seconds"],
-                 "  *" if state["best_epoch"] == epoch else "")
-        if state["stopped"]:
-            log.info("early stop: no better val ROC AUC for %d epochs", cfg.patience)
+        end_epoch(cfg, run, env, model, optimizer, scheduler, state, epoch, metrics, row)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
-            return None
+            return False
+    return True
 
-    thresholds = finalize(run, cfg, model, val_set, device, env)
+
+def end_epoch(cfg, run: RunDir, env: DistEnv, model, optimizer, scheduler, state: dict, epoch: int,
+              metrics: dict, row: dict) -> None:
+    """Early-stopping bookkeeping, the best model, the epoch's metrics line and checkpoint."""
+    if is_better(metrics, state):
+        state.update(best_auc=metrics["val_roc_auc"], best_loss=metrics["val_loss"], best_epoch=epoch, bad_epochs=0)
+        if env.is_main:
+            save_model_weights(run / BEST_MODEL, model.state_dict(), {"backbone": cfg.backbone, "epoch": epoch})
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch
+    state["stopped"] = state["bad_epochs"] >= cfg.patience
+    row["best_epoch"] = state["best_epoch"]
+    if env.is_main:
+        run.append_metrics(row)
+        save_checkpoint(run, model, optimizer, scheduler, state)
+    env.barrier()  # no rank runs ahead of the epoch's checkpoint
+    log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1, row["train_loss"],
+             row["val_roc_auc"], row["val_loss"], row["seconds"], "  *" if state["best_epoch"] == epoch else "")
+    if state["stopped"]:
+        log.info("early stop: no better val ROC AUC for %d epochs", cfg.patience)
+
+
+def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dict,
+                  train_set: DecodedSet, val_set: DecodedSet) -> dict:
+    """The best model's thresholds and validation predictions (finalize), summary.json."""
+    thresholds = finalize(run, cfg, model, val_set, env.device, env)
     summary = {
         "backbone": cfg.backbone, "best_epoch": state["best_epoch"] + 1,
-        "epochs_run": state["epoch"] + 1, "val_roc_auc": state["best_auc"],
+        "epochs_run": state["epoch"] + 1, "early_stopped": state["stopped"], "val_roc_auc": state["best_auc"],
         "thresholds": thresholds, "n_train": len(train_set.samples), "n_val": len(val_set.samples),
+        "val_fraction_actual": round(split_fraction(train_set.samples, val_set.samples), 4),
         "unreadable": train_set.failures + val_set.failures,
     }
-    if main:
+    if env.is_main:
         atomic_write_json(run / "summary.json", summary)
     env.barrier()
     return summary

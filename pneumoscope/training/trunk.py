@@ -7,8 +7,8 @@ an epoch costs the top's forward and backward only.
 
 Views: ``views`` augmented copies of every training image (the train augmentation of
 pneumoscope.data.augment, applied to the [0, 1] image *before* the trunk, each view
-drawn from a generator seeded by (seed, view)) plus the clean image; each epoch picks
-one view per image from a generator seeded by (seed, epoch), so ``--resume`` repeats an
+drawn from the stream of (seed, view), training.seeds) plus the clean image; each epoch
+picks one view per image from the stream of (seed, epoch), so ``--resume`` repeats an
 epoch exactly. Validation uses the clean view.
 
 Activations are stored as float16, channels-last (N, H, W, C), in the persistent cache
@@ -38,37 +38,17 @@ from tqdm import tqdm
 from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
+from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
+from pneumoscope.models import PNEUMONIA_INDEX
+from pneumoscope.precision import autocast, resolve_precision
+from pneumoscope.training import seeds
 
 log = logging.getLogger(__name__)
 
 TRUNK_BATCH = 32  # images per trunk pass; part of the cache key (augmentation draws per batch)
 TRUNK_CACHE_MAX_BYTES = 8 * 2**30  # least recently used activation files beyond this are removed
-FORMAT = 1  # bump when the stored layout or the view seeding changes
-
-
-# ----------------------------------------------------------------------------- precision
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls/convs run natively (about 2x fp32 here)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_trunk_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA and on CPUs with native bf16, else fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+FORMAT = 2  # bump when the stored layout or the view seeding changes (2: training.seeds streams)
 
 
 # ----------------------------------------------------------------------------- the trunk
@@ -192,7 +172,7 @@ class ActivationStore:
 
 
 def view_generator(seed: int, view: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_033 + 104_729 * (view + 1))
+    return seeds.generator(seed, "views", view)
 
 
 class TopNet(nn.Module):
@@ -253,7 +233,7 @@ class CachedTrunk:
 
     def feed(self, epoch: int) -> "EpochFeed":
         """idx -> (activations, labels): each image in the view drawn for it this epoch."""
-        gen = torch.Generator().manual_seed(self.seed * 9_973 + epoch)
+        gen = seeds.generator(self.seed, "view_choice", epoch)
         choice = torch.randint(len(self.train_views), (len(self.train_labels),), generator=gen).numpy()
         return EpochFeed(self.train_views, choice, self.train_labels, self.device)
 
@@ -267,7 +247,7 @@ class CachedTrunk:
         for start in range(0, len(self.val_acts), batch_size):
             act = activations_to_input(self.val_acts[start : start + batch_size], self.device)
             logits = model.forward_from(self.k, act)
-            out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
         return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -297,13 +277,13 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
                      show_progress: bool = True) -> CachedTrunk:
     """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached."""
     if cfg.trainable_stages < 1:
-        raise ValueError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                         f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
-    precision = resolve_trunk_precision(cfg.trunk_precision, device)
+        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+                          f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
+    precision = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,
                          cache_dir=cfg.cache_dir or None, show_progress=show_progress)
     # The top's step: --precision, where auto means what the trunk pass uses (bf16 on CPUs
     # with native bf16: about 2x faster there, same validation AUC; benchmarks/RESULTS.md).
-    inputs.precision = resolve_trunk_precision(cfg.precision, device)
+    inputs.precision = resolve_precision(cfg.precision, device)
     return inputs

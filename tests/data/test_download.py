@@ -44,10 +44,13 @@ def archive(sources) -> bytes:
 
 class Server:
     """Serves `body` at /data.zip with Range support; `cut_after` bytes into the first
-    full (non-range) reply it closes the connection. Records each Range header it saw."""
+    full (non-range) reply it closes the connection; `cut_every` bytes into every reply too;
+    nothing past byte `stop_at` is ever sent. Records each Range header it saw."""
 
-    def __init__(self, body: bytes, cut_after: int | None = None, honour_range: bool = True):
+    def __init__(self, body: bytes, cut_after: int | None = None, honour_range: bool = True,
+                 cut_every: int | None = None, stop_at: int | None = None):
         self.body, self.cut_after, self.honour_range = body, cut_after, honour_range
+        self.cut_every, self.stop_at = cut_every, stop_at
         self.ranges: list[str | None] = []
         outer = self
 
@@ -65,8 +68,14 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                cut = None
                 if outer.cut_after is not None and start == 0:
                     outer.cut_after, cut = None, outer.cut_after
+                if outer.cut_every is not None:
+                    cut = outer.cut_every
+                if outer.stop_at is not None:
+                    cut = max(0, min(cut if cut is not None else len(data), outer.stop_at - start))
+                if cut is not None:
                     self.wfile.write(data[:cut])
                     self.wfile.flush()
                     self.connection.shutdown(2)  # the connection drops mid-body
@@ -94,6 +103,26 @@ def test_cut_connection_resumes_with_range(archive, tmp_path):
     assert digest == hashlib.sha256(archive).hexdigest()
     assert server.ranges == [None, f"bytes={cut}-"]
     assert not (tmp_path / "a.zip.part").exists()
+
+
+def test_a_download_cut_in_every_reply_keeps_going_while_it_progresses(archive, tmp_path):
+    with Server(archive, cut_every=len(archive) // 10) as server:
+        fetch(server.url, tmp_path / "a.zip", retries=2, show_progress=False, backoff=0)
+    assert (tmp_path / "a.zip").read_bytes() == archive
+    assert len(server.ranges) > 3  # more cut replies than retries: progress does not use them up
+
+
+def test_a_download_that_stops_progressing_fails_and_keeps_its_part(archive, tmp_path):
+    stop = len(archive) // 2
+    with Server(archive, stop_at=stop) as server:
+        with pytest.raises(DownloadError, match=f"stopped at {stop} bytes.*run the command again"):
+            fetch(server.url, tmp_path / "a.zip", retries=2, show_progress=False, backoff=0)
+    assert not (tmp_path / "a.zip").exists()  # never promoted while incomplete
+    assert (tmp_path / "a.zip.part").read_bytes() == archive[:stop]
+    with Server(archive) as server:  # the next call resumes where it stopped
+        fetch(server.url, tmp_path / "a.zip", show_progress=False)
+    assert server.ranges == [f"bytes={stop}-"]
+    assert (tmp_path / "a.zip").read_bytes() == archive
 
 
 def test_a_part_file_left_by_an_earlier_run_is_continued(archive, tmp_path):
@@ -144,6 +173,18 @@ def test_damaged_archive_is_refused_and_nothing_is_left(archive, tmp_path):
     with pytest.raises(DownloadError, match="CRC"):
         unpack(tmp_path / "bad.zip", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+def test_a_damaged_download_is_removed_so_the_next_call_fetches_again(archive, tmp_path, capsys):
+    bad = bytearray(archive)
+    bad[archive.index(b"\xff\xd8") + 200] ^= 0xFF
+    with Server(bytes(bad)) as server:
+        assert main(["-q", "data", "download", "--to", str(tmp_path), "--url", server.url]) == 2
+    assert "CRC" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.zip*"))
+    with Server(archive) as server:
+        assert main(["-q", "data", "download", "--to", str(tmp_path), "--url", server.url]) == 0
+    assert (tmp_path / "chest_xray" / "train").is_dir()
 
 
 def test_prefix_picks_the_shallowest_kermany_folder():

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pneumoscope.cli import main
+from pneumoscope.data.discover import patient_id
 
 # Small enough for an oversize upload to be cheap, large enough for a 224x224 DICOM.
 TEST_MAX_UPLOAD = 256 * 1024
@@ -77,20 +78,23 @@ def encode_as(gray: np.ndarray, fmt: str) -> tuple[bytes, str]:
     raise ValueError(fmt)
 
 
-def shared_jpegs(shared_data: Path, cls: str, n: int, offset: int = 0) -> list[Path]:
-    files = sorted((shared_data / "train" / cls).glob("*.jpeg"))
+def shared_jpegs(shared_data: Path, cls: str, n: int, offset: int = 0,
+                 exclude_patients: frozenset[str] = frozenset()) -> list[Path]:
+    files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg")
+                   if patient_id(f.name) not in exclude_patients)
     step = max(1, len(files) // (n + offset + 1))
     return files[(offset + 1) * step :: step][:n]
 
 
-def write_mixed_split(dest: Path, mirror: Path | None, shared_data: Path, n: int, offset: int) -> None:
-    """dest/{NORMAL,PNEUMONIA}: real images cycling through FORMATS (patient names kept);
-    mirror/: the same images as the original JPEGs."""
+def write_mixed_split(dest: Path, mirror: Path | None, shared_data: Path, n: int, offset: int,
+                      exclude_patients: frozenset[str] = frozenset()) -> None:
+    """dest/{NORMAL,PNEUMONIA}: real images cycling through FORMATS (patient names kept),
+    none of `exclude_patients`; mirror/: the same images as the original JPEGs."""
     for cls in ("NORMAL", "PNEUMONIA"):
         (dest / cls).mkdir(parents=True)
         if mirror is not None:
             (mirror / cls).mkdir(parents=True)
-        for i, src in enumerate(shared_jpegs(shared_data, cls, n, offset)):
+        for i, src in enumerate(shared_jpegs(shared_data, cls, n, offset, exclude_patients)):
             fmt = FORMATS[i % len(FORMATS)]
             if mirror is not None:
                 shutil.copy2(src, mirror / cls / src.name)
@@ -111,7 +115,10 @@ def mixed_root(tmp_path_factory, shared_data) -> Path:
     test_jpeg/ holds test/'s images as their original JPEGs."""
     root = tmp_path_factory.mktemp("mixed")
     write_mixed_split(root / "train", None, shared_data, n=12, offset=0)
-    write_mixed_split(root / "test", root / "test_jpeg", shared_data, n=8, offset=2)
+    train_patients = frozenset(patient_id(f.name) for f in (root / "train").rglob("*.*"))
+    write_mixed_split(root / "test", root / "test_jpeg", shared_data, n=8, offset=2,
+                      exclude_patients=train_patients)
+    assert not train_patients & {patient_id(f.name) for f in (root / "test").rglob("*.*")}
     return root
 
 

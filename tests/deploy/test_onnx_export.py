@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from pneumoscope.cli import main
 from pneumoscope.data.decode import load_image
 from pneumoscope.inference import Predictor
+from pneumoscope.models import PNEUMONIA_INDEX
 from pneumoscope.onnx_predictor import OnnxPredictor, open_session
 
 
@@ -74,7 +75,7 @@ def test_logits_output_is_consistent(onnx_model, real_images):
     logits, p = session.run(None, {"image": x})
     assert logits.shape == (5, 2) and p.shape == (5,)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    assert np.allclose(e[:, 1] / e.sum(axis=1), p, atol=1e-6)
+    assert np.allclose(e[:, PNEUMONIA_INDEX] / e.sum(axis=1), p, atol=1e-6)
 
 
 def read_rows(path):

@@ -25,9 +25,10 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pneumoscope", *map(str, args)]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m pneumoscope ARGS` as a user runs it; returns the finished process."""
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=child_env(),
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m pneumoscope ARGS` as a user runs it; returns the finished process.
+    env: variables to set on top of child_env()."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env={**child_env(), **(env or {})},
                           timeout=timeout)
 
 

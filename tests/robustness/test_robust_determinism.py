@@ -26,11 +26,16 @@ def without_timings(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_runs(small_data_root, small_run, cli, tmp_path_factory) -> tuple[Path, Path]:
+    """Each run its own empty cache: the second must compute everything itself, not read
+    back what the first stored (which would make any two runs agree)."""
     runs = []
     for name in ("first", "second"):
-        out = tmp_path_factory.mktemp("determinism") / name
-        proc = cli("-q", "train", "--data", small_data_root, "--out", out, *small_run, *OPTIONS)
+        folder = tmp_path_factory.mktemp("determinism")
+        out, cache = folder / name, folder / "cache"
+        proc = cli("-q", "train", "--data", small_data_root, "--out", out, *small_run, *OPTIONS,
+                   env={"PNEUMOSCOPE_CACHE": str(cache)})
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert list(cache.rglob("*.npy")), "the run wrote nothing to its own cache"
         runs.append(out)
     return runs[0], runs[1]
 

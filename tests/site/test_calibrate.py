@@ -140,7 +140,7 @@ def test_consumers_use_the_site_rule_and_youden_still_picks_the_old_one(fresh_ru
 
 
 def test_onnx_exported_before_calibration_gets_the_site_thresholds(fresh_run, site_sample, tmp_path, caplog):
-    from pneumoscope.export import read_contract
+    from pneumoscope.onnx_contract import read_contract
     from pneumoscope.onnx_predictor import OnnxPredictor
 
     assert main(["-q", "export", str(fresh_run)]) == 0  # inside the run: refreshed by calibrate

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
 from pneumoscope.data.augment import PRESETS, augment_batch
@@ -18,7 +19,7 @@ from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.inference import Predictor, images_to_input, predict_probs
 from pneumoscope.models import build_model
-from pneumoscope.rundir import METRICS, THRESHOLD, VAL_PREDICTIONS
+from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
 
@@ -218,3 +219,5 @@ def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
     for key in ("train_loss", "val_roc_auc", "val_loss"):
         assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
+    got, want = load_file(out / BEST_MODEL), load_file(full_run / BEST_MODEL)  # the weights, not only metrics
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

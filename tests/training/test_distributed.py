@@ -24,7 +24,7 @@ from pneumoscope.models import build_model
 from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS
 from pneumoscope.training import TrainConfig
 from pneumoscope.training.distributed import DistEnv, shard_order
-from pneumoscope.training.fastpath import BatchFeed
+from pneumoscope.training.step import BatchFeed
 from pneumoscope.training.loop import epoch_order, make_optimizer, make_scheduler, train_one_epoch
 
 HERE = Path(__file__).resolve().parent

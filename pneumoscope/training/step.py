@@ -1,4 +1,5 @@
-"""The training step and how batches reach it, fast on a GPU and unchanged on a CPU.
+"""The one training step (train_step) and how batches reach it (BatchFeed), fast on a
+GPU and unchanged on a CPU.
 
 On CUDA (the full fine-tune recipe): the decoded uint8 images go to the GPU once (or
 to pinned host memory when they do not fit), each batch is gathered, scaled and
@@ -9,35 +10,23 @@ every step is the plain fp32 one, bit for bit what it was before this module exi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pneumoscope.precision import autocast, resolve_precision
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")
 GPU_CACHE_FRACTION = 0.5  # of free GPU memory the uint8 image cache may take
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on a GPU that supports it (Ampere and later), fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """The forward pass's mixed-precision context (a no-op for fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def step_precision(precision: str, device: torch.device) -> str:
+    """The full recipe's step: auto is bf16 on a GPU that supports it (Ampere and later)
+    and fp32 on every CPU (the plain fp32 step there, bit for bit)."""
+    return resolve_precision(precision, device, cpu_auto="fp32")
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -15,7 +15,7 @@ from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.inference import images_to_input
 from pneumoscope.models import build_model
-from pneumoscope.training import TrainConfig, fastpath
+from pneumoscope.training import TrainConfig, step
 from pneumoscope.training.loop import make_optimizer, make_scheduler
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU fast path)")
@@ -30,7 +30,7 @@ def decoded(small_data_root):
 def tiny_training(precision="fp32", device="cpu"):
     cfg = TrainConfig(data="", out="", recipe="full", weights="none", image_size=48, batch_size=8, epochs=1)
     torch.manual_seed(0)
-    model = fastpath.prepare_model(build_model("efficientnet_lite0", weights="none"), torch.device(device))
+    model = step.prepare_model(build_model("efficientnet_lite0", weights="none"), torch.device(device))
     optimizer = make_optimizer(model, cfg)
     return model, optimizer, make_scheduler(optimizer, cfg, 4)
 
@@ -39,14 +39,14 @@ def tiny_training(precision="fp32", device="cpu"):
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bad_names_are_refused():
-    assert fastpath.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert fastpath.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert step.step_precision("auto", torch.device("cpu")) == "fp32"
+    assert step.step_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="--precision must be one of"):
-        fastpath.resolve_precision("fp8", torch.device("cpu"))
+        step.step_precision("fp8", torch.device("cpu"))
 
 
 def test_cpu_feed_is_the_model_input_contract(decoded):
-    feed = fastpath.BatchFeed(decoded.images, decoded.labels, torch.device("cpu"))
+    feed = step.BatchFeed(decoded.images, decoded.labels, torch.device("cpu"))
     idx = np.array([5, 0, 17, 3])
     x, y = feed(idx)
     assert torch.equal(x, images_to_input(decoded.images[idx]))  # bit for bit the old path
@@ -56,9 +56,9 @@ def test_cpu_feed_is_the_model_input_contract(decoded):
 def test_bf16_train_step_on_cpu_learns(decoded):
     model, optimizer, scheduler = tiny_training()
     model.train()
-    feed = fastpath.BatchFeed(decoded.images, decoded.labels, torch.device("cpu"))
+    feed = step.BatchFeed(decoded.images, decoded.labels, torch.device("cpu"))
     x, y = feed(np.arange(8))
-    losses = [fastpath.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
+    losses = [step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0]  # the same batch four times: the step does optimise
     assert next(model.parameters()).dtype == torch.float32  # autocast, weights stay fp32
@@ -71,13 +71,13 @@ def test_bf16_train_step_on_cpu_learns(decoded):
 def test_gpu_feed_holds_images_on_the_device_and_matches_cpu(decoded, monkeypatch):
     idx = np.array([5, 0, 17, 3])
     want = images_to_input(decoded.images[idx])
-    feed = fastpath.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))
+    feed = step.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))
     assert feed.on_device and feed.images.is_cuda
     x, y = feed(idx)
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(x.cpu(), want) and y.cpu().tolist() == decoded.labels[idx].tolist()
-    monkeypatch.setattr(fastpath, "GPU_CACHE_FRACTION", 0.0)  # too big for the GPU: pinned host cache
-    pinned = fastpath.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))
+    monkeypatch.setattr(step, "GPU_CACHE_FRACTION", 0.0)  # too big for the GPU: pinned host cache
+    pinned = step.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))
     assert not pinned.on_device and pinned.images.is_pinned()
     x2, _ = pinned(idx)
     assert x2.is_cuda and torch.equal(x2.cpu(), want)
@@ -95,10 +95,10 @@ def test_gpu_augmentation_draws_the_same_parameters_as_on_cpu(decoded):
 @needs_cuda
 def test_bf16_channels_last_step_on_gpu(decoded):
     model, optimizer, scheduler = tiny_training(device="cuda")
-    assert fastpath.resolve_precision("auto", torch.device("cuda")) in ("bf16", "fp32")
+    assert step.step_precision("auto", torch.device("cuda")) in ("bf16", "fp32")
     model.train()
-    x, y = fastpath.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))(np.arange(8))
-    losses = [fastpath.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
+    x, y = step.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))(np.arange(8))
+    losses = [step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 

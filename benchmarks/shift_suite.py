@@ -47,10 +47,12 @@ from pneumoscope.data.cache import DecodedSet, decode_samples  # noqa: E402
 from pneumoscope.data.decode import resize_to_model  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics, threshold_metrics  # noqa: E402
-from pneumoscope.inference import Predictor, images_to_input  # noqa: E402
+from pneumoscope.inference import images_to_input, load_trained_model  # noqa: E402
+from pneumoscope.models import PNEUMONIA_INDEX  # noqa: E402
+from pneumoscope.precision import resolve_precision  # noqa: E402
+from pneumoscope.rundir import RunDir  # noqa: E402
 from pneumoscope.training.trunk import (  # noqa: E402
-    ActivationStore, FrozenTrunk, activations_to_input, keys_digest, resolve_trunk_precision, trunk_activations,
-    trunk_digest,
+    ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
 )
 
 SUITE_VERSION = 1  # part of the activation cache key: bump when a shift's definition changes
@@ -155,7 +157,7 @@ def suite_probs(model, k: int, data, name: str, shift, precision: str) -> np.nda
         FrozenTrunk(model, k), shift(data.images), augment=None, gen=None, precision=precision,
         device=torch.device("cpu"), desc=name))
     model.eval()
-    out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, 1]
+    out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, PNEUMONIA_INDEX]
            for i in range(0, len(acts), 256)]
     return torch.cat(out).numpy()
 
@@ -189,11 +191,13 @@ def all_probs(model, k: int, data, suites: list[str], precision: str) -> dict[st
 
 
 def score_run(run: Path, suites: list[str], max_images: int) -> dict:
-    predictor = Predictor.from_run(run, device="cpu")
-    model = predictor.model
-    k = model.n_stages - int(predictor.config["trainable_stages"])
-    precision = resolve_trunk_precision(predictor.config.get("trunk_precision", "auto"), torch.device("cpu"))
-    data = suite_images(run / "manifest.csv", predictor.image_size, max_images)
+    # the model alone (not Predictor): the suite chooses its own thresholds on the clean pass
+    rundir = RunDir(run)
+    config = rundir.read_config()
+    model = load_trained_model(rundir, config).eval()
+    k = model.n_stages - int(config["trainable_stages"])
+    precision = resolve_precision(config.get("trunk_precision", "auto"), "cpu")
+    data = suite_images(run / "manifest.csv", int(config["image_size"]), max_images)
     y = np.asarray(data.labels)
     probs = all_probs(model, k, data, suites, precision)
     clean = probs.pop("clean")
@@ -218,7 +222,7 @@ def warm(manifest: Path, backbone: str, trainable_stages: int, size: int, suites
 
     model = build_model(backbone, "imagenet").eval()
     data = suite_images(manifest, size, max_images)
-    all_probs(model, model.n_stages - trainable_stages, data, suites, resolve_trunk_precision("auto", torch.device("cpu")))
+    all_probs(model, model.n_stages - trainable_stages, data, suites, resolve_precision("auto", "cpu"))
 
 
 def summarise(result: dict) -> dict:

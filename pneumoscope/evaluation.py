@@ -141,7 +141,10 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
 
 # name -> the validation sensitivity the rule's threshold reaches (the highest such threshold)
 SENSITIVITY_RULES = {"sensitivity95": 0.95, "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
-DEFAULT_THRESHOLD_RULE = "youden"
+# The rule whose sensitivity and specificity moved least under the shortcut, stress and
+# resampling suites while keeping the shifted sensitivity >= 0.97 (benchmarks/RESULTS.md,
+# "Shortcut and shift suites"): Youden's J moved less but let sensitivity fall to 0.96.
+DEFAULT_THRESHOLD_RULE = "sensitivity98"
 
 
 def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:

@@ -58,8 +58,8 @@ def test_calibrate_adds_site_rule_and_records_the_sample(fresh_run, site_sample)
     assert m["sensitivity"] >= 0.97
     lo, hi = m["ci95"]["specificity"]
     assert lo <= m["specificity"] <= hi
-    assert site["previous_default"]["rule"] == "youden"
-    assert site["previous_default"]["threshold"] == before["rules"]["youden"]
+    assert site["previous_default"]["rule"] == DEFAULT_THRESHOLD_RULE
+    assert site["previous_default"]["threshold"] == before["rules"][DEFAULT_THRESHOLD_RULE]
     assert "optimistic" in site["note"]
     assert site["sample"]["patients_seen_by_run"] == 0  # tests/site/conftest: other patients
     assert not list(fresh_run.glob(".*.tmp"))  # written atomically, nothing left behind
@@ -151,10 +151,10 @@ def test_onnx_exported_before_calibration_gets_the_site_thresholds(fresh_run, si
     inside = read_contract(fresh_run / "model.onnx")
     assert inside["thresholds"] == thresholds and "thresholds_updated_at" in inside
     OnnxPredictor.from_file(fresh_run / "model.onnx", run_dir=fresh_run)  # unchanged model still accepted
-    assert read_contract(outside)["thresholds"]["default"] == "youden"  # stale copy
+    assert read_contract(outside)["thresholds"]["default"] == DEFAULT_THRESHOLD_RULE  # stale copy
     with caplog.at_level(logging.WARNING):
         predictor = OnnxPredictor.from_file(outside, run_dir=fresh_run)
     assert "thresholds differ" in caplog.text
     assert predictor.threshold_for(None) == thresholds["rules"][SITE_RULE]
     assert predictor.threshold_for("youden") == thresholds["rules"]["youden"]
-    assert OnnxPredictor.from_file(outside).threshold_for(None) == thresholds["rules"]["youden"]
+    assert OnnxPredictor.from_file(outside).threshold_for(None) == thresholds["rules"][DEFAULT_THRESHOLD_RULE]

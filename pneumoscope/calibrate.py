@@ -33,6 +33,7 @@ from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation import evaluate_predictions, sensitivity_threshold
 from pneumoscope.inference import Predictor
+from pneumoscope.model_card import update_model_card
 from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     thresholds.update(default=SITE_RULE, threshold=threshold, site=site)
     atomic_write_json(run / THRESHOLD, thresholds)
     _refresh_exports(run_dir, thresholds)
+    update_model_card(run_dir)  # the card names the site rule
     return site
 
 

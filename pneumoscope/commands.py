@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from pathlib import Path
 
@@ -12,10 +14,11 @@ from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
-from pneumoscope.errors import OptionError
+from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation import evaluate_predictions
 from pneumoscope.inference import Predictor
-from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json
+from pneumoscope.model_card import update_model_card
+from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,9 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     probs = predictor.predict_images(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
     metrics["leakage"] = check_leakage(run_dir, data)
-    write_evaluation(Path(out) if out else Path(run_dir) / "metrics.json", metrics, data, probs)
+    out = Path(out) if out else Path(run_dir) / "metrics.json"
+    write_evaluation(out, metrics, data, probs)
+    update_model_card(run_dir, evaluation=(metrics, out))  # every evaluated folder in MODEL_CARD.md
     return metrics
 
 
@@ -86,36 +91,76 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None,
-                  threshold_rule: str | None = None, strict: bool = False,
-                  show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
-    """p(pneumonia) and label for every readable image among `paths`; CSV when `out`.
-
-    onnx: run that exported model with onnxruntime (same decode, contract and thresholds
-    from its model.onnx.json) instead of the run's torch model."""
+def load_predictor(run_dir: str | Path, onnx: str | Path | None = None, device: str | None = None):
+    """The run's torch Predictor, or with `onnx` that exported model under onnxruntime (same
+    decode; contract and thresholds from its model.onnx.json)."""
     if onnx:
         from pneumoscope.onnx_predictor import OnnxPredictor
 
-        predictor = OnnxPredictor.from_file(onnx, run_dir=run_dir)
-    else:
-        predictor = Predictor.from_run(run_dir)
-    files = expand_paths(paths)
-    images, kept, failures = [], [], []
-    for path in files:
+        return OnnxPredictor.from_file(onnx, run_dir=run_dir)
+    return Predictor.from_run(run_dir, device=device)
+
+
+def decode_sources(predictor, sources: list) -> tuple[list, list[np.ndarray], list[tuple[str, str]]]:
+    """(kept sources, their model-size images, failures) of image paths or uint8 arrays
+    (an array goes through the same decode as a file, as a lossless PNG)."""
+    kept, images, failures = [], [], []
+    for source in sources:
         try:
-            images.append(predictor.load(path))
-            kept.append(path)
+            if isinstance(source, np.ndarray):
+                images.append(predictor.load(array_png(source), name="array"))
+            else:
+                images.append(predictor.load(source))
+            kept.append(source)
         except (ImageDecodeError, OSError) as err:
-            failures.append((str(path), getattr(err, "problem", None) or str(err)))
+            failures.append((str(source) if not isinstance(source, np.ndarray) else "array",
+                             getattr(err, "problem", None) or str(err)))
+    return kept, images, failures
+
+
+def array_png(image: np.ndarray) -> bytes:
+    """A uint8 gray (H, W) or RGB (H, W, 3) array as PNG bytes; anything else is refused."""
+    from pneumoscope.report.gradcam import png_bytes
+
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
+        raise DataError(f"expected a uint8 image array (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    return png_bytes(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+
+
+def predict_sources(predictor, sources: list, threshold_rule: str | None = None, strict: bool = False,
+                    show_progress: bool = False) -> list[dict]:
+    """One row per readable source (path or uint8 array): path (None for an array),
+    p_pneumonia and label at the rule's threshold."""
+    kept, images, failures = decode_sources(predictor, sources)
     report_failures(failures, strict)
     stack = np.stack(images) if images else np.empty((0, predictor.image_size, predictor.image_size), np.uint8)
     probs = predictor.predict_images(stack, show_progress=show_progress)
     threshold = predictor.threshold_for(threshold_rule)
-    rows = [{"path": str(p), "p_pneumonia": float(q), "label": CLASSES[int(q >= threshold)]}
-            for p, q in zip(kept, probs)]
+    return [{"path": None if isinstance(s, np.ndarray) else str(s), "p_pneumonia": float(q),
+             "label": CLASSES[int(q >= threshold)]} for s, q in zip(kept, probs)]
+
+
+def predictions_csv(rows: list[dict], handle, header: list[str] | None = None) -> None:
+    """rows as CSV through the csv module (a comma or quote in a path stays one field);
+    the columns are the rows' keys, probabilities with 6 decimals."""
+    header = header or (list(rows[0]) if rows else ["path", "p_pneumonia", "label"])
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in (row[k] for k in header)])
+
+
+def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None,
+                  threshold_rule: str | None = None, strict: bool = False,
+                  show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
+    """p(pneumonia) and label for every readable image among `paths` (folders searched);
+    CSV at `out` when given. onnx: see load_predictor."""
+    predictor = load_predictor(run_dir, onnx)
+    rows = predict_sources(predictor, expand_paths(paths), threshold_rule, strict, show_progress)
     if out:
-        atomic_write_csv(out, ["path", "p_pneumonia", "label"],
-                         [[r["path"], f"{r['p_pneumonia']:.6f}", r["label"]] for r in rows])
+        buffer = io.StringIO()
+        predictions_csv(rows, buffer)
+        atomic_write_text(out, buffer.getvalue())
     return rows
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the training step's model
     scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
+    log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (training.trackers)
 
     def __post_init__(self) -> None:
         from pneumoscope.training.recipes import apply_recipe

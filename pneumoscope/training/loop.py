@@ -309,8 +309,10 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
 
 
 def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
-          stop_after_epochs: int | None = None, overwrite: bool = False) -> dict | None:
+          stop_after_epochs: int | None = None, overwrite: bool = False, on_epoch=None) -> dict | None:
     """Train a model into cfg.out; returns the summary that is also written to summary.json.
+
+    on_epoch: called with each finished epoch's metrics row on rank 0 (the trackers).
 
     stop_after_epochs: leave after that many epochs as an interrupted run would (no
     thresholds, no summary; --resume continues), for tests and time-boxed sessions.
@@ -340,7 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
                          predict=lambda m: predict_all(m, val_set.images, env.device, env),
                          show_progress=show_progress)
     finished = run_epochs(cfg, run, env, model, inputs, optimizer, scheduler, loss_weights, state,
-                          train_set, val_set, show_progress, stop_after_epochs)
+                          train_set, val_set, show_progress, stop_after_epochs, on_epoch)
     if not finished:
         return None
     return write_summary(run, cfg, env, model, state, train_set, val_set)
@@ -412,7 +414,8 @@ def restore(saved: dict | None, run: RunDir, env: DistEnv, model, optimizer, sch
 
 
 def run_epochs(cfg, run: RunDir, env: DistEnv, model, inputs, optimizer, scheduler, loss_weights,
-               state: dict, train_set, val_set, show_progress: bool, stop_after_epochs: int | None) -> bool:
+               state: dict, train_set, val_set, show_progress: bool, stop_after_epochs: int | None,
+               on_epoch=None) -> bool:
     """Train, validate and checkpoint epoch after epoch until the last or an early stop;
     False when stop_after_epochs ended it first (an interrupted run)."""
     for epoch in range(state["epoch"] + 1, cfg.epochs):
@@ -427,6 +430,8 @@ def run_epochs(cfg, run: RunDir, env: DistEnv, model, inputs, optimizer, schedul
         row.update(metrics, lr=scheduler.get_last_lr()[0], frozen_stages=model.frozen_stages,
                    seconds=round(time.perf_counter() - started, 2))
         end_epoch(cfg, run, env, model, optimizer, scheduler, state, epoch, metrics, row)
+        if on_epoch and env.is_main:
+            on_epoch(row)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
             return False
     return True

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from pneumoscope.errors import OptionError
 
 RECIPE_NAMES = ("auto", "cpu-fast", "full")
@@ -43,6 +41,8 @@ RECIPE_BACKBONE = {"cpu-fast": "efficientnet_lite0"}
 
 
 def training_on_cpu(device: str) -> bool:
+    import torch  # here, not above: the CLI parser reads this module's tables
+
     if device == "auto":
         return not torch.cuda.is_available()
     return torch.device(device).type == "cpu"

@@ -30,7 +30,7 @@ class TrainConfig:
     head_epochs: int | None = None  # staged fine-tuning: epochs that train the head alone
     trainable_stages: int | None = None  # after head_epochs: top stages unfrozen (-1: all)
     patience: int | None = None  # early stopping on validation ROC AUC
-    augment: str | None = None  # none | light | medium | strong
+    augment: str | None = None  # a preset of pneumoscope.data.augment.PRESETS
     dropout: float | None = None
     label_smoothing: float | None = None
     views: int | None = None  # cpu-fast: augmented views of each training image through the trunk

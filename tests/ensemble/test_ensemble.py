@@ -67,7 +67,8 @@ def test_directory_records_members_split_and_thresholds(members, ens_dir):
     assert "probabilit" in config["combine"]
     assert (ens_dir / "manifest.csv").read_bytes() == (members[0] / "manifest.csv").read_bytes()
     thresholds = json.loads((ens_dir / "threshold.json").read_text())
-    assert {"youden", "sensitivity95"} <= set(thresholds["rules"]) and thresholds["default"] == "youden"
+    member = json.loads((members[0] / "threshold.json").read_text())  # the same rules as training writes
+    assert set(thresholds["rules"]) == set(member["rules"]) and thresholds["default"] == member["default"]
     with open(ens_dir / "val_predictions.csv") as f:
         val = list(csv.DictReader(f))
     val_files = read_manifest(ens_dir / "manifest.csv")["val"]

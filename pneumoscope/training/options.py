@@ -84,6 +84,8 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--config",), dict(metavar="FILE", help="JSON or YAML file of options (a run's own config.json "
                                                   "replays it); options given here override it")),
         (("--seed",), dict(type=int, help="seed of the split, init, order and augmentation")),
+        (("--split-seed",), dict(type=int, help="seed of the train/validation split alone (default: --seed); "
+                                                "members of an ensemble must share their split")),
         (("--device",), dict(help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")),
         (("--log",), dict(metavar="TRACKERS", help="comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
                                                    "($MLFLOW_TRACKING_URI, else file:RUN_DIR/mlruns); "

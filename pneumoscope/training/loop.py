@@ -81,7 +81,8 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
     # three-class: stratified on normal/bacterial/viral (and a file naming neither stops here)
     strata = task_labels(samples, cfg.task) if cfg.task != BINARY else None
-    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed, strata=strata)
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction,
+                                                  cfg.seed if cfg.split_seed is None else cfg.split_seed, strata=strata)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
@@ -317,13 +318,24 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     # (bf16 kernels round differently per weight layout). Training is over, so no harm.
     model.to(memory_format=torch.channels_last)
     probs = predict_all(model, val.images, device, env)
-    thresholds = choose_task_thresholds(cfg.task, val.labels, probs)
     if env is None or env.is_main:
-        atomic_write_json(run / THRESHOLD, thresholds)
-        columns = prediction_columns(cfg.task)
-        values = p_pneumonia(probs)[:, None] if cfg.task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
-        atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
-                         [[str(s.path), s.label, *(f"{v:.6f}" for v in row)] for s, row in zip(val.samples, values)])
+        return write_selection(run, val, probs, cfg.task)
+    return choose_task_thresholds(cfg.task, val.labels, probs)
+
+
+def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> dict:
+    """threshold.json (rules chosen on the validation probabilities: p(pneumonia) (N,) or
+    class probabilities (N, C)) and val_predictions.csv; training and `pneumoscope
+    ensemble` both end here."""
+    probs = np.asarray(probs)
+    if probs.ndim == 1:  # p(pneumonia) of a binary model (an ensemble)
+        probs = np.column_stack([1.0 - probs, probs])
+    thresholds = choose_task_thresholds(task, val.labels, probs)
+    atomic_write_json(run / THRESHOLD, thresholds)
+    columns = prediction_columns(task)
+    values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
+    atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
+                     [[str(s.path), s.label, *(f"{v:.6f}" for v in row)] for s, row in zip(val.samples, values)])
     return thresholds
 
 

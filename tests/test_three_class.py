@@ -157,7 +157,7 @@ def recall_of_rest(y, pred, c):
 def test_thresholds_binary_on_p_pneumonia_and_youden_for_subtype():
     y, probs, _ = hand_made_case()
     t = choose_task_thresholds(THREE_CLASS, y, probs)
-    assert set(t["rules"]) == {"youden", "sensitivity95"} and t["default"] == "youden"
+    assert {"youden", "sensitivity95"} <= set(t["rules"]) and t["default"] == "youden"
     binary = choose_task_thresholds("binary", (y > 0).astype(int), np.column_stack([1 - p_pneumonia(probs),
                                                                                     p_pneumonia(probs)]))
     assert t["rules"]["youden"] == pytest.approx(binary["rules"]["youden"])

@@ -98,6 +98,18 @@ def _export_options(p) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _ensemble_options(p) -> None:
+    from pneumoscope.models.ensemble import TTA_PRESETS
+
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="finished runs sharing one train/validation split (train them with the same --split-seed)")
+    p.add_argument("--out", required=True, help="the ensemble's run directory to write")
+    p.add_argument("--tta", choices=list(TTA_PRESETS), default="none",
+                   help="test-time views averaged with the members (default %(default)s; views are listed in "
+                        "the README and recorded in config.json)")
+    p.set_defaults(func=cmd_ensemble)
+
+
 def _report_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train")
     where = p.add_mutually_exclusive_group(required=True)
@@ -181,6 +193,8 @@ VERBS = {
     "predict": (_predict_options, "p(pneumonia) and label for image files or folders"),
     "serve": (_serve_options, "web page and JSON API (POST /v1/predict) for a trained run"),
     "export": (_export_options, "export a run's model to ONNX with its preprocessing contract"),
+    "ensemble": (_ensemble_options, "make several runs and/or test-time views one model, in a run "
+                                    "directory every other verb reads"),
     "report": (_report_options, "HTML report: metrics, ROC/PR, calibration, training curves, "
                                 "t-SNE/UMAP, Grad-CAM, data card"),
     "explain": (_explain_options, "Grad-CAM heatmap overlay PNG and p(pneumonia) per image"),
@@ -294,6 +308,18 @@ def cmd_export(args) -> int:
 
     out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
     print(f"written: {out}\ncontract: {contract_path(out)}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from pneumoscope.ensemble import build_ensemble
+
+    summary = build_ensemble(args.run_dirs, args.out, tta=args.tta, show_progress=not args.quiet)
+    t = summary["thresholds"]
+    print(f"ensemble: {args.out}\n{len(summary['members'])} member(s) x {summary['n_views']} view(s) "
+          f"= {summary['forward_passes_per_image']} forward passes per image; val ROC AUC "
+          f"{summary['val_roc_auc']:.4f} on {summary['n_val']} images")
+    print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items()) + f"  (default: {t['default']})")
     return 0
 
 

@@ -65,15 +65,24 @@ def predict_probs(
 
 
 def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
-    """The run's selected model, built from config and loaded from safetensors (no code)."""
-    model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0))
+    """The run's selected model, built from config and loaded from safetensors (no code):
+    a Classifier, or for an ensemble directory (`pneumoscope ensemble`) the Ensemble of
+    its members and test-time views, whose weights it holds in one file."""
+    if config.get("kind") == "ensemble":
+        from pneumoscope.models.ensemble import Ensemble
+
+        members = [build_model(m["backbone"], weights="none", dropout=m.get("dropout", 0.0))
+                   for m in config["members"]]
+        model, what = Ensemble(members, config["tta"]["views"], int(config["image_size"])), "ensemble"
+    else:
+        model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0))
+        what = f"{config['backbone']} model"
     path = run.best_model_path()
     try:
         model.load_state_dict(load_model_weights(path), strict=True)
     except RuntimeError as err:  # wrong keys or shapes: a file from another model
         first = str(err).strip().splitlines()[:3]
-        raise RunDirError(f"{path}: does not fit the {config['backbone']} model of config.json: "
-                          + " ".join(first)) from err
+        raise RunDirError(f"{path}: does not fit the {what} of config.json: " + " ".join(first)) from err
     return model.eval()
 
 

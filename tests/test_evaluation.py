@@ -3,7 +3,8 @@ import pytest
 from sklearn import metrics as skm
 
 from pneumoscope.evaluation import (
-    choose_thresholds, evaluate_predictions, sensitivity_threshold, youden_threshold,
+    DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES, choose_thresholds, evaluate_predictions, sensitivity_threshold,
+    youden_threshold,
 )
 
 Y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
@@ -48,9 +49,35 @@ def test_sensitivity_threshold_is_highest_reaching_target():
 
 def test_choose_thresholds_names_default():
     chosen = choose_thresholds(Y, P)
-    assert chosen["default"] == "youden"
-    assert chosen["threshold"] == chosen["rules"]["youden"]
+    assert chosen["default"] == DEFAULT_THRESHOLD_RULE
+    assert chosen["threshold"] == chosen["rules"][DEFAULT_THRESHOLD_RULE]
     assert chosen["rules"]["sensitivity95"] <= chosen["rules"]["youden"]
+    assert set(chosen["rules"]) == {"youden", *SENSITIVITY_RULES}
+
+
+# 100 positives scored 0.01 .. 1.00 and 100 negatives at 0.005 .. 0.500: sensitivity at a
+# threshold t is the share of positives >= t, so each target has one known answer
+Y100 = np.r_[np.zeros(100, int), np.ones(100, int)]
+P100 = np.r_[np.arange(1, 101) / 200, np.arange(1, 101) / 100]
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ("sensitivity95", 0.06), ("sensitivity97", 0.04), ("sensitivity98", 0.03), ("sensitivity99", 0.02),
+])
+def test_sensitivity_rules_pick_what_their_names_say(rule, expected):
+    """sensitivityNN: the highest threshold that still catches NN of 100 positives."""
+    t = choose_thresholds(Y100, P100)["rules"][rule]
+    target = SENSITIVITY_RULES[rule]
+    assert t == pytest.approx(expected)
+    assert (P100[Y100 == 1] >= t).mean() >= target
+    next_up = P100[P100 > t].min()
+    assert (P100[Y100 == 1] >= next_up).mean() < target  # one step higher misses the target
+
+
+def test_stricter_sensitivity_rules_never_raise_the_threshold():
+    rules = choose_thresholds(Y, P)["rules"]
+    ordered = [rules[name] for name in sorted(SENSITIVITY_RULES, key=SENSITIVITY_RULES.get)]
+    assert ordered == sorted(ordered, reverse=True)
 
 
 def _ci_widths(m: dict) -> dict:

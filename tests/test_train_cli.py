@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pneumoscope.cli import main
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.inference import Predictor
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.data.cache import decode_version
 from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, atomic_write_json
@@ -53,7 +55,9 @@ def test_train_writes_run_directory(one_epoch_run):
     val_p = {r["patient"] for r in manifest if r["role"] == "val"}
     assert not train_p & val_p
     thresholds = json.loads((run / THRESHOLD).read_text())
-    assert thresholds["default"] == "youden" and set(thresholds["rules"]) == {"youden", "sensitivity95"}
+    assert thresholds["default"] == DEFAULT_THRESHOLD_RULE and set(thresholds["rules"]) == {"youden", *SENSITIVITY_RULES}
+    assert thresholds["threshold"] == thresholds["rules"][DEFAULT_THRESHOLD_RULE]
+    assert Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]  # what every verb uses
 
 
 def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root):

@@ -45,6 +45,16 @@ def read_manifest(path: str | Path) -> dict[str, list[Sample]]:
     return roles
 
 
+def files_by_role(path: str | Path) -> dict[str, frozenset]:
+    """role -> that role's files, by the sha1 of their bytes where the row has it (the same
+    images under another mount path still match), else by path: what two runs compare
+    to know they share a split."""
+    roles: dict[str, set] = {}
+    for row in _rows(path):
+        roles.setdefault(row["role"], set()).add(row.get("sha1") or row["path"])
+    return {role: frozenset(files) for role, files in roles.items()}
+
+
 def sha1_by_path(*sets) -> dict[str, str]:
     """str(path) -> sha1 of the file's bytes, from decoded sets (cache.DecodedSet): the
     hashes decoding computed anyway, so no file is read twice."""

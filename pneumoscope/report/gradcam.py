@@ -8,7 +8,8 @@ Public interface (the report, `explain` and the web app use it):
 - ``png_bytes(rgb) -> bytes``
 
 The model is only used through ``forward(x) -> (B, 2) logits`` and ``gradcam_layer()``
-(the last conv stage), so a wrapped model (ensemble, test-time augmentation) works too.
+(the last conv stage), or, for an ensemble, ``for_gradcam()`` (its members on the
+unaugmented view, one hooked layer each; pytorch-grad-cam averages their maps).
 
 Shared models (a web server): a call leaves the model as it found it — no hooks left
 on it, every module's train/eval mode restored, parameters' ``requires_grad`` untouched
@@ -110,9 +111,18 @@ def gradcam_heatmaps(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
         # Made here, not under the caller's inference_mode. It requires grad so that the
         # hooked activations do too, even when every parameter is frozen (a served model).
         x = images_to_input(images).to(device).requires_grad_(True)
-        with _GradCAM(model, [model.gradcam_layer()]) as cam:
+        net, layers = _cam_target(model)
+        with _GradCAM(net, layers) as cam:
             heat = cam(input_tensor=x, targets=[PneumoniaLogOdds()] * len(images))
     return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
+
+
+def _cam_target(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(module to run, layers to hook): an ensemble names its own (its members on the
+    unaugmented view, models.ensemble.Ensemble.for_gradcam); a Classifier its last stage."""
+    if hasattr(model, "for_gradcam"):
+        return model.for_gradcam()
+    return model, [model.gradcam_layer()]
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -20,6 +20,9 @@ class TrainConfig:
     balance: str = "loss"  # loss | sampler | none
     val_fraction: float = 0.15
     seed: int = 0
+    # seed of the patient-grouped split alone (None: seed). Runs that differ in seed but
+    # share split_seed share their validation part, so they can form an ensemble.
+    split_seed: int | None = None
     lr: float | None = None  # head learning rate; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float | None = None
     weight_decay: float | None = None
@@ -27,7 +30,7 @@ class TrainConfig:
     head_epochs: int | None = None  # staged fine-tuning: epochs that train the head alone
     trainable_stages: int | None = None  # after head_epochs: top stages unfrozen (-1: all)
     patience: int | None = None  # early stopping on validation ROC AUC
-    augment: str | None = None  # none | light | medium | strong
+    augment: str | None = None  # a preset of pneumoscope.data.augment.PRESETS
     dropout: float | None = None
     label_smoothing: float | None = None
     views: int | None = None  # cpu-fast: augmented views of each training image through the trunk
@@ -60,7 +63,7 @@ class TrainConfig:
 
 # Options that must match for --resume to continue a run rather than start another.
 RESUME_KEYS = (
-    "backbone", "weights", "epochs", "image_size", "batch_size", "balance", "val_fraction", "seed",
+    "backbone", "weights", "epochs", "image_size", "batch_size", "balance", "val_fraction", "seed", "split_seed",
     "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "head_epochs",
     "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views",
 )

@@ -76,7 +76,7 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
     samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
-    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed)
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
@@ -307,13 +307,20 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     # (bf16 kernels round differently per weight layout). Training is over, so no harm.
     model.to(memory_format=torch.channels_last)
     probs = predict_all(model, val.images, device, env)
-    thresholds = choose_thresholds(val.labels, probs)
     if env is None or env.is_main:
-        atomic_write_json(run / THRESHOLD, thresholds)
-        atomic_write_csv(
-            run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
-            [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
-        )
+        return write_selection(run, val, probs)
+    return choose_thresholds(val.labels, probs)
+
+
+def write_selection(run: RunDir, val: DecodedSet, probs) -> dict:
+    """threshold.json (rules chosen on the validation probabilities) and
+    val_predictions.csv; training and `pneumoscope ensemble` both end here."""
+    thresholds = choose_thresholds(val.labels, probs)
+    atomic_write_json(run / THRESHOLD, thresholds)
+    atomic_write_csv(
+        run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
+        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
+    )
     return thresholds
 
 

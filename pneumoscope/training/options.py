@@ -52,8 +52,9 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--head-epochs",), dict(type=int, help="staged fine-tuning: epochs that train only the new head")),
         (("--trainable-stages",), dict(type=int, help="after the head epochs, how many top backbone stages "
                                                       "are unfrozen (-1: all)")),
-        (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust"],
-                              help="augmentation strength (affine, brightness, contrast, gamma; no flips)")),
+        (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust", "lungs"],
+                              help="augmentation preset (affine, brightness, contrast, gamma; lungs adds film "
+                                   "markers, border blanking, erasing, resampling and JPEG jitter; no flips)")),
         (("--views",), dict(type=int, help="cpu-fast: augmented views of each training image through the "
                                            "frozen trunk")),
         (("--balance",), dict(choices=["loss", "sampler", "none"],
@@ -83,6 +84,8 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--config",), dict(metavar="FILE", help="JSON or YAML file of options (a run's own config.json "
                                                   "replays it); options given here override it")),
         (("--seed",), dict(type=int, help="seed of the split, init, order and augmentation")),
+        (("--split-seed",), dict(type=int, help="seed of the train/validation split alone (default: --seed); "
+                                                "members of an ensemble must share their split")),
         (("--device",), dict(help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")),
         (("--log",), dict(metavar="TRACKERS", help="comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
                                                    "($MLFLOW_TRACKING_URI, else file:RUN_DIR/mlruns); "

@@ -27,7 +27,7 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -215,7 +215,7 @@ class CachedTrunk:
 
         def view(data: DecodedSet, role: str, v: int | None):
             aug = augment if v is not None else None
-            fields = {**base, "images": keys_digest(data), "augment": asdict(aug) if aug else None,
+            fields = {**base, "images": keys_digest(data), "augment": aug.as_dict() if aug else None,
                       "seed": seed if aug else None, "view": v}
             desc = f"trunk {role} " + (f"view {v + 1}/{views}" if v is not None else "clean")
             return store.get(fields, lambda: trunk_activations(

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
 from pneumoscope.cli import main
 from pneumoscope.data.decode import load_image
 from pneumoscope.inference import Predictor
@@ -41,7 +42,7 @@ def test_contract_beside_the_model(onnx_model, deploy_run):
     assert contract["preprocessing"]["image_size"] == config["image_size"] == 64
     assert contract["preprocessing"]["geometry"] == "stretch"
     assert contract["input"]["shape"] == ["batch", 1, 64, 64]
-    assert contract["thresholds"] == thresholds and contract["thresholds"]["default"] == "youden"
+    assert contract["thresholds"] == thresholds and contract["thresholds"]["default"] == DEFAULT_THRESHOLD_RULE
     assert contract["backbone"] == "efficientnet_lite0"
     assert set(contract["outputs"]) == {"logits", "p_pneumonia"}
     assert contract["pneumoscope_version"]

@@ -15,6 +15,7 @@ import pytest
 
 from pneumoscope.calibrate import MIN_PER_CLASS, SITE_RULE, site_threshold
 from pneumoscope.cli import main
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
 
 def _thresholds(run: Path) -> dict:
@@ -57,8 +58,8 @@ def test_calibrate_adds_site_rule_and_records_the_sample(fresh_run, site_sample)
     assert m["sensitivity"] >= 0.97
     lo, hi = m["ci95"]["specificity"]
     assert lo <= m["specificity"] <= hi
-    assert site["previous_default"]["rule"] == "youden"
-    assert site["previous_default"]["threshold"] == before["rules"]["youden"]
+    assert site["previous_default"]["rule"] == DEFAULT_THRESHOLD_RULE
+    assert site["previous_default"]["threshold"] == before["rules"][DEFAULT_THRESHOLD_RULE]
     assert "optimistic" in site["note"]
     assert site["sample"]["patients_seen_by_run"] == 0  # tests/site/conftest: other patients
     assert not list(fresh_run.glob(".*.tmp"))  # written atomically, nothing left behind
@@ -97,8 +98,8 @@ def test_recalibrate_replaces_the_site_rule(fresh_run, site_sample):
     second = _thresholds(fresh_run)
     assert second["rules"][SITE_RULE] >= first["rules"][SITE_RULE]
     assert second["site"]["target_sensitivity"] == 0.8 and second["threshold"] == second["rules"][SITE_RULE]
-    assert second["site"]["previous_default"]["rule"] == "youden"  # not the first site rule
-    assert set(second["rules"]) == {"youden", "sensitivity95", SITE_RULE}
+    assert second["site"]["previous_default"]["rule"] == DEFAULT_THRESHOLD_RULE  # not the first site rule
+    assert set(second["rules"]) == {"youden", *SENSITIVITY_RULES, SITE_RULE}
 
 
 def test_too_small_sample_is_refused(fresh_run, site_sample, tmp_path, capsys):
@@ -117,7 +118,7 @@ def test_threshold_rule_choices_come_from_the_run(fresh_run, site_sample, capsys
     image = str(sorted((site_sample / "PNEUMONIA").iterdir())[0])
     assert main(["-q", "predict", str(fresh_run), image, "--threshold-rule", "site"]) == 2
     err = capsys.readouterr().err
-    assert "'site' is not in this run's threshold.json" in err and "sensitivity95, youden" in err
+    assert "'site' is not in this run's threshold.json" in err and ", ".join(sorted({"youden", *SENSITIVITY_RULES})) in err
     assert "calibrate" in err
     assert main(["-q", "predict", str(fresh_run), image, "--threshold-rule", "nonsense"]) == 2
     assert "'nonsense'" in capsys.readouterr().err
@@ -154,10 +155,10 @@ def test_onnx_exported_before_calibration_gets_the_site_thresholds(fresh_run, si
     inside = read_contract(fresh_run / "model.onnx")
     assert inside["thresholds"] == thresholds and "thresholds_updated_at" in inside
     OnnxPredictor.from_file(fresh_run / "model.onnx", run_dir=fresh_run)  # unchanged model still accepted
-    assert read_contract(outside)["thresholds"]["default"] == "youden"  # stale copy
+    assert read_contract(outside)["thresholds"]["default"] == DEFAULT_THRESHOLD_RULE  # stale copy
     with caplog.at_level(logging.WARNING):
         predictor = OnnxPredictor.from_file(outside, run_dir=fresh_run)
     assert "thresholds differ" in caplog.text
     assert predictor.threshold_for(None) == thresholds["rules"][SITE_RULE]
     assert predictor.threshold_for("youden") == thresholds["rules"]["youden"]
-    assert OnnxPredictor.from_file(outside).threshold_for(None) == thresholds["rules"]["youden"]
+    assert OnnxPredictor.from_file(outside).threshold_for(None) == thresholds["rules"][DEFAULT_THRESHOLD_RULE]

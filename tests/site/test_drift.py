@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
 from pneumoscope.cli import main
 from pneumoscope.drift import MIN_IMAGES, nearest_distances, verdict_for
 
@@ -35,7 +36,7 @@ def test_domain_auc_separates_shifted_from_untouched(drift_results):
 def test_drift_json_holds_scores_and_outside_shares(drift_results, base_run):
     d = drift_results["shifted"]
     thresholds = json.loads((Path(base_run) / "threshold.json").read_text())
-    assert d["threshold"] == thresholds["threshold"] and d["threshold_rule"] == "youden"
+    assert d["threshold"] == thresholds["threshold"] and d["threshold_rule"] == DEFAULT_THRESHOLD_RULE
     val, folder = d["scores"]["validation"], d["scores"]["folder"]
     assert folder["n"] == 40 and val["n"] >= MIN_IMAGES  # one flat folder (shifted)
     assert drift_results["untouched"]["scores"]["folder"]["n"] == 40  # class folders read as one set

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
@@ -204,7 +205,7 @@ def test_saved_model_reproduces_validation_through_predictor(fast_run):
     y, eps = data.labels, 1e-7
     loss = float(-np.mean(y * np.log(p32 + eps) + (1 - y) * np.log(1 - p32 + eps)))
     assert loss == pytest.approx(best["val_loss"], abs=1e-3)
-    assert json.loads((run / THRESHOLD).read_text())["default"] == "youden"
+    assert json.loads((run / THRESHOLD).read_text())["default"] == DEFAULT_THRESHOLD_RULE
 
 
 def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path):

@@ -42,8 +42,8 @@ class Model:
         return f"pneumoscope.Model({str(self.run_dir)!r}, {engine}, threshold={self.threshold:.4f})"
 
     def predict(self, images, *, strict: bool = False, show_progress: bool = False) -> list[dict]:
-        """One dict per readable image: path (None for an array), p_pneumonia, label, and
-        whatever else the run's predictor reports. images: paths (folders are searched),
+        """One dict per readable image: path (None for an array), p_pneumonia, label.
+        images: paths (folders are searched),
         uint8 arrays (H, W) or (H, W, 3), or a mix; one path or array alone is fine too.
         Unreadable files are named in a warning and skipped (an error with strict)."""
         return predict_sources(self.predictor, _sources(images), self.threshold_rule, strict, show_progress)
@@ -67,8 +67,8 @@ def _sources(images) -> list:
     """A flat list of paths (folders expanded) and arrays."""
     if isinstance(images, (str, os.PathLike)):
         images = [images]
-    elif isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[2] in (1, 3))):
-        images = [images]
+    elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        images = [images]  # one image, whatever its channels (the decode refuses what it cannot read)
     out = []
     for item in images:
         out += [item] if isinstance(item, np.ndarray) else expand_paths([item])
@@ -91,7 +91,7 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     out and options given here override it. resume / overwrite: as --resume / --overwrite."""
     from pneumoscope.training.config import TrainConfig
     from pneumoscope.training.loop import train as run_training
-    from pneumoscope.training.options import merge_options
+    from pneumoscope.training.options import checked_options, merge_options
     from pneumoscope.training.trackers import open_trackers
 
     names = {f.name for f in fields(TrainConfig)}
@@ -99,19 +99,20 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     if unknown:
         raise OptionError(f"train: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     given = {**options, **{k: str(v) for k, v in (("data", data), ("out", out)) if v is not None}}
+    given = checked_options(given, "pneumoscope.train")  # the CLI's types and choices
     cfg = TrainConfig(**merge_options(config, given))
     main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes and logs
-    trackers = open_trackers(cfg, enabled=main)
+    trackers = open_trackers(cfg, enabled=main)  # they write nothing before the first epoch
     try:
         summary = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress,
                                on_epoch=trackers.log_epoch)
+        if summary is not None and main:
+            from pneumoscope.model_card import update_model_card
+
+            update_model_card(cfg.out)
+            trackers.finish()
     except BaseException:
         trackers.close(failed=True)
         raise
-    if summary is not None and main:
-        from pneumoscope.model_card import update_model_card
-
-        update_model_card(cfg.out)
-        trackers.finish()
     trackers.close()
     return Path(cfg.out)

@@ -102,9 +102,7 @@ def _data(run: Path, config: dict) -> str:
     from pneumoscope.data.manifest import read_manifest
 
     roles = read_manifest(run / MANIFEST) if (run / MANIFEST).exists() else {}
-    lines = ["## Data", "", f"- Source: {SOURCE}.", f"- Licence: {LICENCE}.",
-             "- Population: pediatric patients aged one to five, films from routine care at one hospital "
-             "(Guangzhou Women and Children's Medical Center), de-identified by the authors.",
+    lines = ["## Data", "", *_source_lines(roles, config),
              f"- Trained on `{config['data']}/train`; validation is a seeded, stratified, patient-grouped "
              f"part of it (val_fraction {config['val_fraction']}, seed {config['seed']}): no patient is on "
              "both sides. The official test split was not used for training or selection.",
@@ -115,6 +113,20 @@ def _data(run: Path, config: dict) -> str:
         lines.append(f"| {role} | {counts[0]} | {counts[1]} | {len(samples)} | "
                      f"{len({s.patient for s in samples})} |")
     return "\n".join(lines)
+
+
+def _source_lines(roles: dict, config: dict) -> list[str]:
+    """The Kermany source, licence and population only when every file is named that set's
+    way; another data set's card must not claim them."""
+    from pneumoscope.data.discover import kermany_named
+
+    samples = [s for part in roles.values() for s in part]
+    if samples and all(kermany_named(s.path.name) for s in samples):
+        return [f"- Source: {SOURCE}.", f"- Licence: {LICENCE}.",
+                "- Population: pediatric patients aged one to five, films from routine care at one hospital "
+                "(Guangzhou Women and Children's Medical Center), de-identified by the authors."]
+    return [f"- Source, licence and population: not known to pneumoscope (the files in `{config['data']}` "
+            "are not all named the Kermany et al. 2018 way); record them here."]
 
 
 def _model(config: dict, summary: dict) -> str:

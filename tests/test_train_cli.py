@@ -118,7 +118,15 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
     (run / ".config.json.x.tmp").write_text("half-written")  # left by a kill: removed too
+    derived = ["metrics.json", "metrics_predictions.csv", "metrics_test.json", "metrics_test_predictions.csv",
+               "drift.json", "model.onnx", "model.onnx.json", "report/index.html", "explain/a_gradcam.png",
+               "tensorboard/events.out.tfevents.1"]  # what other verbs wrote from the old model
+    for name in derived + ["notes.txt"]:
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_text("from the replaced run")
     assert main(train_args(small_data_root, run, "--epochs", "1", "--overwrite")) == 0
+    assert [name for name in derived if (run / name).exists()] == []
+    assert (run / "notes.txt").exists()  # a file of the user's own stays
     assert [r["epoch"] for r in read_metrics(run)] == [0]  # not the old run's lines + the new one
     assert json.loads((run / "summary.json").read_text())["epochs_run"] == 1
     assert json.loads((run / "config.json").read_text())["epochs"] == 1

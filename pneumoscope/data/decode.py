@@ -11,8 +11,9 @@ Choices that the rest of the code relies on:
 * 16-bit PNGs are scaled by the bit depth the data actually uses: the PNG's ``sBIT``
   chunk when it has one, else the bit length of the image's largest value (at least 8).
   So 12-bit data in a 16-bit file (max 4095) spans 0..255 instead of arriving almost
-  black (x / 257), while full 16-bit data is still ``round(x / 257)`` and a radiograph
-  stored as 8-bit and as 16-bit (v * 257) decodes the same.
+  black (x / 257), while full 16-bit data is still ``round(x / 257)``: a radiograph
+  stored as 8-bit and as 16-bit (v * 257) decodes the same when its brightest value is
+  128 or more (a darker one, without sBIT, is read as fewer bits and stretched).
 * Colour images become gray with PIL's ITU-R 601-2 luma (``convert("L")``); images with
   an alpha channel are composited on black (transparent = no signal).
 * The EXIF orientation of JPEG/PNG files is applied (the image is decoded the way a

@@ -43,7 +43,7 @@ class TrainConfig:
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
     # Scale-out and the GPU fast path (README "Scaling out"); none of them changes the recipe.
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32: pneumoscope.precision (bf16 where native: CUDA; CPU too in cpu-fast)
     compile: bool = False  # torch.compile the training step's model
     scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
     log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (training.trackers)

@@ -242,6 +242,11 @@ def is_better(metrics: dict, state: dict) -> bool:
 
 RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "device")  # TrainConfig fields resolve_config sets
 RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
+# What the other verbs write into RUN_DIR by default: they describe the model --overwrite replaces.
+# (An MLflow store, RUN_DIR/mlruns, stays: it keeps each run apart and the new one is added.)
+DERIVED_FILES = ("metrics.json", "metrics_predictions.csv", "metrics_*.json", "metrics_*_predictions.csv",
+                 "drift.json", "model.onnx", "model.onnx.json", "MODEL_CARD.md", "evaluations.json")
+DERIVED_DIRS = ("report", "explain", "tensorboard")
 # What a run leaves once an epoch has ended: a folder with any of them holds a run's results.
 RESULT_FILES = (METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json")
 
@@ -261,7 +266,11 @@ def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
     if overwrite:
         for name in RUN_FILES:
             (run / name).unlink(missing_ok=True)
-        shutil.rmtree(run / "report", ignore_errors=True)  # it described the replaced model
+        for pattern in DERIVED_FILES:
+            for path in run.path.glob(pattern):
+                path.unlink(missing_ok=True)
+        for name in DERIVED_DIRS:
+            shutil.rmtree(run / name, ignore_errors=True)
     if resume or overwrite:  # even with no checkpoint yet: a kill may have come mid-write
         for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read
             log.info("removed %s (an interrupted write)", stale.name)

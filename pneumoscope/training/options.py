@@ -180,10 +180,16 @@ def config_file_options(path: str | Path) -> dict:
     if unknown:
         raise OptionError(f"{path}: unknown option(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
+    return checked_options(data, str(path))
+
+
+def checked_options(options: dict, where: str) -> dict:
+    """`options` as the command line's parser reads them (types, choices, on/off switches),
+    so a config file and pneumoscope.train(...) get the same checks as the CLI."""
     try:
-        parsed = vars(_file_parser().parse_args(_as_argv(data)))
+        parsed = vars(_file_parser().parse_args(_as_argv(options)))
     except argparse.ArgumentError as err:
-        raise OptionError(f"{path}: {err}") from err
+        raise OptionError(f"{where}: {err}") from err
     return {k: v for k, v in parsed.items() if k not in NOT_OPTIONS}
 
 

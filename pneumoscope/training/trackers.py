@@ -44,7 +44,6 @@ def _require(module: str, package: str, tracker: str):
 
 class TensorBoardTracker:
     def __init__(self, run_dir: Path):
-        _require("tensorboard", "tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -71,7 +70,6 @@ class TensorBoardTracker:
 
 class MlflowTracker:
     def __init__(self, run_dir: Path):
-        _require("mlflow", "mlflow-skinny", "mlflow")
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(run_dir)
@@ -142,17 +140,27 @@ def end_of_run_figures(run_dir: Path):
 
 
 class Trackers:
-    """The chosen trackers as one; params go out with the first epoch, when the loop has
-    resolved cfg (backbone auto -> a name)."""
+    """The chosen trackers as one. They open with the first finished epoch: after train has
+    checked RUN_DIR (a refused call leaves the folder as it was) and resolved cfg (backbone
+    auto -> a name), which then go out as the params."""
 
-    def __init__(self, cfg, trackers: list):
-        self.cfg, self.trackers, self.started = cfg, trackers, False
+    def __init__(self, cfg, names: list[str]):
+        self.cfg, self.names, self.trackers, self.started = cfg, names, [], False
+
+    def _open(self) -> None:
+        self.started = True
+        for name in self.names:
+            try:
+                tracker = MAKERS[name](Path(self.cfg.out))
+                tracker.start(self.cfg.to_dict())
+            except BaseException:
+                self.close(failed=True)  # those already open are not left running
+                raise
+            self.trackers.append(tracker)
 
     def log_epoch(self, row: dict) -> None:
         if not self.started:
-            for t in self.trackers:
-                t.start(self.cfg.to_dict())
-            self.started = True
+            self._open()
         for t in self.trackers:
             t.log_epoch(row)
 
@@ -166,10 +174,16 @@ class Trackers:
         self.trackers = []
 
 
+MAKERS = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker}
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny")}
+
+
 def open_trackers(cfg, enabled: bool = True) -> Trackers:
-    """cfg.log's trackers (none when empty or not enabled: ranks other than 0)."""
+    """cfg.log's trackers (none when empty or not enabled: ranks other than 0). A missing
+    package fails here, before any work; the trackers themselves open with the first epoch."""
     names = parse_log(cfg.log)  # checked on every rank: a typo fails everywhere alike
     if not enabled:
         return Trackers(cfg, [])
-    make = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker}
-    return Trackers(cfg, [make[n](Path(cfg.out)) for n in names])
+    for name in names:
+        _require(*PACKAGES[name], name)
+    return Trackers(cfg, names)

@@ -183,3 +183,32 @@ def test_model_card_written_and_updated_by_evaluate(cli_run, small_data_root, tm
     assert main(["-q", "evaluate", str(cli_run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
                  "--bootstrap", "50"]) == 0
     assert (cli_run / "MODEL_CARD.md").read_text().count(f"`{test_dir.resolve()}`") == 1
+
+
+def test_cli_train_goes_through_the_api(monkeypatch, tmp_path):
+    import pneumoscope.api
+
+    from pneumoscope.errors import UserError
+
+    calls = []
+
+    def recorded(**options):
+        calls.append(options)
+        raise UserError("recorded")  # stop before the CLI reads the (absent) run
+
+    monkeypatch.setattr(pneumoscope.api, "train", recorded)
+    assert main(["-q", "train", "--data", "D", "--out", str(tmp_path / "r"), "--epochs", "3"]) == 2
+    assert calls and calls[0]["data"] == "D" and calls[0]["epochs"] == 3
+
+
+def test_load_with_onnx_predicts_like_the_torch_model(cli_run, small_data_root, tmp_path):
+    onnx = tmp_path / "model.onnx"
+    assert main(["-q", "export", str(cli_run), "--out", str(onnx)]) == 0
+    files = sorted((small_data_root / "test").rglob("*.jpeg"))[:6]
+    by_torch = pneumoscope.load(cli_run).predict(files)
+    model = pneumoscope.load(cli_run, onnx=onnx)
+    by_onnx = model.predict(files)
+    assert [r["path"] for r in by_onnx] == [r["path"] for r in by_torch]
+    assert np.allclose([r["p_pneumonia"] for r in by_onnx], [r["p_pneumonia"] for r in by_torch], atol=1e-4)
+    assert [r["label"] for r in by_onnx] == [r["label"] for r in by_torch]
+    assert model.explain(files[0]).shape[2] == 3  # Grad-CAM from the torch model beside the export

@@ -1,5 +1,5 @@
-"""train --config, command-line overrides, grouped --help, --log checks, cheap import:
-no training here (tests/api/test_api_runs.py trains)."""
+"""train --config, command-line overrides, grouped --help, --log checks, cheap import,
+the API's option checks, arrays and the model card's source: no training here (tests/api/test_api_runs.py trains)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import pneumoscope
 from pneumoscope.cli import build_parser, main
+from pneumoscope.errors import OptionError
+from pneumoscope.rundir import RunDirError
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.options import config_file_options, given_options, merge_options
 from pneumoscope.training.trackers import MissingExtraError, open_trackers, parse_log
@@ -108,3 +112,52 @@ def test_import_is_cheap():
     lazy = subprocess.run([sys.executable, "-c", "import pneumoscope; print(pneumoscope.load.__module__)"],
                           cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": str(REPO)}, check=True)
     assert lazy.stdout.strip() == "pneumoscope.api"
+
+
+def test_missing_tensorboard_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--log", "tensorboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tensorboard" in err and "pneumoscope[track]" in err
+    assert not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_python_options_get_the_command_lines_checks(tmp_path):
+    with pytest.raises(OptionError, match="--epochs.*'two'"):
+        pneumoscope.train(data=tmp_path, out=tmp_path / "run", epochs="two")
+    with pytest.raises(OptionError, match="--compile"):
+        pneumoscope.train(data=tmp_path, out=tmp_path / "run", compile="false")  # a string is not a switch
+    with pytest.raises(OptionError, match="--augment.*'huge'"):
+        pneumoscope.train(data=tmp_path, out=tmp_path / "run", augment="huge")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_train_with_trackers_leaves_the_folder_as_it_was(sample_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store is RUN_DIR/mlruns
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")  # a finished run's file
+    with pytest.raises(RunDirError, match="--overwrite"):
+        pneumoscope.train(data=sample_data, out=run, log="tensorboard,mlflow", show_progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["summary.json"]  # no tensorboard/, no mlruns/
+
+
+def test_one_array_is_one_image_whatever_its_channels():
+    from pneumoscope.api import _sources
+
+    for shape in [(50, 40), (50, 40, 1), (50, 40, 3), (50, 40, 4), (50, 40, 2)]:
+        assert len(_sources(np.zeros(shape, np.uint8))) == 1, shape  # never split into rows
+    assert len(_sources(np.zeros((5, 50, 40, 3), np.uint8))) == 5  # a batch
+
+
+def test_model_card_claims_the_kermany_source_only_for_its_files():
+    from pneumoscope.data.discover import Sample
+    from pneumoscope.model_card import _source_lines
+
+    config = {"data": "/data/site"}
+    kermany = {"train": [Sample(Path("person1_bacteria_1.jpeg"), 1, "person1", "train"),
+                         Sample(Path("IM-0001-0001.jpeg"), 0, "IM-0001", "train")]}
+    other = {"train": [*kermany["train"], Sample(Path("scan_0042.png"), 0, "p42", "train")]}
+    assert "Guangzhou" in " ".join(_source_lines(kermany, config))
+    lines = " ".join(_source_lines(other, config))
+    assert "Guangzhou" not in lines and "CC BY" not in lines and "/data/site" in lines

@@ -4,6 +4,7 @@ from real sample images, in the layout of the Kaggle archive (nested duplicate, 
 from __future__ import annotations
 
 import hashlib
+import os
 import http.server
 import io
 import subprocess
@@ -155,6 +156,9 @@ def test_download_unpacks_to_the_layout_train_reads(archive, sources, tmp_path, 
                      "--sha256", hashlib.sha256(archive).hexdigest()]) == 0
     root = tmp_path / "chest_xray"
     assert str(root) in capsys.readouterr().out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual mode, not mkdtemp's 0700
     found = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert found == sorted(f"{folder}/{f.name}" for folder, files in sources.items() for f in files)
     for folder, files in sources.items():

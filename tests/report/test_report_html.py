@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -123,6 +124,25 @@ def test_cli_report_on_the_runs_validation_part(report_run, tmp_path, capsys):
     with open(out / "embeddings_meta.csv", newline="") as handle:
         assert sorted(r["path"] for r in csv.DictReader(handle)) == val
     assert "val part of the run" in (out / "index.html").read_text()
+    # the reported part is in the manifest by design: not leakage; no image of it is in train
+    assert "val" not in (json.loads((out / "metrics.json").read_text())["leakage"]["shared"] or {})
+
+
+def test_report_warns_when_the_folder_holds_training_images(report_run, report_split, tmp_path, caplog):
+    folder = tmp_path / "leaky"
+    shutil.copytree(report_split, folder)
+    with open(report_run / "manifest.csv", newline="") as handle:
+        trained = next(Path(r["path"]) for r in csv.DictReader(handle)
+                       if r["role"] == "train" and r["label"] == "0")
+    shutil.copy2(trained, folder / "NORMAL" / "renamed_copy.jpeg")  # same bytes under another name
+    out = tmp_path / "leaky_report"
+    with caplog.at_level(logging.WARNING):
+        assert main(["-q", "report", str(report_run), "--data", str(folder), "--out", str(out), "--bootstrap",
+                     "50", "--gradcam-per-group", "1", "--perplexity", "3"]) == 0
+    assert "also in the run's train part" in caplog.text
+    shared = json.loads((out / "metrics.json").read_text())["leakage"]["shared"]
+    assert shared["train"]["count"] == 1 and "val" not in shared
+    assert "Not held out:</b> 1 of these images" in (out / "index.html").read_text()
 
 
 def test_cli_report_refuses_bad_input(report_run, report_split, tmp_path, capsys):

@@ -257,7 +257,8 @@ def cmd_train(args) -> int:
     summary = read_json(run / "summary.json")
     t = summary["thresholds"]
     print(f"run: {run}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
-          f"/{summary['epochs_run']}  val ROC AUC {summary['val_roc_auc']:.4f}")
+          f"/{summary['epochs_run']}  val {'macro one-vs-rest ' if 'task' in summary else ''}"
+          f"ROC AUC {summary['val_roc_auc']:.4f}")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items())
           + f"  (default: {t['default']})")
     print(f"model card: {run / 'MODEL_CARD.md'}")
@@ -265,13 +266,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pneumoscope.commands import evaluate_run
-    from pneumoscope.evaluation import format_metrics
+    from pneumoscope.commands import evaluate_run, format_evaluation
 
     metrics = evaluate_run(args.run_dir, args.data, out=args.out, threshold_rule=args.threshold_rule,
                            strict=args.strict, n_boot=args.bootstrap, show_progress=not args.quiet,
                            patients=args.patients)
-    print(format_metrics(metrics))
+    print(format_evaluation(metrics))
     print(f"written: {args.out or Path(args.run_dir) / 'metrics.json'}")
     return 0
 

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples, report_failures
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import shared_with_manifest
 from pneumoscope.errors import DataError, OptionError
-from pneumoscope.evaluation import evaluate_predictions
+from pneumoscope.evaluation import evaluate_predictions, format_metrics
 from pneumoscope.inference import Predictor
 from pneumoscope.model_card import update_model_card
 from pneumoscope.rundir import MANIFEST, atomic_write_csv, atomic_write_json, atomic_write_text
+from pneumoscope.tasks import (
+    BINARY, THREE_CLASS, bv_threshold_of, p_pneumonia, prediction_columns, prediction_rows, task_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,11 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     samples = discover_split(split_dir, patients=load_patients(patients))
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)
-    probs = predictor.predict_images(data.images, show_progress=show_progress)
+    probs = predictor.predict_class_probs(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
     metrics["leakage"] = check_leakage(run_dir, data)
+    if "binary" in metrics:  # three-class: the binary block carries every binary key
+        metrics["binary"]["leakage"] = metrics["leakage"]
     out = Path(out) if out else Path(run_dir) / "metrics.json"
     write_evaluation(out, metrics, data, probs)
     update_model_card(run_dir, evaluation=(metrics, out))  # every evaluated folder in MODEL_CARD.md
@@ -43,14 +47,36 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
 
 def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
                       threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
-    """The metrics.json content (evaluate and report share it) at the rule's threshold."""
+    """The metrics.json content (evaluate and report share it) at the rule's threshold.
+    probs: p(pneumonia) (N,) or class probabilities (N, C); a three-class run's metrics
+    (pneumoscope.three_class) need the (N, 3) ones."""
     threshold = predictor.threshold_for(threshold_rule)
     patients = [s.patient for s in data.samples]  # intervals resample patients, not images
-    metrics = evaluate_predictions(data.labels, probs, threshold, n_boot=n_boot, patients=patients)
-    metrics["threshold_rule"] = threshold_rule or predictor.thresholds["default"]
-    metrics["data"] = data_name
-    metrics["unreadable"] = [{"path": p, "problem": why} for p, why in data.failures]
+    probs = np.asarray(probs)
+    task = getattr(predictor, "task", BINARY)
+    if task == BINARY:
+        p = p_pneumonia(probs) if probs.ndim == 2 else probs
+        metrics = evaluate_predictions(data.labels, p, threshold, n_boot=n_boot, patients=patients)
+    else:
+        from pneumoscope.three_class import evaluate_three_class
+
+        metrics = evaluate_three_class(task_labels(data.samples, task), probs, threshold,
+                                       bv_threshold_of(predictor.thresholds), n_boot=n_boot, patients=patients)
+    extra = {"threshold_rule": threshold_rule or predictor.thresholds["default"], "data": data_name,
+             "unreadable": [{"path": p, "problem": why} for p, why in data.failures]}
+    metrics.update(extra)
+    if task != BINARY:
+        metrics["binary"].update(extra)
     return metrics
+
+
+def format_evaluation(metrics: dict) -> str:
+    """The console table of either task's metrics.json."""
+    if metrics.get("task") == THREE_CLASS:
+        from pneumoscope.three_class import format_three_class
+
+        return format_three_class(metrics)
+    return format_metrics(metrics)
 
 
 def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, ...] = ()) -> dict | None:
@@ -70,11 +96,21 @@ def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, 
 
 
 def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarray) -> None:
-    """metrics.json at `out` and the per-image predictions beside it (OUT_predictions.csv)."""
+    """metrics.json at `out` and the per-image predictions beside it (OUT_predictions.csv:
+    path, label, p_pneumonia; three-class: path, label (0/1/2), p_normal, p_bacterial,
+    p_viral, p_pneumonia)."""
     atomic_write_json(out, metrics)
+    probs = np.asarray(probs)
+    task = metrics.get("task", BINARY)
+    if probs.ndim == 1:
+        values, labels = probs[:, None], data.labels
+    elif task == BINARY:
+        values, labels = p_pneumonia(probs)[:, None], data.labels
+    else:
+        values, labels = np.column_stack([probs, p_pneumonia(probs)]), task_labels(data.samples, task)
     atomic_write_csv(
-        out.with_name(out.stem + "_predictions.csv"), ["path", "label", "p_pneumonia"],
-        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(data.samples, probs)],
+        out.with_name(out.stem + "_predictions.csv"), ["path", "label", *prediction_columns(task)],
+        [[str(s.path), int(y), *(f"{v:.6f}" for v in row)] for s, y, row in zip(data.samples, labels, values)],
     )
 
 
@@ -134,15 +170,16 @@ def predict_sources(predictor, sources: list, threshold_rule: str | None = None,
     kept, images, failures = decode_sources(predictor, sources)
     report_failures(failures, strict)
     stack = np.stack(images) if images else np.empty((0, predictor.image_size, predictor.image_size), np.uint8)
-    probs = predictor.predict_images(stack, show_progress=show_progress)
+    probs = predictor.predict_class_probs(stack, show_progress=show_progress)
     threshold = predictor.threshold_for(threshold_rule)
-    return [{"path": None if isinstance(s, np.ndarray) else str(s), "p_pneumonia": float(q),
-             "label": CLASSES[int(q >= threshold)]} for s, q in zip(kept, probs)]
+    rows = prediction_rows(predictor.task, probs, threshold, bv_threshold_of(predictor.thresholds))
+    return [{"path": None if isinstance(s, np.ndarray) else str(s), **r} for s, r in zip(kept, rows)]
 
 
 def predictions_csv(rows: list[dict], handle, header: list[str] | None = None) -> None:
     """rows as CSV through the csv module (a comma or quote in a path stays one field);
-    the columns are the rows' keys, probabilities with 6 decimals."""
+    the columns are the rows' keys (three-class: path, p_normal, p_bacterial, p_viral,
+    p_pneumonia, label), probabilities with 6 decimals."""
     header = header or (list(rows[0]) if rows else ["path", "p_pneumonia", "label"])
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(header)

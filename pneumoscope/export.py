@@ -6,8 +6,10 @@
   scaled to ``[0, 1]`` (uint8 / 255) after the shared decode stretched it to ``S x S``.
   The backbone's normalisation (mean/std, gray -> 3 channels) is inside the graph.
   Outputs: ``logits`` float32 ``(batch, 2)`` (column 0 NORMAL, column 1 PNEUMONIA) and
-  ``p_pneumonia`` float32 ``(batch,)`` = ``softmax(logits)[:, 1]``. The batch axis is
-  dynamic; the spatial size is fixed to the run's ``image_size``.
+  ``p_pneumonia`` float32 ``(batch,)`` = ``softmax(logits)[:, 1]``. A three-class run
+  (``--task three-class``): ``logits`` ``(batch, 3)`` (NORMAL, BACTERIAL, VIRAL),
+  ``probabilities`` ``(batch, 3)`` = their softmax, and ``p_pneumonia`` = p(bacterial) +
+  p(viral). The batch axis is dynamic; the spatial size is fixed to the run's ``image_size``.
 * ``model.onnx.json`` — the contract a consumer needs to feed it and read it: input
   size, geometry (``stretch``), scaling, output meaning, the run's thresholds and the
   default rule, backbone, versions, the SHA-256 of the weights it came from and of the
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from pneumoscope import CLASSES, __version__
-from pneumoscope.inference import Predictor, predict_probs
+from pneumoscope.inference import Predictor, predict_class_probs
 from pneumoscope.models import PNEUMONIA_INDEX
 from pneumoscope.onnx_contract import (
     CONTRACT_FORMAT,
@@ -44,8 +46,11 @@ from pneumoscope.onnx_contract import (
 )
 from pneumoscope.onnx_predictor import open_session, run_session
 from pneumoscope.rundir import RunDir, default_file_mode
+from pneumoscope.tasks import BINARY, CLASS_NAMES, THREE_CLASS, p_pneumonia
 
 log = logging.getLogger(__name__)
+
+THREE_CLASS_OUTPUT_NAMES = ("logits", "probabilities", "p_pneumonia")
 
 # The parity the export itself checks (and the tests demand on real images).
 PARITY_TOLERANCE = 1e-4
@@ -65,6 +70,19 @@ class _WithProbability(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x).float()
         return logits, torch.softmax(logits, dim=1)[:, PNEUMONIA_INDEX]
+
+
+class _WithProbabilities(torch.nn.Module):
+    """Three-class: (B,1,S,S) -> (logits (B,3), probabilities (B,3), p_pneumonia (B,))."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(x).float()
+        probs = torch.softmax(logits, dim=1)
+        return logits, probs, probs[:, 1] + probs[:, 2]
 
 
 def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: int) -> dict:
@@ -90,14 +108,8 @@ def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: i
             "scaling": "x / 255",
             "input": pre.get("input", "gray01"),
         },
-        "outputs": {
-            "logits": "float32 (batch, 2): raw class scores, column 0 NORMAL, column 1 PNEUMONIA",
-            "p_pneumonia": "float32 (batch,): softmax(logits)[:, 1], the probability of pneumonia",
-        },
-        "classes": list(CLASSES),
+        **_task_contract(predictor.task),
         "thresholds": predictor.thresholds,
-        "decision": "label = PNEUMONIA if p_pneumonia >= threshold else NORMAL; threshold = "
-                    "thresholds.rules[rule], rule defaulting to thresholds.default",
         "backbone": predictor.config.get("backbone"),
         "opset": opset,
         "source": {
@@ -111,14 +123,42 @@ def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: i
     }
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int) -> None:
+def _task_contract(task: str) -> dict:
+    """The contract's task, outputs, classes and decision rule."""
+    if task == BINARY:
+        return {
+            "outputs": {
+                "logits": "float32 (batch, 2): raw class scores, column 0 NORMAL, column 1 PNEUMONIA",
+                "p_pneumonia": "float32 (batch,): softmax(logits)[:, 1], the probability of pneumonia",
+            },
+            "classes": list(CLASSES),
+            "decision": "label = PNEUMONIA if p_pneumonia >= threshold else NORMAL; threshold = "
+                        "thresholds.rules[rule], rule defaulting to thresholds.default",
+        }
+    return {
+        "task": THREE_CLASS,
+        "outputs": {
+            "logits": "float32 (batch, 3): raw class scores, columns NORMAL, BACTERIAL, VIRAL",
+            "probabilities": "float32 (batch, 3): softmax(logits): p_normal, p_bacterial, p_viral",
+            "p_pneumonia": "float32 (batch,): p_bacterial + p_viral",
+        },
+        "classes": list(CLASS_NAMES[THREE_CLASS]),
+        "decision": "NORMAL if p_pneumonia < threshold (thresholds.rules[rule], rule defaulting to "
+                    "thresholds.default); else BACTERIAL if p_bacterial / (p_bacterial + p_viral) >= "
+                    "thresholds.bacterial_vs_viral.threshold, else VIRAL",
+    }
+
+
+def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, task: str = BINARY) -> None:
     """torch.onnx.export (dynamo exporter) with a dynamic batch axis, one self-contained file."""
     example = torch.rand(2, 1, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    wrapper, names = ((_WithProbability, OUTPUT_NAMES) if task == BINARY
+                      else (_WithProbabilities, THREE_CLASS_OUTPUT_NAMES))
     with _quiet_exporter():
         torch.onnx.export(
-            _WithProbability(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},), opset_version=opset,
+            wrapper(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
+            output_names=list(names), dynamic_shapes=({0: batch},), opset_version=opset,
             external_data=False, dynamo=True, verbose=False,
         )
 
@@ -139,11 +179,15 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray) -> float:
-    """Max |p_torch - p_onnx| over uint8 images (N,S,S); ExportError past the tolerance."""
-    expected = predict_probs(model, images, precision="fp32")  # the graph computes in fp32
-    got = run_session(open_session(onnx_path), images)
-    diff = float(np.max(np.abs(expected - got))) if len(images) else 0.0
+def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, task: str = BINARY) -> float:
+    """Max |p_torch - p_onnx| over uint8 images (N,S,S), of p_pneumonia and (three-class)
+    every class probability; ExportError past the tolerance."""
+    expected = predict_class_probs(model, images, precision="fp32")  # the graph computes in fp32
+    session = open_session(onnx_path)
+    pairs = [(p_pneumonia(expected), run_session(session, images))]
+    if task != BINARY:
+        pairs.append((expected, run_session(session, images, output="probabilities")))
+    diff = max(float(np.max(np.abs(want - got))) for want, got in pairs) if len(images) else 0.0
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(f"{onnx_path}: onnxruntime and torch disagree (max |dp| = {diff:.2e} "
                           f"> {PARITY_TOLERANCE:.0e})")
@@ -167,8 +211,8 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
     try:
         log.info("exporting %s (%s, %dx%d) to ONNX opset %d", run_dir, predictor.config.get("backbone"),
                  size, size, opset)
-        _export_graph(model, size, tmp, opset)
-        diff = check_parity(model, tmp, _probe_images(size))
+        _export_graph(model, size, tmp, opset, predictor.task)
+        diff = check_parity(model, tmp, _probe_images(size), predictor.task)
         contract = build_contract(predictor, run_dir, out.name, opset)
         contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
         contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file

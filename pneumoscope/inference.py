@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from pneumoscope.data.decode import load_image
 from pneumoscope.errors import OptionError
-from pneumoscope.models import PNEUMONIA_INDEX, build_model
+from pneumoscope.models import build_model
 from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
+from pneumoscope.tasks import n_classes, p_pneumonia, task_of
 
 
 def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -42,12 +43,13 @@ def inference_precision(device: str | torch.device) -> str:
 
 
 @torch.inference_mode()
-def predict_probs(
+def predict_class_probs(
     model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
     device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
     precision: str | None = None,
 ) -> np.ndarray:
-    """p(pneumonia) for a uint8 image array (N,S,S), in eval mode, batch by batch.
+    """Class probabilities (N, C) (softmax of the head) for a uint8 image array (N,S,S), in
+    eval mode, batch by batch.
 
     precision: fp32 | bf16 (autocast) | None: inference_precision(device). Inputs go in
     channels_last (fastest for the convolutions on CPU and GPU alike)."""
@@ -60,8 +62,20 @@ def predict_probs(
         x = images_to_input(images[start : start + batch_size]).to(dev)
         with autocast(dev, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last))
-        out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
-    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    n_out = getattr(getattr(model, "head", None), "out_features", 2)
+    return torch.cat(out).numpy() if out else np.empty((0, n_out), dtype=np.float32)
+
+
+def predict_probs(
+    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
+    device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+    precision: str | None = None,
+) -> np.ndarray:
+    """p(pneumonia) for a uint8 image array (N,S,S): softmax column 1 of a binary model,
+    p(bacterial) + p(viral) of a three-class one (pneumoscope.tasks.p_pneumonia); the
+    arguments as predict_class_probs."""
+    return p_pneumonia(predict_class_probs(model, images, batch_size, device, show_progress, desc, precision))
 
 
 def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
@@ -75,7 +89,8 @@ def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
                    for m in config["members"]]
         model, what = Ensemble(members, config["tta"]["views"], int(config["image_size"])), "ensemble"
     else:
-        model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0))
+        model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0),
+                            n_classes=n_classes(task_of(config)))
         what = f"{config['backbone']} model"
     path = run.best_model_path()
     try:
@@ -137,6 +152,16 @@ class Predictor(OperatingPoint):
     def image_size(self) -> int:
         return int(self.config["image_size"])
 
+    @property
+    def task(self) -> str:
+        return task_of(self.config)
+
+    def predict_class_probs(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
+        """(N, C) class probabilities (C = 3 for a three-class run)."""
+        return predict_class_probs(self.model, images, device=self.device, show_progress=show_progress,
+                                   precision=self.precision)
+
     def predict_images(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
+        """p(pneumonia) of every image (both tasks)."""
         return predict_probs(self.model, images, device=self.device, show_progress=show_progress,
                              precision=self.precision)

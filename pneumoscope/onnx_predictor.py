@@ -23,6 +23,7 @@ from pneumoscope.errors import DataError, MissingFileError
 from pneumoscope.onnx_contract import INPUT_NAME, file_sha256, read_contract
 from pneumoscope.inference import OperatingPoint
 from pneumoscope.rundir import THRESHOLD, RunDir
+from pneumoscope.tasks import BINARY, task_of
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,14 @@ def open_session(onnx_path: str | Path, threads: int | None = None):
 
 
 def run_session(session, images: np.ndarray, batch_size: int = 64,
-                show_progress: bool = False) -> np.ndarray:
-    """p(pneumonia) for uint8 images (N,S,S): the contract's x / 255 as float32 (N,1,S,S)."""
+                show_progress: bool = False, output: str = "p_pneumonia") -> np.ndarray:
+    """p(pneumonia) (or another output, e.g. a three-class export's `probabilities`) for
+    uint8 images (N,S,S): the contract's x / 255 as float32 (N,1,S,S)."""
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="predict (onnx)", unit="batch", disable=not show_progress):
         x = np.asarray(images[start : start + batch_size], dtype=np.float32)[:, None] / np.float32(255.0)
-        out.append(session.run(["p_pneumonia"], {INPUT_NAME: x})[0])
+        out.append(session.run([output], {INPUT_NAME: x})[0])
     return np.concatenate(out).astype(np.float32) if out else np.empty(0, dtype=np.float32)
 
 
@@ -88,9 +90,23 @@ class OnnxPredictor(OperatingPoint):
     def thresholds(self) -> dict:
         return self.run_thresholds if self.run_thresholds is not None else self.contract["thresholds"]
 
+    @property
+    def task(self) -> str:
+        return task_of(self.contract)
+
     def predict_images(self, images: np.ndarray, show_progress: bool = False,
                        batch_size: int = 64) -> np.ndarray:
         return run_session(self.session, images, batch_size=batch_size, show_progress=show_progress)
+
+    def predict_class_probs(self, images: np.ndarray, show_progress: bool = False,
+                            batch_size: int = 64) -> np.ndarray:
+        """(N, C): a three-class export's `probabilities`; for a binary one (1 - p, p)."""
+        if self.task == BINARY:
+            p = self.predict_images(images, show_progress, batch_size)
+            return np.column_stack([1.0 - p, p]).astype(np.float32) if len(p) else np.empty((0, 2), np.float32)
+        probs = run_session(self.session, images, batch_size=batch_size, show_progress=show_progress,
+                            output="probabilities")
+        return probs if len(probs) else np.empty((0, 3), np.float32)
 
 
 def check_same_weights(contract: dict, run_dir: str | Path, onnx_path: Path) -> None:

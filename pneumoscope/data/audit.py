@@ -14,6 +14,7 @@ from pneumoscope import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray
 from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
 from pneumoscope.errors import MissingFileError
+from pneumoscope.tasks import subtype_of
 
 
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
@@ -74,6 +75,7 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
     patient_of = dict(zip(images, patients.patients_of(images))) if patients else {}
 
     counts = {s: {c: 0 for c in CLASSES} for s in splits}
+    subtypes = {s: {"BACTERIAL": 0, "VIRAL": 0, "UNNAMED": 0} for s in splits}  # PNEUMONIA by file name
     unreadable, by_hash = [], defaultdict(list)
     patients_seen = defaultdict(set)  # patient -> splits
     for split, label, path in tqdm(jobs, desc="audit", unit="file", disable=not show_progress):
@@ -83,6 +85,8 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
             unreadable.append({"path": rel, "problem": problem})
             continue
         counts[split][CLASSES[label]] += 1
+        if CLASSES[label] == "PNEUMONIA":
+            subtypes[split][(subtype_of(path.name) or "unnamed").upper()] += 1
         by_hash[file_sha1(path)].append(rel)
         patients_seen[patient_of.get(path) or patient_id(path.name)].add(split)
 
@@ -93,6 +97,8 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
             "counts": by_class,
             "total": normal + pneumonia,
             "imbalance_pneumonia_per_normal": round(pneumonia / normal, 3) if normal else None,
+            # --task three-class: UNNAMED pneumonia files (neither bacteria nor virus) stop it
+            "three_class": {"NORMAL": normal, **subtypes[split]},
         }
     duplicates = [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
     shared = {p: sorted(s) for p, s in patients_seen.items() if len(s) > 1}
@@ -109,13 +115,18 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
 
 def format_audit(report: dict) -> str:
     """The short console table of an audit."""
-    lines = [f"{'split':<8}{'NORMAL':>9}{'PNEUMONIA':>11}{'total':>8}{'P/N':>7}"]
+    lines = [f"{'split':<8}{'NORMAL':>9}{'PNEUMONIA':>11}{'total':>8}{'P/N':>7}{'BACTERIAL':>11}{'VIRAL':>7}"]
+    unnamed = 0
     for split, info in report["splits"].items():
         ratio = info["imbalance_pneumonia_per_normal"]
+        three = info["three_class"]
+        unnamed += three["UNNAMED"]
         lines.append(
             f"{split:<8}{info['counts']['NORMAL']:>9}{info['counts']['PNEUMONIA']:>11}"
-            f"{info['total']:>8}{(f'{ratio:.2f}' if ratio else '-'):>7}"
+            f"{info['total']:>8}{(f'{ratio:.2f}' if ratio else '-'):>7}{three['BACTERIAL']:>11}{three['VIRAL']:>7}"
         )
+    if unnamed:
+        lines.append(f"PNEUMONIA files naming neither bacteria nor virus: {unnamed} (--task three-class refuses them)")
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     lines += [f"  {u['path']}: {u['problem']}" for u in report["unreadable"]]
     lines.append(f"exact duplicate groups: {len(report['duplicates'])}")

@@ -25,10 +25,12 @@ __all__ = [
 ]
 
 
-def build_model(backbone: str, weights: str = "imagenet", dropout: float = 0.2) -> Classifier:
+def build_model(backbone: str, weights: str = "imagenet", dropout: float = 0.2,
+                n_classes: int = 2) -> Classifier:
     """The backbone with ``weights`` ("imagenet" | "none" | a state_dict file) and a new
-    2-class head. Raises OptionError for an unknown backbone, WeightsError for weights."""
+    head of ``n_classes`` (2: binary, 3: three-class). Raises OptionError for an unknown
+    backbone, WeightsError for weights."""
     spec = get_spec(backbone)
     raw = spec.builder()
     load_weights(spec, raw, weights)
-    return Classifier(spec, raw, dropout=dropout)
+    return Classifier(spec, raw, dropout=dropout, n_classes=n_classes)

@@ -13,7 +13,8 @@ caller (training, predict, serve, ONNX export) feeds the same thing.
   EfficientNet-Lite ``stages.0.conv_stem.weight``, ``stages.0.bn1.*``,
   ``stages.{s+1}.{j}.*`` (= timm ``blocks.{s}.{j}.*``), ``stages.8.conv_head.weight``,
   ``stages.8.bn2.*``.
-* ``head.weight`` ``(2, feature_dim)``, ``head.bias`` ``(2,)`` — class 1 is pneumonia.
+* ``head.weight`` ``(C, feature_dim)``, ``head.bias`` ``(C,)`` — binary (C=2): class 1 is
+  pneumonia; three-class (C=3): normal, bacterial, viral (pneumoscope.tasks).
 
 The normalisation constants are non-persistent buffers (derived from ``backbone_name``),
 so they are not in the state_dict. The library's own 1000-class head and pooling
@@ -37,6 +38,7 @@ class Classifier(nn.Module):
         backbone: str | BackboneSpec,
         raw_model: nn.Module | None = None,
         dropout: float = 0.2,
+        n_classes: int = 2,
     ) -> None:
         """Wrap ``raw_model`` (the library model, weights already loaded) or a fresh one."""
         super().__init__()
@@ -55,7 +57,7 @@ class Classifier(nn.Module):
         self.register_buffer("norm_std", _channel_tensor(spec.std), persistent=False)
         self.stages = nn.ModuleList(stages)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(spec.feature_dim, 2)
+        self.head = nn.Linear(spec.feature_dim, n_classes)  # 3 for --task three-class
 
     # -------------------------------------------------------------- properties
 

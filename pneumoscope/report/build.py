@@ -37,6 +37,7 @@ from pneumoscope.report.calibration import reliability
 from pneumoscope.report.embeddings import embed_and_predict, save_embeddings, tsne_2d, umap_2d
 from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
 from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from pneumoscope.tasks import CLASS_NAMES, THREE_CLASS, p_pneumonia, predicted_classes, task_labels
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,18 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
     labels = data.labels
     _check_both_classes(labels, data_name)
     with steps("predict + embed", own_bar=True):
-        emb, probs = embed_and_predict(predictor.model, data.images, device=predictor.device,
-                                       show_progress=show_progress)
+        emb, class_probs = embed_and_predict(predictor.model, data.images, device=predictor.device,
+                                             show_progress=show_progress, class_probs=True)
+    probs = p_pneumonia(class_probs)
     with steps("metrics (bootstrap)"):
-        metrics = score_predictions(predictor, data, probs, threshold_rule, data_name, n_boot)
+        metrics = score_predictions(predictor, data, class_probs, threshold_rule, data_name, n_boot)
     # the reported role itself is in the manifest by design; overlap with the other is leakage
     metrics["leakage"] = check_leakage(run_dir, data, skip_roles=(split,) if split else ())
-    write_evaluation(out / "metrics.json", metrics, data, probs)
+    three = metrics if metrics.get("task") == THREE_CLASS else None
+    if three:  # the pneumonia-vs-normal part of the page reads the binary block
+        three["binary"]["leakage"] = metrics["leakage"]
+    write_evaluation(out / "metrics.json", metrics, data, class_probs)
+    metrics = three["binary"] if three else metrics
     threshold = metrics["threshold"]
     wrong = (probs >= threshold).astype(int) != labels
 
@@ -145,6 +151,8 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
 
     with steps("Grad-CAM", own_bar=True):
         gallery = _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress)
+        if three:
+            class_gallery = _class_gradcam_gallery(predictor, data, class_probs, per_group)
     rel = reliability(labels, probs)
     drift_result = None
     if drift is not None:
@@ -156,13 +164,15 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
         atomic_write_json(out / "drift.json", drift_result)
     with steps("figures"):
         pngs = _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery)
+        if three:
+            pngs.update(_three_class_figures(three, data, class_probs, tsne, umap_points, class_gallery))
         if drift_result is not None:
             pngs["drift"] = figures.png_of(figures.drift_figure(drift_result))
         for name, png in pngs.items():
             atomic_write_bytes(out / f"{name}.png", png)
     index = out / "index.html"
     atomic_write_text(index, _page(run_dir, predictor, data, data_name, metrics, rel, pngs, emb.shape, seed,
-                                   drift_result))
+                                   drift_result, three))
     steps.seconds["total"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / "report.json", {
         "run_dir": str(run_dir), "data": data_name, "n": len(labels), "threshold": threshold,
@@ -194,6 +204,57 @@ def _gradcam_gallery(predictor, data, probs, threshold, per_group, show_progress
     return gallery
 
 
+def _class_gradcam_gallery(predictor, data, class_probs, per_group):
+    """Grad-CAM per class: for each true class, its `per_group` films with the highest
+    probability of that class, each map of that class's one-vs-rest log-odds."""
+    y = task_labels(data.samples, THREE_CLASS)
+    gallery = []
+    for c, name in enumerate(CLASS_NAMES[THREE_CLASS]):
+        members = np.flatnonzero(y == c)
+        picked = members[np.argsort(-class_probs[members, c], kind="stable")][:per_group]
+        heats = gradcam_heatmaps(predictor.model, data.images[picked], target_class=c) if len(picked) else []
+        items = [(overlay_heatmap(data.images[i], heat), float(class_probs[i, c]), data.samples[i].path.name)
+                 for i, heat in zip(picked, heats)]
+        gallery.append((f"true {name} ({len(members)})", items))
+    return gallery
+
+
+def _three_class_figures(m, data, class_probs, tsne, umap_points, gallery) -> dict[str, bytes]:
+    """The three-class section's figures: 3x3 confusion, one-vs-rest ROC, the maps
+    coloured by the three classes (rings: wrong three-class label), Grad-CAM per class."""
+    names = CLASS_NAMES[THREE_CLASS]
+    y = task_labels(data.samples, THREE_CLASS)
+    wrong = predicted_classes(class_probs, m["threshold"], m["bacterial_vs_viral_threshold"]) != y
+    return {
+        "confusion_3class": figures.png_of(figures.confusion_matrix_figure(m["confusion"]["matrix"], names)),
+        "roc_ovr": figures.png_of(figures.roc_ovr_figure(y, class_probs, m, names)),
+        "tsne_3class": figures.png_of(figures.embedding_figure(tsne, y, wrong, "t-SNE, three classes", names)),
+        "umap_3class": figures.png_of(figures.embedding_figure(umap_points, y, wrong, "UMAP, three classes",
+                                                               names)),
+        "gradcam_classes": figures.png_of(figures.gradcam_gallery_figure(gallery, "the row's class")),
+    }
+
+
+def _three_class_section(m: dict, fig) -> str:
+    bv = m["bacterial_vs_viral"]
+    intro = (f"<p class=note>Three-class run (NORMAL / BACTERIAL / VIRAL). A film is pneumonia when "
+             f"p(bacterial) + p(viral) reaches {m['threshold']:.4f} (the binary threshold, so the figures "
+             f"above stay comparable with binary runs); a pneumonia film is BACTERIAL when p(bacterial) / "
+             f"p(pneumonia) reaches {m['bacterial_vs_viral_threshold']:.4f} (Youden's J on the validation "
+             f"pneumonia films), else VIRAL. Accuracy {m['accuracy']:.4f}, macro one-vs-rest ROC AUC "
+             f"{m['macro_roc_auc']:.4f}; bacterial vs viral on the {bv['n']} pneumonia films: ROC AUC "
+             f"{bv['roc_auc']:.4f}, accuracy {bv['accuracy']:.4f}. Intervals in <code>metrics.json</code>.</p>")
+    return intro + html.grid(
+        fig("confusion_3class", "3x3 confusion matrix", "Rows: true class; columns: predicted; row shares."),
+        fig("roc_ovr", "One-vs-rest ROC curves", "Each class's probability against all other films."),
+        fig("tsne_3class", "t-SNE by three classes", "t-SNE coloured by the three true classes; rings: wrong "
+            "three-class label."),
+        fig("umap_3class", "UMAP by three classes", "UMAP coloured by the three true classes."),
+    ) + fig("gradcam_classes", "Grad-CAM per class",
+            "Per true class, its most confident films; the map is Grad-CAM of that class's one-vs-rest "
+            "log-odds, p = predicted probability of that class.")
+
+
 def _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery) -> dict[str, bytes]:
     """Every figure as PNG bytes, keyed by file stem."""
     run = RunDir(run_dir)
@@ -217,7 +278,7 @@ def _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gal
 
 
 def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, emb_shape, seed,
-          drift: dict | None = None) -> str:
+          drift: dict | None = None, three: dict | None = None) -> str:
     config = predictor.config
 
     def fig(name: str, alt: str, caption: str, anchor: str = "") -> str:
@@ -259,6 +320,9 @@ def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, em
     nav = [("metrics", "Metrics"), ("confusion", "Confusion matrix"), ("curves", "ROC / PR"),
            ("calibration", "Calibration"), ("training", "Training curves"), ("embeddings", "t-SNE / UMAP"),
            ("gradcam", "Grad-CAM"), ("data-card", "Data card")]
+    if three is not None:
+        sections.insert(1, ("three-class", "Three classes: normal, bacterial, viral", _three_class_section(three, fig)))
+        nav.insert(1, ("three-class", "Three classes"))
     if drift is not None:
         sections.insert(-1, ("drift", "Drift: another folder against the validation images", html.grid(
             html.drift_table(drift),

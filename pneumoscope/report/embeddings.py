@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from pneumoscope import CLASSES
 from pneumoscope.inference import images_to_input, inference_precision
-from pneumoscope.models.classifier import PNEUMONIA_INDEX, Classifier
+from pneumoscope.models.classifier import Classifier
 from pneumoscope.precision import autocast
 from pneumoscope.rundir import atomic_write_bytes, atomic_write_csv
+from pneumoscope.tasks import p_pneumonia
 
 
 @torch.no_grad()
@@ -31,8 +32,9 @@ def extract_embeddings(model: torch.nn.Module, images: np.ndarray, batch_size: i
 @torch.no_grad()
 def embed_and_predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
                       device: str | torch.device = "cpu", show_progress: bool = False,
-                      with_probs: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """Embeddings (N, D) and p(pneumonia) (N,) of a uint8 image array (N, S, S).
+                      with_probs: bool = True, class_probs: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embeddings (N, D) and p(pneumonia) (N,) of a uint8 image array (N, S, S); with
+    class_probs, the class probabilities (N, C) instead (pneumoscope.tasks.p_pneumonia).
 
     A plain Classifier gives both from one backbone pass (in eval mode its forward() is
     head(embed(x)), op for op); any other model (an ensemble, TTA wrapper) is asked
@@ -54,10 +56,13 @@ def embed_and_predict(model: torch.nn.Module, images: np.ndarray, batch_size: in
             logits = (model.head(model.dropout(emb)) if one_pass else model(x)) if with_probs else None
         embs.append(emb.float().cpu())
         if with_probs:
-            probs.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
     if not embs:
         return np.empty((0, 0), dtype=np.float32), np.empty(0, dtype=np.float32) if with_probs else None
-    return torch.cat(embs).numpy(), torch.cat(probs).numpy() if with_probs else None
+    if not with_probs:
+        return torch.cat(embs).numpy(), None
+    probs = torch.cat(probs).numpy()
+    return torch.cat(embs).numpy(), probs if class_probs else p_pneumonia(probs)
 
 
 def _check_points(embeddings: np.ndarray, method: str) -> None:

@@ -19,6 +19,7 @@ from pneumoscope.report.calibration import Reliability
 # Colour-blind safe (Okabe-Ito): NORMAL blue, PNEUMONIA orange, operating point red;
 # misclassified images are ringed in black.
 CLASS_COLOURS = ("#0072B2", "#E69F00")
+THREE_CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73")  # NORMAL, BACTERIAL, VIRAL (bluish green)
 MARK = "#D55E00"
 WRONG = "#000000"
 DPI = 120
@@ -85,6 +86,41 @@ def confusion_figure(confusion: dict) -> Figure:
     return fig
 
 
+def confusion_matrix_figure(matrix, names) -> Figure:
+    """A CxC confusion matrix (rows true, columns predicted): counts and row shares."""
+    m = np.asarray(matrix)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(m)):
+        for j in range(len(m)):
+            ax.text(j, i, f"{m[i, j]}\n{share[i, j]:.1%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=10)
+    ticks = list(range(len(m)))
+    ax.set_xticks(ticks, [f"pred. {c}" for c in names], fontsize=8)
+    ax.set_yticks(ticks, [f"true {c}" for c in names], fontsize=8)
+    ax.grid(False)
+    ax.set_title(f"Confusion matrix ({len(m)} classes)")
+    return fig
+
+
+def roc_ovr_figure(y: np.ndarray, probs: np.ndarray, metrics: dict, names) -> Figure:
+    """One-vs-rest ROC curve of each class (its probability against all other films)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for c, (name, colour) in enumerate(zip(names, THREE_CLASS_COLOURS)):
+        positive = (np.asarray(y) == c).astype(int)
+        if 0 < positive.sum() < len(positive):
+            fpr, tpr, _ = roc_curve(positive, probs[:, c])
+            auc = metrics["per_class"][name.lower()]["roc_auc"]
+            ax.plot(fpr, tpr, color=colour, lw=2, label=f"{name} vs rest: AUC {auc:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="chance")
+    ax.set(xlabel="1 − specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title=f"One-vs-rest ROC (macro AUC {metrics['macro_roc_auc']:.3f})", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02), aspect="equal")
+    ax.legend(loc="lower right", fontsize=7.5)
+    return fig
+
+
 def reliability_figure(rel: Reliability) -> Figure:
     """Reliability diagram (observed pneumonia fraction per p bin) over a count histogram."""
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.2, 4.8), sharex=True,
@@ -137,14 +173,16 @@ def training_figure(rows: list[dict], max_epochs: int | None = None) -> Figure:
     return fig
 
 
-def embedding_figure(points: np.ndarray, labels: np.ndarray, wrong: np.ndarray, title: str) -> Figure:
-    """2-D map coloured by true class; misclassified images ringed in black."""
+def embedding_figure(points: np.ndarray, labels: np.ndarray, wrong: np.ndarray, title: str,
+                     class_names: tuple[str, ...] = CLASSES) -> Figure:
+    """2-D map coloured by true class (two or three); misclassified images ringed in black."""
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     size = 14 if len(points) < 2000 else 6
-    for label, colour in enumerate(CLASS_COLOURS):
+    colours = CLASS_COLOURS if len(class_names) == 2 else THREE_CLASS_COLOURS
+    for label, colour in enumerate(colours):
         sel = labels == label
         ax.scatter(points[sel, 0], points[sel, 1], s=size, color=colour, alpha=0.75, lw=0,
-                   label=f"true {CLASSES[label]} ({int(sel.sum())})")
+                   label=f"true {class_names[label]} ({int(sel.sum())})")
     ax.scatter(points[wrong, 0], points[wrong, 1], s=size * 4, facecolors="none", edgecolors=WRONG,
                lw=1.0, label=f"misclassified ({int(wrong.sum())})")
     ax.set(title=title, xticks=[], yticks=[])
@@ -153,7 +191,8 @@ def embedding_figure(points: np.ndarray, labels: np.ndarray, wrong: np.ndarray, 
     return fig
 
 
-def gradcam_gallery_figure(groups: list[tuple[str, list[tuple[np.ndarray, float, str]]]]) -> Figure:
+def gradcam_gallery_figure(groups: list[tuple[str, list[tuple[np.ndarray, float, str]]]],
+                           evidence_for: str = "pneumonia") -> Figure:
     """Rows of Grad-CAM overlays: (row title, [(rgb overlay, p, file name), ...]) each."""
     cols = max([len(items) for _, items in groups] + [1])
     fig, axes = plt.subplots(len(groups), cols, figsize=(2.45 * cols + 0.4, 2.75 * len(groups) + 0.6),
@@ -173,7 +212,7 @@ def gradcam_gallery_figure(groups: list[tuple[str, list[tuple[np.ndarray, float,
                             ha="center", va="center", fontsize=9, color="grey")
     colourbar = fig.colorbar(matplotlib.cm.ScalarMappable(cmap="jet"), ax=axes, location="bottom",
                              shrink=0.6, pad=0.03, aspect=40)
-    colourbar.set_label("Grad-CAM: relative evidence for pneumonia")
+    colourbar.set_label(f"Grad-CAM: relative evidence for {evidence_for}")
     return fig
 
 

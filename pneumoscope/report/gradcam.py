@@ -44,7 +44,21 @@ class PneumoniaLogOdds:
     softmax turns into p(pneumonia); regions that raise it are what the heatmap shows."""
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits[..., PNEUMONIA_INDEX] - logits[..., 1 - PNEUMONIA_INDEX]
+        if logits.shape[-1] == 2:
+            return logits[..., PNEUMONIA_INDEX] - logits[..., 1 - PNEUMONIA_INDEX]
+        # three-class: log(p(bacterial) + p(viral)) - log p(normal)
+        return torch.logsumexp(logits[..., 1:], dim=-1) - logits[..., 0]
+
+
+class ClassLogOdds:
+    """Grad-CAM target of one class c: log p(c) - log(1 - p(c)), its one-vs-rest log-odds."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        others = torch.cat([logits[..., : self.index], logits[..., self.index + 1 :]], dim=-1)
+        return logits[..., self.index] - torch.logsumexp(others, dim=-1)
 
 
 class _ThisThreadActivations(ActivationsAndGradients):
@@ -100,9 +114,10 @@ def gradcam_heatmap(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     return gradcam_heatmaps(model, image[None])[0]
 
 
-def gradcam_heatmaps(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+def gradcam_heatmaps(model: torch.nn.Module, images: np.ndarray, target_class: int | None = None) -> np.ndarray:
     """gradcam_heatmap for a uint8 batch (N, S, S) in one forward/backward pass (the model
-    runs in eval mode, so images do not affect each other): float32 (N, S, S)."""
+    runs in eval mode, so images do not affect each other): float32 (N, S, S).
+    target_class: None for the pneumonia log-odds, else that class's (ClassLogOdds)."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"gradcam_heatmaps: expected uint8 (N, S, S) images, got {images.dtype} {images.shape}")
@@ -113,7 +128,8 @@ def gradcam_heatmaps(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
         x = images_to_input(images).to(device).requires_grad_(True)
         net, layers = _cam_target(model)
         with _GradCAM(net, layers) as cam:
-            heat = cam(input_tensor=x, targets=[PneumoniaLogOdds()] * len(images))
+            target = PneumoniaLogOdds() if target_class is None else ClassLogOdds(target_class)
+            heat = cam(input_tensor=x, targets=[target] * len(images))
     return np.clip(np.nan_to_num(heat.astype(np.float32)), 0.0, 1.0)
 
 

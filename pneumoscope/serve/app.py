@@ -47,7 +47,13 @@ class ModelInfo(BaseModel):
 
 class Prediction(BaseModel):
     p_pneumonia: float = Field(description="probability of pneumonia, in [0, 1]")
-    label: Literal["NORMAL", "PNEUMONIA"] = Field(description="PNEUMONIA when p_pneumonia >= threshold")
+    label: Literal["NORMAL", "PNEUMONIA", "BACTERIAL", "VIRAL"] = Field(
+        description="binary runs: PNEUMONIA when p_pneumonia >= threshold; three-class runs: NORMAL below "
+                    "it, else BACTERIAL when p_bacterial / p_pneumonia >= bacterial_vs_viral_threshold, else VIRAL")
+    probabilities: dict[str, float] | None = Field(
+        None, description="three-class runs: p of normal, bacterial and viral (summing to 1)")
+    bacterial_vs_viral_threshold: float | None = Field(
+        None, description="three-class runs: threshold on p(bacterial | pneumonia), chosen on validation")
     threshold: float = Field(description="the run's operating threshold, chosen on validation "
                              "(or on a site sample by `pneumoscope calibrate`)")
     threshold_rule: str

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope import CLASSES
 from pneumoscope.inference import Predictor
 from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
+from pneumoscope.tasks import BINARY, KEYS, bv_threshold_of, p_pneumonia, prediction_rows
 
 
 # Decodes that may run at once: bounds the server's memory under a burst of big images.
@@ -39,6 +39,7 @@ class InferenceEngine:
             self.runtime = "onnxruntime"
         self.threshold_rule = threshold_rule or self.torch.thresholds.get("default", "youden")
         self.threshold = self.scorer.threshold_for(threshold_rule)
+        self.bv_threshold = bv_threshold_of(self.scorer.thresholds)
         self._torch_lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
         self.info = {
@@ -61,11 +62,15 @@ class InferenceEngine:
         with self._decode_slots:
             return self.scorer.load(data, name=name)
 
-    def probability(self, image: np.ndarray) -> float:
+    def class_probs(self, image: np.ndarray) -> np.ndarray:
+        """(1, C) class probabilities of one image (C = 3 for a three-class run)."""
         if self.runtime == "torch":
             with self._torch_lock:
-                return float(self.scorer.predict_images(image[None])[0])
-        return float(self.scorer.predict_images(image[None])[0])
+                return self.scorer.predict_class_probs(image[None])
+        return self.scorer.predict_class_probs(image[None])
+
+    def probability(self, image: np.ndarray) -> float:
+        return float(p_pneumonia(self.class_probs(image))[0])
 
     def overlay_png(self, image: np.ndarray) -> tuple[bytes, bool]:
         """Grad-CAM overlay (PNG) and whether the map is empty (no region raised the score)."""
@@ -75,14 +80,18 @@ class InferenceEngine:
     def predict(self, data: bytes, name: str, heatmap: bool = False) -> dict:
         """The API answer for one upload (runs in a worker thread)."""
         image = self.decode(data, name)
-        p = self.probability(image)
+        task = self.torch.task
+        row = prediction_rows(task, self.class_probs(image), self.threshold, self.bv_threshold)[0]
         result = {
-            "p_pneumonia": p,
-            "label": CLASSES[int(p >= self.threshold)],
+            "p_pneumonia": row["p_pneumonia"],
+            "label": row["label"],
             "threshold": self.threshold,
             "threshold_rule": self.threshold_rule,
             "model": self.info,
         }
+        if task != BINARY:  # three-class: the three probabilities and the subtype threshold
+            result["probabilities"] = {k: row[f"p_{k}"] for k in KEYS}
+            result["bacterial_vs_viral_threshold"] = self.bv_threshold
         if heatmap:
             result["input_png"] = _b64(png_bytes(image))
             overlay, empty = self.overlay_png(image)

@@ -14,6 +14,7 @@ class TrainConfig:
     # recipe: auto | cpu-fast | full (training.recipes); the options set to None below take
     # the recipe's value, resolved when the config is made (so a config is always concrete).
     recipe: str = "auto"
+    task: str = "binary"  # binary | three-class (NORMAL / BACTERIAL / VIRAL; pneumoscope.tasks)
     epochs: int | None = None
     image_size: int | None = None
     batch_size: int | None = None
@@ -65,7 +66,7 @@ class TrainConfig:
 RESUME_KEYS = (
     "backbone", "weights", "epochs", "image_size", "batch_size", "balance", "val_fraction", "seed", "split_seed",
     "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "head_epochs",
-    "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views",
+    "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views", "task",
 )
 # What the run resolved from auto (config.json records these values, not "auto"); a
 # --resume that would resolve any of them otherwise is refused, naming it.

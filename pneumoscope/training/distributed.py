@@ -89,16 +89,17 @@ class DistEnv:
         return [p[:n].cpu().numpy() for p, n in zip(parts, lengths)]
 
     def gather_by_index(self, values: np.ndarray, indices: np.ndarray, n: int) -> np.ndarray:
-        """Reassemble per-rank values of positions `indices` into one length-n array."""
+        """Reassemble per-rank values (rows) of positions `indices` into one array of n rows."""
         if not self.is_distributed:
-            out = np.empty(n, dtype=values.dtype)
+            out = np.empty((n, *values.shape[1:]), dtype=values.dtype)
             out[indices] = values
             return out
         all_idx = np.concatenate(self.all_gather_arrays(indices.astype(np.int64)))
-        all_val = np.concatenate(self.all_gather_arrays(values))
+        row = values.shape[1:]  # (N,) or (N, C): rows travel flattened
+        all_val = np.concatenate(self.all_gather_arrays(values.reshape(-1))).reshape(-1, *row)
         if len(all_idx) != n or len(np.unique(all_idx)) != n:
             raise RuntimeError(f"gather_by_index: ranks covered {len(np.unique(all_idx))} of {n} positions")
-        out = np.empty(n, dtype=all_val.dtype)
+        out = np.empty((n, *row), dtype=all_val.dtype)
         out[all_idx] = all_val
         return out
 

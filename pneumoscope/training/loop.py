@@ -30,8 +30,8 @@ from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient, split_fraction
 from pneumoscope.errors import OptionError
-from pneumoscope.evaluation import choose_thresholds, ranking_metrics
-from pneumoscope.inference import predict_probs
+from pneumoscope.evaluation import ranking_metrics
+from pneumoscope.inference import predict_class_probs
 from pneumoscope.models import build_model, get_spec
 from pneumoscope.models.registry import imagenet_weights_available
 from pneumoscope.precision import resolve_precision
@@ -39,6 +39,9 @@ from pneumoscope.rundir import (
     BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
     save_model_weights, save_training_state,
+)
+from pneumoscope.tasks import (
+    BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 from pneumoscope.training import seeds
@@ -76,24 +79,27 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
     samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
-    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction, cfg.seed if cfg.split_seed is None else cfg.split_seed)
+    # three-class: stratified on normal/bacterial/viral (and a file naming neither stops here)
+    strata = task_labels(samples, cfg.task) if cfg.task != BINARY else None
+    train_samples, val_samples = split_by_patient(samples, cfg.val_fraction,
+                                                  cfg.seed if cfg.split_seed is None else cfg.split_seed, strata=strata)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
 
-def class_weights(labels: np.ndarray) -> torch.Tensor:
-    """n / (2 * n_c): each class carries half of the loss."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return torch.tensor(len(labels) / (2.0 * np.maximum(counts, 1)), dtype=torch.float32)
+def class_weights(labels: np.ndarray, n_classes: int = 2) -> torch.Tensor:
+    """n / (C * n_c): each of the C classes carries an equal share of the loss."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (float(n_classes) * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(labels: np.ndarray, balance: str, seed: int, epoch: int, n_classes: int = 2) -> np.ndarray:
     """Indices of one epoch: a permutation, or a class-balanced draw with replacement."""
     gen = seeds.generator(seed, "order", epoch)
     n = len(labels)
     if balance != "sampler":
         return torch.randperm(n, generator=gen).numpy()
-    per_sample = class_weights(labels)[torch.as_tensor(labels)].double()
+    per_sample = class_weights(labels, n_classes)[torch.as_tensor(labels)].double()
     return torch.multinomial(per_sample, n, replacement=True, generator=gen).numpy()
 
 
@@ -165,7 +171,8 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
     aug_gen = seeds.generator(cfg.seed, "augment", epoch, env.rank)
     augment = PRESETS[cfg.augment]
     # Every rank draws the same epoch order and keeps its own slice (one rank: all of it).
-    order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch), env.rank, env.world_size)
+    order = shard_order(epoch_order(data.labels, cfg.balance, cfg.seed, epoch, n_classes(cfg.task)),
+                        env.rank, env.world_size)
     n_batches = len(order) // cfg.batch_size or 1  # drop the ragged last batch (BatchNorm)
     # The loss is summed on the device: reading it every step would make the host wait.
     total_loss, seen, start = torch.zeros((), dtype=torch.float64, device=feed.device), 0, time.perf_counter()
@@ -187,27 +194,40 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
 
 
 def predict_all(model, images: np.ndarray, device, env: DistEnv | None = None) -> np.ndarray:
-    """p(pneumonia) of every image; under torchrun each rank predicts every world_size-th
+    """Class probabilities (N, C) of every image; under torchrun each rank predicts every world_size-th
     image and the parts are gathered back in order, so every rank holds all of them."""
     if env is None or not env.is_distributed:
-        return predict_probs(model, images, device=device)
+        return predict_class_probs(model, images, device=device)
     env.sync_module_state(model)  # BatchNorm statistics as rank 0 has them (and saves them)
     idx = np.arange(env.rank, len(images), env.world_size)
-    return env.gather_by_index(predict_probs(model, images[idx], device=device), idx, len(images))
+    return env.gather_by_index(predict_class_probs(model, images[idx], device=device), idx, len(images))
 
 
 def validate(model, data: DecodedSet, device, env: DistEnv | None = None,
              predict=None) -> tuple[dict, np.ndarray]:
-    """predict: model -> validation probabilities (the recipe's inputs); default: the images."""
+    """predict: model -> validation class probabilities (the recipe's inputs); default: the
+    images. Three-class: val_roc_auc is the macro one-vs-rest ROC AUC (what early stopping
+    selects on), val_loss the cross-entropy."""
     probs = predict(model) if predict else predict_all(model, data.images, device, env)
-    y = data.labels
-    eps = 1e-7
-    loss = float(-np.mean(y * np.log(probs + eps) + (1 - y) * np.log(1 - probs + eps)))
-    metrics = ranking_metrics(y, probs)
-    metrics = {"val_loss": loss, "val_roc_auc": metrics["roc_auc"], "val_pr_auc": metrics["pr_auc"]}
+    metrics = validation_metrics(data.labels, probs)
     # Computed from the same gathered predictions everywhere; rank 0's copy makes the
     # early-stopping decision identical on every rank even across machines.
     return (env.broadcast(metrics) if env else metrics), probs
+
+
+def validation_metrics(y: np.ndarray, probs: np.ndarray) -> dict:
+    """val_loss, val_roc_auc, val_pr_auc; binary: on p(pneumonia), as always; three-class:
+    cross-entropy, macro one-vs-rest ROC AUC and macro average precision."""
+    eps = 1e-7
+    if probs.shape[1] == 2:
+        p = p_pneumonia(probs)
+        loss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+        ranking = ranking_metrics(y, p)
+        return {"val_loss": loss, "val_roc_auc": ranking["roc_auc"], "val_pr_auc": ranking["pr_auc"]}
+    loss = float(-np.mean(np.log(probs[np.arange(len(y)), y] + eps)))
+    per_class = [ranking_metrics((y == c).astype(int), probs[:, c]) for c in range(probs.shape[1])]
+    return {"val_loss": loss, "val_roc_auc": float(np.mean([m["roc_auc"] for m in per_class])),
+            "val_pr_auc": float(np.mean([m["pr_auc"] for m in per_class]))}
 
 
 def is_better(metrics: dict, state: dict) -> bool:
@@ -274,7 +294,7 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     value must match the saved run's."""
     if not (run / LAST_CHECKPOINT).exists():
         return None
-    saved = run.read_config()
+    saved = {"task": BINARY, **run.read_config()}  # runs from before --task are binary
     saved_world = saved.get("distributed", {}).get("world_size", 1)
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
         raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
@@ -308,19 +328,23 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     model.to(memory_format=torch.channels_last)
     probs = predict_all(model, val.images, device, env)
     if env is None or env.is_main:
-        return write_selection(run, val, probs)
-    return choose_thresholds(val.labels, probs)
+        return write_selection(run, val, probs, cfg.task)
+    return choose_task_thresholds(cfg.task, val.labels, probs)
 
 
-def write_selection(run: RunDir, val: DecodedSet, probs) -> dict:
-    """threshold.json (rules chosen on the validation probabilities) and
-    val_predictions.csv; training and `pneumoscope ensemble` both end here."""
-    thresholds = choose_thresholds(val.labels, probs)
+def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> dict:
+    """threshold.json (rules chosen on the validation probabilities: p(pneumonia) (N,) or
+    class probabilities (N, C)) and val_predictions.csv; training and `pneumoscope
+    ensemble` both end here."""
+    probs = np.asarray(probs)
+    if probs.ndim == 1:  # p(pneumonia) of a binary model (an ensemble)
+        probs = np.column_stack([1.0 - probs, probs])
+    thresholds = choose_task_thresholds(task, val.labels, probs)
     atomic_write_json(run / THRESHOLD, thresholds)
-    atomic_write_csv(
-        run / VAL_PREDICTIONS, ["path", "label", "p_pneumonia"],
-        [[str(s.path), s.label, f"{p:.6f}"] for s, p in zip(val.samples, probs)],
-    )
+    columns = prediction_columns(task)
+    values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
+    atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
+                     [[str(s.path), s.label, *(f"{v:.6f}" for v in row)] for s, row in zip(val.samples, values)])
     return thresholds
 
 
@@ -347,7 +371,8 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     for name, value in resolved.items():  # every rank runs what rank 0 resolved
         setattr(cfg, name, value)
     seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
-    model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout), env.device)
+    model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout,
+                                      n_classes=n_classes(cfg.task)), env.device)
     train_set, val_set = load_data(cfg, run, env, requested, resumed=saved is not None, show_progress=show_progress)
     optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
     state = restore(saved, run, env, model, optimizer, scheduler)
@@ -398,6 +423,8 @@ def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, resu
         write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples},
                        sha1=sha1_by_path(train_set, val_set))
     require_both_classes({"train": train_set, "validation": val_set})
+    if cfg.task != BINARY:  # labels 0 normal, 1 bacterial, 2 viral (the manifest keeps 0/1)
+        train_set, val_set = (replace(d, samples=relabel(d.samples, cfg.task)) for d in (train_set, val_set))
     log.info("train %d images, val %d images (patient-grouped), backbone %s on %s",
              len(train_set.samples), len(val_set.samples), cfg.backbone, env.device)
     return train_set, val_set
@@ -409,7 +436,7 @@ def build_optimization(cfg: TrainConfig, model, train_set: DecodedSet, env: Dist
     optimizer = make_optimizer(model, replace(cfg, lr=cfg.lr * env.world_size) if cfg.scale_lr else cfg)
     steps = math.ceil(len(train_set.samples) / env.world_size) // cfg.batch_size or 1
     scheduler = make_scheduler(optimizer, cfg, steps)
-    loss_weights = class_weights(train_set.labels).to(env.device) if cfg.balance == "loss" else None
+    loss_weights = class_weights(train_set.labels, n_classes(cfg.task)).to(env.device) if cfg.balance == "loss" else None
     return optimizer, scheduler, loss_weights
 
 
@@ -486,6 +513,8 @@ def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dic
         "val_fraction_actual": round(split_fraction(train_set.samples, val_set.samples), 4),
         "unreadable": train_set.failures + val_set.failures,
     }
+    if cfg.task != BINARY:  # val_roc_auc above is then the macro one-vs-rest ROC AUC
+        summary["task"] = cfg.task
     if env.is_main:
         atomic_write_json(run / "summary.json", summary)
     env.barrier()

@@ -57,6 +57,10 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
                                    "markers, border blanking, erasing, resampling and JPEG jitter; no flips)")),
         (("--views",), dict(type=int, help="cpu-fast: augmented views of each training image through the "
                                            "frozen trunk")),
+        (("--task",), dict(choices=["binary", "three-class"],
+                           help="binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL, the "
+                                "pneumonia subtype read from the file name (person1_bacteria_2.jpeg, "
+                                "person3_virus_4.jpeg)")),
         (("--balance",), dict(choices=["loss", "sampler", "none"],
                               help="class imbalance: class-weighted loss, class-balanced sampler, or nothing")),
         (("--label-smoothing",), dict(type=float, help="cross-entropy label smoothing")),

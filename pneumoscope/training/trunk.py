@@ -40,7 +40,6 @@ from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
 from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
-from pneumoscope.models import PNEUMONIA_INDEX
 from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.training import seeds
 
@@ -197,7 +196,7 @@ class CachedTrunk:
 
     net: what the step calls; feed(epoch): idx -> (activations, labels) of that epoch;
     step_cfg: the config the step sees (no augmentation on the fly: the views carry it);
-    predict_val(model): p(pneumonia) of the validation images from their clean view."""
+    predict_val(model): class probabilities (N, C) of the validation images from their clean view."""
 
     def __init__(self, model, k: int, train: DecodedSet, val: DecodedSet, *, augment: AugmentConfig | None,
                  views: int, seed: int, precision: str, device: torch.device, cache_dir=None,
@@ -247,8 +246,8 @@ class CachedTrunk:
         for start in range(0, len(self.val_acts), batch_size):
             act = activations_to_input(self.val_acts[start : start + batch_size], self.device)
             logits = model.forward_from(self.k, act)
-            out.append(torch.softmax(logits.float(), dim=1)[:, PNEUMONIA_INDEX].cpu())
-        return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(out).numpy() if out else np.empty((0, model.head.out_features), dtype=np.float32)
 
 
 class EpochFeed:

@@ -25,9 +25,17 @@ function show(file, r) {
   const label = $("label");
   label.textContent = r.label;
   label.className = "label " + r.label.toLowerCase();
+  const three = Boolean(r.probabilities);  // a three-class run: normal / bacterial / viral
+  $("classes").hidden = !three;
+  if (three) {
+    for (const k of ["normal", "bacterial", "viral"]) $("p-" + k).textContent = percent(r.probabilities[k]);
+  }
   $("threshold-line").textContent =
     "Threshold " + r.threshold.toFixed(3) + " (" + ruleName(r.threshold_rule) + "): " +
-    "PNEUMONIA when the probability is at or above it.";
+    (three
+      ? "pneumonia when the probability is at or above it; then BACTERIAL when p(bacterial) / p(pneumonia) " +
+        "is at or above " + r.bacterial_vs_viral_threshold.toFixed(3) + ", else VIRAL."
+      : "PNEUMONIA when the probability is at or above it.");
   const m = r.model;
   $("model-line").textContent =
     "Model: " + m.backbone + " (" + m.image_size + "×" + m.image_size + " input) from run “" + m.run + "”, " +

@@ -1,0 +1,135 @@
+"""metrics.json of a three-class run (NORMAL / BACTERIAL / VIRAL), with patient-level
+bootstrap intervals (the cluster bootstrap of evaluation.py: patients drawn, stratified
+by pneumonia / normal, each bringing all of their films).
+
+Layout: task, n, n_patients, thresholds, accuracy, macro_roc_auc, per_class (one-vs-rest
+sensitivity, specificity, precision, f1, roc_auc for normal, bacterial, viral), confusion
+(3x3, rows true, columns predicted), ci95 (the same keys), a `binary` block (the binary
+metrics.json on p(pneumonia) at the binary threshold) and a `bacterial_vs_viral` block (on
+the pneumonia films, bacterial = positive, at the bacterial/viral threshold).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from pneumoscope.evaluation import CI_METHOD, _draw_images, _safe_div, evaluate_predictions, patient_strata
+from pneumoscope.tasks import CLASS_NAMES, KEYS, THREE_CLASS, p_bacterial_given_pneumonia, p_pneumonia, \
+    predicted_classes
+
+PER_CLASS_METRICS = ("sensitivity", "specificity", "precision", "f1", "roc_auc")
+BV_KEYS = ("n", "n_patients", "threshold", "roc_auc", "accuracy", "sensitivity", "specificity", "ci95", "ci_method")
+
+
+def _ovr_auc(y: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def point_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, bv_threshold: float) -> dict:
+    """Accuracy, macro one-vs-rest ROC AUC, per-class one-vs-rest metrics, 3x3 confusion
+    (labels by the hierarchical rule of pneumoscope.tasks)."""
+    y = np.asarray(y).astype(int)
+    pred = predicted_classes(probs, threshold, bv_threshold)
+    cm = confusion_matrix(y, pred, labels=[0, 1, 2])
+    per_class = {}
+    for c, key in enumerate(KEYS):
+        tp = cm[c, c]
+        fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        per_class[key] = {
+            "sensitivity": _safe_div(tp, tp + fn), "specificity": _safe_div(tn, tn + fp),
+            "precision": _safe_div(tp, tp + fp), "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+            "roc_auc": _ovr_auc((y == c).astype(int), np.asarray(probs)[:, c]),
+        }
+    # The unweighted mean of the one-vs-rest AUCs: scikit-learn's multi_class="ovr", "macro".
+    return {
+        "accuracy": _safe_div((pred == y).sum(), len(y)),
+        "macro_roc_auc": float(np.mean([per_class[k]["roc_auc"] for k in KEYS])),
+        "per_class": per_class,
+        "confusion": {"labels": list(CLASS_NAMES[THREE_CLASS]), "rows": "true", "columns": "predicted",
+                      "matrix": cm.tolist()},
+    }
+
+
+def _flat(m: dict) -> dict:
+    out = {"accuracy": m["accuracy"], "macro_roc_auc": m["macro_roc_auc"]}
+    out.update({(k, name): m["per_class"][k][name] for k in KEYS for name in PER_CLASS_METRICS})
+    return out
+
+
+def bootstrap_ci(y, probs, threshold, bv_threshold, patients=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Percentile 95% intervals of the point metrics over patient resamples."""
+    y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
+    strata, blocks, order = patient_strata((y > 0).astype(int), patients)
+    rng = np.random.default_rng(seed)
+    draws: dict = {}
+    for _ in range(n_boot):
+        idx = _draw_images(rng, strata, blocks, order)
+        for key, value in _flat(point_metrics(y[idx], probs[idx], threshold, bv_threshold)).items():
+            draws.setdefault(key, []).append(value)
+    span = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+    return {"accuracy": span["accuracy"], "macro_roc_auc": span["macro_roc_auc"],
+            "per_class": {k: {name: span[(k, name)] for name in PER_CLASS_METRICS} for k in KEYS}}
+
+
+def evaluate_three_class(y, probs, threshold: float, bv_threshold: float, n_boot: int = 1000, seed: int = 0,
+                         patients=None) -> dict:
+    """The three-class metrics.json content (module docstring); y: 0 normal, 1 bacterial, 2 viral."""
+    y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
+    pats = np.asarray(patients, dtype=str) if patients is not None else None
+    out = {"task": THREE_CLASS, "n": int(len(y))}
+    if pats is not None:
+        out["n_patients"] = int(len(set(pats)))
+    out.update(threshold=float(threshold), bacterial_vs_viral_threshold=float(bv_threshold))
+    out.update(point_metrics(y, probs, threshold, bv_threshold))
+    if n_boot:
+        out["ci95"] = bootstrap_ci(y, probs, threshold, bv_threshold, pats, n_boot=n_boot, seed=seed)
+        out["ci_method"] = CI_METHOD + f"; {n_boot} resamples" + (
+            "" if pats is not None else "; no patient ids were given, so each image was its own patient")
+    else:
+        out["ci95"] = {}
+    out["binary"] = evaluate_predictions((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=n_boot,
+                                         seed=seed, patients=patients)
+    out["bacterial_vs_viral"] = bacterial_vs_viral(y, probs, bv_threshold, pats, n_boot, seed)
+    return out
+
+
+def bacterial_vs_viral(y, probs, bv_threshold, patients, n_boot: int, seed: int) -> dict:
+    """p(bacterial | pneumonia) on the pneumonia films (true label), bacterial = positive."""
+    films = y > 0
+    block = evaluate_predictions((y[films] == 1).astype(int), p_bacterial_given_pneumonia(probs[films]),
+                                 bv_threshold, n_boot=n_boot, seed=seed,
+                                 patients=None if patients is None else patients[films])
+    kept = {k: block[k] for k in BV_KEYS if k in block}
+    kept["ci95"] = {k: v for k, v in block.get("ci95", {}).items() if k in ("roc_auc", "accuracy", "sensitivity",
+                                                                               "specificity")}
+    kept.update(positive="bacterial", films="true pneumonia films (bacterial or viral)",
+                score="p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_viral)")
+    return kept
+
+
+def format_three_class(m: dict) -> str:
+    """A short console table of evaluate_three_class's output."""
+    ci = m.get("ci95", {})
+
+    def span(v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+
+    lines = [f"n={m['n']}  patients={m.get('n_patients', '-')}  threshold={m['threshold']:.4f}  "
+             f"bacterial/viral threshold={m['bacterial_vs_viral_threshold']:.4f}",
+             f"accuracy      {m['accuracy']:.4f}   {span(ci.get('accuracy'))}",
+             f"macro ROC AUC {m['macro_roc_auc']:.4f}   {span(ci.get('macro_roc_auc'))}",
+             f"{'class':<11}" + "".join(f"{name:>13}" for name in PER_CLASS_METRICS)]
+    for key in KEYS:
+        lines.append(f"{key:<11}" + "".join(f"{m['per_class'][key][name]:>13.4f}" for name in PER_CLASS_METRICS))
+    lines.append("confusion (rows true, columns predicted) " + " ".join(m["confusion"]["labels"]))
+    lines += [f"  {label:<10}" + "".join(f"{v:>7}" for v in row)
+              for label, row in zip(m["confusion"]["labels"], m["confusion"]["matrix"])]
+    b, bv = m["binary"], m["bacterial_vs_viral"]
+    lines.append(f"pneumonia vs normal: ROC AUC {b['roc_auc']:.4f} {span(b['ci95'].get('roc_auc'))}  "
+                 f"sensitivity {b['sensitivity']:.4f}  specificity {b['specificity']:.4f}")
+    lines.append(f"bacterial vs viral (n={bv['n']}): ROC AUC {bv['roc_auc']:.4f} {span(bv['ci95'].get('roc_auc'))}  "
+                 f"accuracy {bv['accuracy']:.4f}  sensitivity {bv['sensitivity']:.4f}  "
+                 f"specificity {bv['specificity']:.4f}")
+    return "\n".join(lines)

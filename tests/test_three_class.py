@@ -1,0 +1,282 @@
+"""--task three-class (issue 13): labels from file names, the stratified split, metrics
+against scikit-learn, and a real three-class run through train, evaluate, predict, the
+ONNX export, the API and the report, on the embedded sample (real Kermany films)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+from pneumoscope.data.discover import discover_split
+from pneumoscope.data.split import split_by_patient
+from pneumoscope.tasks import (
+    KEYS, THREE_CLASS, UnnamedSubtypeError, choose_task_thresholds, p_pneumonia, predicted_classes, subtype_of,
+    task_labels,
+)
+from pneumoscope.three_class import evaluate_three_class
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def sample_train():
+    if not any((SAMPLE / "train" / "PNEUMONIA").glob("*virus*.jpeg")):
+        pytest.fail(f"embedded sample missing viral films in {SAMPLE / 'train' / 'PNEUMONIA'}")
+    return discover_split(SAMPLE / "train", "train")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_subtype_from_kermany_names():
+    assert subtype_of("person123_bacteria_456.jpeg") == "bacterial"
+    assert subtype_of("person124_virus_457.jpeg") == "viral"
+    assert subtype_of("PERSON1_VIRUS_2.JPEG") == "viral"
+    assert subtype_of("person5_pneumonia_7.jpeg") is None
+    assert subtype_of("IM-0115-0001.jpeg") is None
+    assert subtype_of("person1_bacteria_virus_3.jpeg") is None  # both: not guessed either
+
+
+def test_labels_of_the_real_sample():
+    samples = sample_train()
+    y = task_labels(samples, THREE_CLASS)
+    for s, label in zip(samples, y):
+        expected = 0 if s.label == 0 else (1 if "_bacteria_" in s.path.name else 2)
+        assert label == expected, s.path
+    assert np.bincount(y).tolist() == [202, 152, 79]  # the sample's README counts
+    assert task_labels(samples, "binary").tolist() == [s.label for s in samples]
+
+
+def test_a_pneumonia_file_naming_neither_is_one_clear_error(tmp_path):
+    real = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    folder = tmp_path / "train" / "PNEUMONIA"
+    folder.mkdir(parents=True)
+    for f in real:
+        shutil.copy2(f, folder / f.name)
+    shutil.copy2(real[0], folder / "person9001_pneumonia_1.jpeg")
+    shutil.copy2(real[1], folder / "scan_0042.jpeg")
+    (tmp_path / "train" / "NORMAL").mkdir()
+    shutil.copy2(sorted((SAMPLE / "train" / "NORMAL").glob("*.jpeg"))[0], tmp_path / "train" / "NORMAL")
+    samples = discover_split(tmp_path / "train", "train")
+    with pytest.raises(UnnamedSubtypeError) as err:
+        task_labels(samples, THREE_CLASS)
+    message = str(err.value)
+    assert "2 PNEUMONIA file(s)" in message and "person9001_pneumonia_1.jpeg" in message
+    assert "scan_0042.jpeg" in message and real[0].name not in message
+    # binary runs do not care what the name says
+    assert task_labels(samples, "binary").sum() == 5
+
+
+def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path):
+    from pneumoscope.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE / "train", data / "train")
+    shutil.copy2(sorted((data / "train" / "PNEUMONIA").glob("*.jpeg"))[0],
+                 data / "train" / "PNEUMONIA" / "xray_unknown.jpeg")
+    code = main(["-q", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--task", "three-class",
+                 "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "1"])
+    assert code != 0
+    assert not (tmp_path / "run" / "model_best.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_is_stratified_on_three_classes_and_grouped_by_patient():
+    samples = sample_train()
+    y = task_labels(samples, THREE_CLASS)
+    train, val = split_by_patient(samples, 0.25, seed=0, strata=y)
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    val_y = task_labels(val, THREE_CLASS)
+    share, val_share = np.bincount(y) / len(y), np.bincount(val_y, minlength=3) / len(val_y)
+    assert np.abs(share - val_share).max() < 0.05, (share, val_share)
+    assert len(train) + len(val) == len(samples)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def hand_made_case():
+    """12 films of 8 patients: 0 normal, 1 bacterial, 2 viral, probabilities summing to 1."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    probs = np.array([
+        [0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.4, 0.2, 0.4], [0.7, 0.2, 0.1],
+        [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.5, 0.3, 0.2], [0.05, 0.6, 0.35],
+        [0.1, 0.2, 0.7], [0.2, 0.45, 0.35], [0.3, 0.3, 0.4], [0.15, 0.25, 0.6],
+    ])
+    patients = ["a", "a", "b", "c", "d", "d", "e", "f", "g", "g", "h", "h"]
+    return y, probs, patients
+
+
+def test_three_class_metrics_equal_scikit_learn():
+    y, probs, patients = hand_made_case()
+    threshold, bv = 0.45, 0.5
+    m = evaluate_three_class(y, probs, threshold, bv, n_boot=200, patients=patients)
+    pred = predicted_classes(probs, threshold, bv)
+    # the hierarchical rule by hand: pneumonia if p_b + p_v >= 0.45, then bacterial if p_b/(p_b+p_v) >= 0.5
+    assert pred.tolist() == [0, 0, 2, 0, 1, 1, 1, 1, 2, 1, 2, 2]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["macro_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert m["confusion"]["matrix"] == confusion_matrix(y, pred).tolist()
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1, 2], zero_division=0)
+    for c, key in enumerate(KEYS):
+        pc = m["per_class"][key]
+        assert pc["sensitivity"] == pytest.approx(recall[c])
+        assert pc["precision"] == pytest.approx(precision[c])
+        assert pc["f1"] == pytest.approx(f1[c])
+        assert pc["specificity"] == pytest.approx(recall_of_rest(y, pred, c))
+        assert pc["roc_auc"] == pytest.approx(roc_auc_score(y == c, probs[:, c]))
+    binary = m["binary"]
+    assert binary["roc_auc"] == pytest.approx(roc_auc_score(y > 0, probs[:, 1] + probs[:, 2]))
+    assert binary["sensitivity"] == pytest.approx(1.0) and binary["specificity"] == pytest.approx(3 / 4)
+    bvm = m["bacterial_vs_viral"]
+    films = y > 0
+    p_b = probs[films, 1] / (probs[films, 1] + probs[films, 2])
+    assert bvm["n"] == 8 and bvm["roc_auc"] == pytest.approx(roc_auc_score(y[films] == 1, p_b))
+    assert bvm["accuracy"] == pytest.approx(accuracy_score(y[films] == 1, p_b >= bv))
+    # patient-level intervals around every point estimate
+    assert m["n_patients"] == 8 and "patient" in m["ci_method"]
+    lo, hi = m["ci95"]["accuracy"]
+    assert lo <= m["accuracy"] <= hi
+    assert set(m["ci95"]["per_class"]["viral"]) == {"sensitivity", "specificity", "precision", "f1", "roc_auc"}
+    assert set(bvm["ci95"]) == {"roc_auc", "accuracy", "sensitivity", "specificity"}
+
+
+def recall_of_rest(y, pred, c):
+    rest = y != c
+    return float(np.mean(pred[rest] != c))
+
+
+def test_thresholds_binary_on_p_pneumonia_and_youden_for_subtype():
+    y, probs, _ = hand_made_case()
+    t = choose_task_thresholds(THREE_CLASS, y, probs)
+    assert {"youden", "sensitivity95"} <= set(t["rules"]) and t["default"] == "youden"
+    binary = choose_task_thresholds("binary", (y > 0).astype(int), np.column_stack([1 - p_pneumonia(probs),
+                                                                                    p_pneumonia(probs)]))
+    assert t["rules"]["youden"] == pytest.approx(binary["rules"]["youden"])
+    assert 0.0 < t["bacterial_vs_viral"]["threshold"] <= 1.0 and "youden" in t["bacterial_vs_viral"]["rule"]
+
+
+# ----------------------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def three_run(tmp_path_factory):
+    """A real three-class run (efficientnet_lite0, ImageNet weights, cpu-fast) on the sample."""
+    from pneumoscope.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("three") / "run"
+    cfg = TrainConfig(data=str(SAMPLE), out=str(out), backbone="efficientnet_lite0", task=THREE_CLASS,
+                      image_size=64, batch_size=16, val_fraction=0.25, head_epochs=0, epochs=2)
+    train(cfg, show_progress=False)
+    return out
+
+
+def test_run_files(three_run):
+    config = json.loads((three_run / "config.json").read_text())
+    assert config["task"] == THREE_CLASS
+    thresholds = json.loads((three_run / "threshold.json").read_text())
+    assert "bacterial_vs_viral" in thresholds and "youden" in thresholds["rules"]
+    with open(three_run / "val_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+    assert {int(r["label"]) for r in rows} == {0, 1, 2}  # the stratified split's validation holds all three
+
+
+def test_evaluate_writes_three_class_metrics(three_run, tmp_path):
+    from pneumoscope.commands import evaluate_run
+
+    m = evaluate_run(three_run, SAMPLE / "train", out=tmp_path / "metrics.json", n_boot=50, show_progress=False)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["task"] == THREE_CLASS and saved["n"] == 433
+    for key in ("accuracy", "macro_roc_auc", "per_class", "confusion", "binary", "bacterial_vs_viral", "ci95"):
+        assert key in saved
+    assert set(saved["per_class"]) == set(KEYS)
+    assert np.sum(saved["confusion"]["matrix"]) == 433
+    binary_keys = {"n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc",
+                   "pr_auc", "confusion", "n_patients", "ci95", "ci_method", "threshold_rule", "data",
+                   "unreadable", "leakage"}
+    assert binary_keys <= set(saved["binary"])
+    assert saved["bacterial_vs_viral"]["n"] == 231
+    assert m["binary"]["leakage"]["shared"]  # the run trained on these very films: flagged
+    with open(tmp_path / "metrics_predictions.csv") as f:
+        assert next(csv.reader(f)) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+
+
+def test_predict_columns(three_run, tmp_path):
+    from pneumoscope.commands import predict_paths
+
+    out = tmp_path / "predictions.csv"
+    rows = predict_paths(three_run, [SAMPLE / "val"], out=out, show_progress=False)
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["path", "p_normal", "p_bacterial", "p_viral", "p_pneumonia", "label"]
+    assert len(table) == len(rows) == 16
+    for r in table:
+        p = [float(r[f"p_{k}"]) for k in KEYS]
+        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+        assert float(r["p_pneumonia"]) == pytest.approx(p[1] + p[2], abs=2e-6)
+        assert r["label"] in ("NORMAL", "BACTERIAL", "VIRAL")
+
+
+def test_onnx_export_parity(three_run, tmp_path):
+    from pneumoscope.commands import export_run
+    from pneumoscope.inference import Predictor
+    from pneumoscope.onnx_predictor import OnnxPredictor
+
+    onnx = export_run(three_run, out=tmp_path / "model.onnx")
+    contract = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert contract["task"] == THREE_CLASS and set(contract["outputs"]) == {"logits", "probabilities", "p_pneumonia"}
+    torch_side, onnx_side = Predictor.from_run(three_run, device="cpu"), OnnxPredictor.from_file(onnx, three_run)
+    files = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*virus*.jpeg"))[:6] + sorted(
+        (SAMPLE / "val").rglob("*.jpeg"))[:6]
+    images = np.stack([torch_side.load(f) for f in files])
+    want, got = torch_side.predict_class_probs(images), onnx_side.predict_class_probs(images)
+    assert got.shape == (12, 3) and np.abs(want - got).max() < 1e-4
+    assert np.abs(torch_side.predict_images(images) - onnx_side.predict_images(images)).max() < 1e-4
+
+
+def test_api_shows_three_probabilities_and_label(three_run):
+    from pneumoscope.serve import create_app
+    from pneumoscope.serve.background import BackgroundServer
+
+    xray = sorted((SAMPLE / "val" / "PNEUMONIA").glob("*.jpeg"))[0]
+    with BackgroundServer(create_app(three_run, device="cpu")) as server:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            r = client.post("/v1/predict", files={"file": (xray.name, xray.read_bytes())})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body["probabilities"]) == set(KEYS)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["p_pneumonia"] == pytest.approx(body["probabilities"]["bacterial"] + body["probabilities"]["viral"],
+                                                 abs=2e-6)
+    assert body["label"] in ("NORMAL", "BACTERIAL", "VIRAL") and "bacterial_vs_viral_threshold" in body
+
+
+def test_audit_counts_three_classes():
+    from pneumoscope.data.audit import audit_root
+
+    report = audit_root(SAMPLE, show_progress=False)
+    assert report["splits"]["train"]["three_class"] == {"NORMAL": 202, "BACTERIAL": 152, "VIRAL": 79,
+                                                        "UNNAMED": 0}
+    assert report["splits"]["val"]["three_class"] == {"NORMAL": 8, "BACTERIAL": 8, "VIRAL": 0, "UNNAMED": 0}
+
+
+def test_report_has_the_three_class_section(three_run, tmp_path):
+    from pneumoscope.report.build import build_report
+
+    index = build_report(three_run, split="val", out=tmp_path / "report", n_boot=20, per_group=2,
+                         show_progress=False)
+    page = index.read_text()
+    assert 'id="three-class"' in page and "Grad-CAM per class" in page
+    for name in ("confusion_3class", "roc_ovr", "tsne_3class", "umap_3class", "gradcam_classes", "confusion"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["task"] == THREE_CLASS and metrics["binary"]["leakage"] is not None

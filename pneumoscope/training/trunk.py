@@ -214,7 +214,10 @@ class CachedTrunk:
 
         def view(data: DecodedSet, role: str, v: int | None):
             aug = augment if v is not None else None
-            fields = {**base, "images": keys_digest(data), "augment": aug.as_dict() if aug else None,
+            # the file contents and the decoded size: the same files at another --image-size
+            # are other activations
+            fields = {**base, "images": keys_digest(data), "shape": list(data.images.shape[1:]),
+                      "augment": aug.as_dict() if aug else None,
                       "seed": seed if aug else None, "view": v}
             desc = f"trunk {role} " + (f"view {v + 1}/{views}" if v is not None else "clean")
             return store.get(fields, lambda: trunk_activations(

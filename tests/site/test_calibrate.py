@@ -66,7 +66,7 @@ def test_calibrate_adds_site_rule_and_records_the_sample(fresh_run, site_sample)
     card = (fresh_run / "MODEL_CARD.md").read_text()  # calibrate (re)writes the model card
     assert "## Site calibration" in card and f"threshold {site['threshold']:.4f}" in card
     assert f"{site['sample']['data']}" in card and "24 NORMAL, 24 PNEUMONIA" in card
-    assert "rule `youden`" in card  # validation figures stay at the validation rule
+    assert f"rule `{DEFAULT_THRESHOLD_RULE}`" in card  # validation figures stay at the validation rule
 
 
 def test_site_threshold_matches_the_sample_predictions(fresh_run, site_sample, tmp_path):

@@ -222,3 +222,17 @@ def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path)
         assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
     got, want = load_file(out / BEST_MODEL), load_file(full_run / BEST_MODEL)  # the weights, not only metrics
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@torch.inference_mode()
+def test_the_same_files_at_another_image_size_compute_anew(model, sets, small_data_root, tmp_path, trunk_calls):
+    """The cache key holds the decoded size: the same files at another --image-size must not
+    get the first size's activations (a 64 px run followed by a 224 px one did)."""
+    cache = tmp_path / "cache"
+    first = cached(model, sets, cache)
+    trunk_calls.clear()
+    samples = discover_split(small_data_root / "train", "train")
+    bigger = tuple(decode_samples(s, SIZE + 32, show_progress=False, cache_dir=False) for s in (samples, samples[::4]))
+    second = cached(model, bigger, cache)
+    assert len(trunk_calls) == 4  # clean val, clean train and both views: nothing reused
+    assert second.val_acts.shape[1:3] != first.val_acts.shape[1:3]

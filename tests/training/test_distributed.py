@@ -32,7 +32,7 @@ TRAIN_ARGS = ["--recipe", "full", "--backbone", "efficientnet_lite0", "--image-s
               "--batch-size", "6", "--val-fraction", "0.3", "--head-epochs", "1", "--epochs", "2",
               "--device", "cpu"]
 RUN_FILES = {"config.json", MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS,
-             "summary.json"}
+             "summary.json", "MODEL_CARD.md"}
 
 
 def torchrun(*args, env_extra=None, nproc=2, check=True) -> subprocess.CompletedProcess:

@@ -54,6 +54,7 @@ from pneumoscope.rundir import RunDir  # noqa: E402
 from pneumoscope.training.trunk import (  # noqa: E402
     ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
 )
+from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine  # noqa: E402
 
 SUITE_VERSION = 1  # part of the activation cache key: bump when a shift's definition changes
 
@@ -153,9 +154,16 @@ def suite_probs(model, k: int, data, name: str, shift, precision: str) -> np.nda
     """p(pneumonia) of the run's model on shifted copies of the images (trunk part cached)."""
     fields = {"shift_suite": name, "version": SUITE_VERSION, "trunk": trunk_digest(model, k), "k": k,
               "images": keys_digest(data), "precision": precision}
-    acts = ActivationStore(None).get(fields, lambda: trunk_activations(
-        FrozenTrunk(model, k), shift(data.images), augment=None, gen=None, precision=precision,
-        device=torch.device("cpu"), desc=name))
+    engine = resolve_trunk_engine("auto", torch.device("cpu"), precision)  # as training's default
+    if engine != "torch":
+        fields["engine"] = engine
+
+    def compute():
+        trunk = FrozenTrunk(model, k)
+        return trunk_activations(trunk, shift(data.images), augment=None, gen=None, precision=precision,
+                                 device=torch.device("cpu"), desc=name, engine=build_engine(trunk, engine))
+
+    acts = ActivationStore(None).get(fields, compute)
     model.eval()
     out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, PNEUMONIA_INDEX]
            for i in range(0, len(acts), 256)]

@@ -44,6 +44,7 @@ from pneumoscope.tasks import (
     BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
+from pneumoscope.training.trunk_engine import resolve_trunk_engine
 from pneumoscope.training import seeds
 from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
@@ -240,7 +241,7 @@ def is_better(metrics: dict, state: dict) -> bool:
 
 # ----------------------------------------------------------------------------- the run directory
 
-RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "device")  # TrainConfig fields resolve_config sets
+RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "trunk_engine", "device")  # TrainConfig fields resolve_config sets
 RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
 # What the other verbs write into RUN_DIR by default: they describe the model --overwrite replaces.
 # (An MLflow store, RUN_DIR/mlruns, stays: it keeps each run apart and the new one is added.)
@@ -282,10 +283,11 @@ def resolve_settings(cfg: TrainConfig, device: torch.device) -> dict:
     if cfg.recipe == "cpu-fast":  # the top's step and the trunk pass: bf16 where native
         step = resolve_precision(cfg.precision, device)
         trunk = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
+        engine = resolve_trunk_engine(cfg.trunk_engine, device, trunk)
     else:  # the whole network's step: fp32 on every CPU
-        step, trunk = step_precision(cfg.precision, device), None
+        step, trunk, engine = step_precision(cfg.precision, device), None, None
     return {"recipe": cfg.recipe, "backbone": cfg.backbone, "device": device.type, "precision": step,
-            "trunk_precision": trunk, "decode_version": decode_version()}
+            "trunk_precision": trunk, "trunk_engine": engine, "decode_version": decode_version()}
 
 
 def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict | None:
@@ -295,6 +297,8 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     if not (run / LAST_CHECKPOINT).exists():
         return None
     saved = {"task": BINARY, **run.read_config()}  # runs from before --task are binary
+    if "trunk_engine" not in saved:  # runs from before --trunk-engine ran their trunk in torch
+        saved["trunk_engine"] = "torch" if saved.get("recipe") == "cpu-fast" else None
     saved_world = saved.get("distributed", {}).get("world_size", 1)
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
         raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
@@ -404,7 +408,8 @@ def resolve_config(cfg: TrainConfig, env: DistEnv, saved_backbone: str | None) -
     if cfg.backbone == "auto":
         cfg.backbone = saved_backbone or resolve_backbone(cfg)
     settings = resolve_settings(cfg, env.device)
-    cfg.precision, cfg.trunk_precision, cfg.device = settings["precision"], settings["trunk_precision"], settings["device"]
+    for name in ("precision", "trunk_precision", "trunk_engine", "device"):
+        setattr(cfg, name, settings[name])
 
 
 def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, resumed: bool,

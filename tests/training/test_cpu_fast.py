@@ -23,6 +23,7 @@ from pneumoscope.models import build_model
 from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
+from pneumoscope.training.trunk_engine import resolve_trunk_engine
 
 SIZE, K = 64, 7  # stem + blocks0..5 frozen and cached; blocks6 + head trained
 FAST = dict(backbone="efficientnet_lite0", image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=2,
@@ -94,6 +95,29 @@ def test_cached_activations_equal_a_fresh_forward_pass(model, sets, tmp_path):
     # augmented views really differ from the clean one and from each other
     assert not np.allclose(ct.train_views[1], ct.train_views[0], atol=1e-2)
     assert not np.allclose(ct.train_views[1], ct.train_views[2], atol=1e-2)
+
+
+def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, trunk_calls):
+    ct = cached(model, sets, tmp_path / "cache", engine="onnxruntime")
+    train_set, val_set = sets
+    assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)
+    assert_close(ct.train_views[2], fresh(model, train_set.images, PRESETS["medium"], view=1), 2e-3)
+    trunk_calls.clear()
+    torch_run = cached(model, sets, tmp_path / "cache", engine="torch")
+    assert len(trunk_calls) == 4  # the engines' activations are kept apart in the cache
+    assert_close(ct.train_views[1], torch_run.train_views[1].astype(np.float32), 2e-3)
+
+
+def test_trunk_engine_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"  # installed with the test extras
+    assert resolve_trunk_engine("auto", cpu, "bf16") == "torch"
+    assert resolve_trunk_engine("auto", torch.device("cuda"), "fp32") == "torch"
+    assert resolve_trunk_engine("torch", cpu, "fp32") == "torch"
+    with pytest.raises(ValueError, match="fp32 trunk pass on a CPU"):
+        resolve_trunk_engine("onnxruntime", cpu, "bf16")
+    with pytest.raises(ValueError, match="unknown trunk engine"):
+        resolve_trunk_engine("tensorrt", cpu, "fp32")
 
 
 def test_bf16_trunk_stays_close(model, sets, tmp_path):
@@ -187,6 +211,7 @@ def test_saved_model_reproduces_validation_through_predictor(fast_run):
     run, summary = fast_run
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["views"] == 2
+    assert config["trunk_engine"] == "onnxruntime" and config["requested"]["trunk_engine"] == "auto"
     predictor = Predictor.from_run(run, device="cpu")
     assert type(predictor.model).__name__ == "Classifier"  # the whole model, not the top
     val = read_manifest(run / "manifest.csv")["val"]

@@ -242,6 +242,11 @@ def test_evaluate_writes_three_class_metrics(three_run, tmp_path):
     assert m["binary"]["leakage"]["shared"]  # the run trained on these very films: flagged
     with open(tmp_path / "metrics_predictions.csv") as f:
         assert next(csv.reader(f)) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+    # the model card's evaluated folders hold the pneumonia-vs-normal figures of the binary block
+    (entry,) = [e for e in json.loads((three_run / "evaluations.json").read_text())
+                if e["metrics_file"] == str(tmp_path / "metrics.json")]
+    assert entry["roc_auc"] == saved["binary"]["roc_auc"] and entry["sensitivity"] == saved["binary"]["sensitivity"]
+    assert entry["shared_with_run"]["train"] > 0
 
 
 def test_predict_columns(three_run, tmp_path):

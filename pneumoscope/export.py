@@ -45,8 +45,9 @@ from pneumoscope.onnx_contract import (
     write_contract,
 )
 from pneumoscope.onnx_predictor import open_session, run_session
-from pneumoscope.rundir import RunDir, default_file_mode
+from pneumoscope.rundir import RunDir
 from pneumoscope.tasks import BINARY, CLASS_NAMES, THREE_CLASS, p_pneumonia
+from pneumoscope.umask import default_file_mode
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope import CLASSES, __version__
+from pneumoscope.tasks import BV_RULE, KEYS, THREE_CLASS, bv_threshold_of, task_of
 from pneumoscope.rundir import (
     CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDirError, atomic_write_json, atomic_write_text, read_json,
 )
@@ -42,6 +43,7 @@ def record_evaluation(run_dir: str | Path, metrics: dict, metrics_file: str | Pa
     """Add (or replace, for the same folder) one evaluated folder in RUN_DIR/evaluations.json."""
     path = Path(run_dir) / EVALUATIONS
     records = read_json(path) if path.exists() else []
+    metrics = metrics.get("binary", metrics)  # three-class: the card's columns are the binary ones
     data = str(Path(metrics["data"]).resolve())
     leakage = (metrics.get("leakage") or {}).get("shared", {})
     entry = {
@@ -82,20 +84,23 @@ def render_model_card(run_dir: str | Path) -> str:
         f"# Model card: {run.name}\n\n"
         f"Written by pneumoscope {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the "
         "files of this run directory (`train` writes it, `evaluate` and `calibrate` update it).",
-        _intended_use(), _data(run, config), _model(config, summary),
-        _validation(run, thresholds), _evaluations(run), _site(thresholds),
+        _intended_use(config), _data(run, config), _model(config, summary),
+        _validation(run, thresholds, config), _evaluations(run), _site(thresholds),
         _limitations(), _reproduce(run, config),
     ]
     return "\n\n".join(s.strip() for s in sections if s) + "\n"
 
 
-def _intended_use() -> str:
+def _intended_use(config: dict) -> str:
+    three = config.get("task") == THREE_CLASS
     return """## Intended use
 
 Research and teaching: studying transfer learning, evaluation, calibration and explanation
 on chest X-rays. **Not a medical device and not for diagnosis**: its outputs must not be
 used to decide anything about a patient. It labels a frontal pediatric chest film NORMAL or
-PNEUMONIA from p(pneumonia) and a threshold chosen on validation data."""
+PNEUMONIA from p(pneumonia) and a threshold chosen on validation data.""" + (
+        " This is a three-class run: a PNEUMONIA film is further labelled BACTERIAL or VIRAL from "
+        f"p(bacterial | pneumonia) and a second threshold ({BV_RULE})." if three else "")
 
 
 def _data(run: Path, config: dict) -> str:
@@ -148,7 +153,7 @@ def _fmt(metrics: dict, key: str) -> str:
     return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _validation(run: Path, thresholds: dict) -> str:
+def _validation(run: Path, thresholds: dict, config: dict) -> str:
     from pneumoscope.data.manifest import read_manifest
     from pneumoscope.evaluation import evaluate_predictions
 
@@ -161,12 +166,30 @@ def _validation(run: Path, thresholds: dict) -> str:
     if rule == "site":  # the card's validation figures stay at the validation rule
         rule = thresholds.get("site", {}).get("previous_default", {}).get("rule", "youden")
         threshold = float(thresholds["rules"][rule])
-    m = evaluate_predictions(labels, probs, threshold, n_boot=1000,
-                             patients=[patient_of.get(p, p) for p in paths])
+    patients = [patient_of.get(p, p) for p in paths]
+    # three-class labels are 0/1/2: the table is pneumonia vs normal on p(pneumonia)
+    m = evaluate_predictions((labels > 0).astype(int), probs, threshold, n_boot=1000, patients=patients)
     rows = "\n".join(f"| {k} | {_fmt(m, k)} |" for k in CARD_METRICS)
     return (f"## Validation metrics\n\n{m['n']} images of {m.get('n_patients', '?')} patients, threshold "
             f"{threshold:.4f} (rule `{rule}`). Optimistic: the model and the threshold were chosen on these "
-            f"images. 95% intervals: {m['ci_method']}.\n\n| metric | value [95% CI] |\n|---|---|\n{rows}")
+            f"images. 95% intervals: {m['ci_method']}.\n\n| metric | value [95% CI] |\n|---|---|\n{rows}"
+            + (_bacterial_vs_viral(run, thresholds, patients) if task_of(config) == THREE_CLASS else ""))
+
+
+def _bacterial_vs_viral(run: Path, thresholds: dict, patients: list[str]) -> str:
+    """The card's line on the second question, from val_predictions.csv's class columns."""
+    from pneumoscope.three_class import bacterial_vs_viral
+
+    with open(run / VAL_PREDICTIONS, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([int(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"p_{k}"]) for k in KEYS] for r in rows])
+    # 200 resamples, not the table's 1000: train writes the card, and each resample runs scikit-learn
+    m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds), np.asarray(patients, dtype=str), 200, 0)
+    return (f"\n\nBacterial vs viral, on the {m['n']} validation pneumonia films (bacterial = positive, "
+            f"threshold {m['threshold']:.4f} on p(bacterial | pneumonia)): "
+            + ", ".join(f"{k} {_fmt(m, k)}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity"))
+            + " (95% intervals: the same patient bootstrap, 200 resamples).")
 
 
 def _evaluations(run: Path) -> str:

@@ -28,6 +28,7 @@ from safetensors.torch import save as safetensors_save
 
 from pneumoscope import __version__
 from pneumoscope.errors import UserError
+from pneumoscope.umask import default_file_mode
 
 FORMAT_VERSION = 1
 
@@ -46,20 +47,6 @@ class RunDirError(UserError, RuntimeError):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_with(path, lambda handle: handle.write(data))
-
-
-def default_file_mode() -> int:
-    """0666 less the process umask (0644 under the usual 022): the mode open() gives a new
-    file. mkstemp's temporary files are 0600, which a renamed result must not keep."""
-    try:  # Linux states the umask without changing it (no window for other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def atomic_write_with(path: str | Path, write) -> None:

@@ -84,6 +84,37 @@ def train_small_run(data_root: Path, out: Path, image_size: int = 64, epochs: in
     return out
 
 
+# The one small run most tests read (efficientnet_lite0 with its ImageNet weights, 64 px,
+# 2 epochs, the default recipe), as command-line options: trained once per session.
+SMALL_RUN_OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64, "batch_size": 8, "val_fraction": 0.25,
+                     "head_epochs": 0, "epochs": 2}
+
+
+@pytest.fixture(scope="session")
+def small_run_options() -> dict:
+    """SMALL_RUN_OPTIONS (a copy), for tests that train the same run another way."""
+    return dict(SMALL_RUN_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def small_run_dir(small_data_root, tmp_path_factory) -> Path:
+    """The small run of small_data_root's train/, trained once per session through the CLI.
+    Read-only: a test that writes into a run (evaluate updates MODEL_CARD.md) takes
+    small_run_copy."""
+    from pneumoscope.cli import main
+
+    out = tmp_path_factory.mktemp("small_run") / "run"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL_RUN_OPTIONS.items()]
+    assert main(["-q", "train", "--data", str(small_data_root), "--out", str(out), *flags]) == 0
+    return out
+
+
+@pytest.fixture()
+def small_run_copy(small_run_dir, tmp_path) -> Path:
+    """A copy of small_run_dir that the test may change."""
+    return Path(shutil.copytree(small_run_dir, tmp_path / "small_run"))
+
+
 @pytest.fixture(scope="session")
 def small_run_trainer():
     """train_small_run, for conftest files below this one (fixtures reach them, imports

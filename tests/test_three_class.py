@@ -17,7 +17,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.split import split_by_patient
 from pneumoscope.tasks import (
-    KEYS, THREE_CLASS, UnnamedSubtypeError, choose_task_thresholds, p_pneumonia, predicted_classes, subtype_of,
+    KEYS, THREE_CLASS, UnnamedSubtypeError, choose_task_thresholds, p_bacterial_given_pneumonia, p_pneumonia,
+    predicted_classes, subtype_of,
     task_labels,
 )
 from pneumoscope.three_class import evaluate_three_class
@@ -167,16 +168,49 @@ def test_thresholds_binary_on_p_pneumonia_and_youden_for_subtype():
 # ----------------------------------------------------------------------------- a real run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def three_run(tmp_path_factory):
-    """A real three-class run (efficientnet_lite0, ImageNet weights, cpu-fast) on the sample."""
-    from pneumoscope.training import TrainConfig, train
+    """A real three-class run (efficientnet_lite0, ImageNet weights, cpu-fast, 64 px, one
+    epoch) on the sample, trained as `pneumoscope train` does (model card included), shared
+    by every test below; tests that change a run copy it."""
+    from pneumoscope.api import train
 
-    out = tmp_path_factory.mktemp("three") / "run"
-    cfg = TrainConfig(data=str(SAMPLE), out=str(out), backbone="efficientnet_lite0", task=THREE_CLASS,
-                      image_size=64, batch_size=16, val_fraction=0.25, head_epochs=0, epochs=2)
-    train(cfg, show_progress=False)
-    return out
+    return train(SAMPLE, tmp_path_factory.mktemp("three") / "run", backbone="efficientnet_lite0", task=THREE_CLASS,
+                 image_size=64, batch_size=16, val_fraction=0.25, head_epochs=0, epochs=1, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def site_folder(tmp_path_factory):
+    """A labelled "site" sample as calibrate reads it: NORMAL/ and PNEUMONIA/ (20 real films
+    each; the pneumonia ones 12 bacterial, 8 viral). Drift reads it as one unlabelled folder."""
+    root = tmp_path_factory.mktemp("site")
+    pneumonia = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*.jpeg"))
+    picks = {"NORMAL": sorted((SAMPLE / "train" / "NORMAL").glob("*.jpeg"))[::10][:20],
+             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][::12][:12]
+             + [f for f in pneumonia if "_virus_" in f.name][::9][:8]}
+    for cls, files in picks.items():
+        if len(files) != 20:
+            pytest.fail(f"embedded sample {SAMPLE / 'train' / cls}: too few films for the site sample")
+        (root / cls).mkdir()
+        for f in files:
+            shutil.copy2(f, root / cls / f.name)
+    return root
+
+
+def class_probs_of(run, folder):
+    """(files, binary labels, class probabilities) of a labelled folder, by the run's own Predictor."""
+    from pneumoscope.data.cache import decode_samples
+    from pneumoscope.inference import Predictor
+
+    predictor = Predictor.from_run(run, device="cpu")
+    data = decode_samples(discover_split(folder), predictor.image_size, show_progress=False)
+    return data.samples, data.labels, predictor.predict_class_probs(data.images)
+
+
+def test_model_card_of_a_three_class_run(three_run):
+    card = (three_run / "MODEL_CARD.md").read_text()
+    assert "three-class run" in card and "Bacterial vs viral, on the" in card
+    assert "| roc_auc |" in card  # the pneumonia-vs-normal table on p(pneumonia)
 
 
 def test_run_files(three_run):
@@ -208,6 +242,11 @@ def test_evaluate_writes_three_class_metrics(three_run, tmp_path):
     assert m["binary"]["leakage"]["shared"]  # the run trained on these very films: flagged
     with open(tmp_path / "metrics_predictions.csv") as f:
         assert next(csv.reader(f)) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+    # the model card's evaluated folders hold the pneumonia-vs-normal figures of the binary block
+    (entry,) = [e for e in json.loads((three_run / "evaluations.json").read_text())
+                if e["metrics_file"] == str(tmp_path / "metrics.json")]
+    assert entry["roc_auc"] == saved["binary"]["roc_auc"] and entry["sensitivity"] == saved["binary"]["sensitivity"]
+    assert entry["shared_with_run"]["train"] > 0
 
 
 def test_predict_columns(three_run, tmp_path):
@@ -269,14 +308,84 @@ def test_audit_counts_three_classes():
     assert report["splits"]["val"]["three_class"] == {"NORMAL": 8, "BACTERIAL": 8, "VIRAL": 0, "UNNAMED": 0}
 
 
-def test_report_has_the_three_class_section(three_run, tmp_path):
+def test_report_has_the_three_class_section(three_run, site_folder, tmp_path):
     from pneumoscope.report.build import build_report
 
     index = build_report(three_run, split="val", out=tmp_path / "report", n_boot=20, per_group=2,
-                         show_progress=False)
+                         show_progress=False, drift=site_folder)
     page = index.read_text()
     assert 'id="three-class"' in page and "Grad-CAM per class" in page
-    for name in ("confusion_3class", "roc_ovr", "tsne_3class", "umap_3class", "gradcam_classes", "confusion"):
+    for name in ("confusion_3class", "roc_ovr", "tsne_3class", "umap_3class", "gradcam_classes", "confusion",
+                 "drift"):
         assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["task"] == THREE_CLASS and metrics["binary"]["leakage"] is not None
+    # the 3x3 confusion is the hierarchical labels of the report's own predictions
+    with open(tmp_path / "report" / "metrics_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([int(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"p_{k}"]) for k in KEYS] for r in rows])
+    t, bv = metrics["threshold"], metrics["bacterial_vs_viral_threshold"]
+    got = np.array(metrics["confusion"]["matrix"])
+    want = confusion_matrix(y, predicted_classes(probs, t, bv), labels=[0, 1, 2])
+    # the CSV keeps 6 decimals and the validation thresholds are films' own scores: a film
+    # at a threshold may fall either side after rounding, no other film may
+    near = np.sum((np.abs(p_pneumonia(probs) - t) < 1e-5) | (np.abs(p_bacterial_given_pneumonia(probs) - bv) < 1e-5))
+    assert got.sum(axis=1).tolist() == np.bincount(y, minlength=3).tolist()
+    assert np.abs(got - want).sum() <= 2 * near, (got, want)
+    assert set(y) == {0, 1, 2} and f"{metrics['accuracy']:.4f}" in page
+    drift = json.loads((tmp_path / "report" / "drift.json").read_text())
+    assert drift["scores"]["folder"]["n"] == 40 and drift["threshold"] == pytest.approx(metrics["threshold"])
+
+
+# ----------------------------------------------------------------------------- calibrate, drift
+
+
+def test_calibrate_rechooses_the_binary_threshold_on_p_pneumonia(three_run, site_folder, tmp_path, capsys):
+    from pneumoscope.calibrate import site_threshold
+    from pneumoscope.cli import main
+    from pneumoscope.commands import predict_paths
+
+    run = tmp_path / "run"
+    shutil.copytree(three_run, run)  # calibrate rewrites threshold.json
+    before = json.loads((run / "threshold.json").read_text())
+    assert main(["-q", "calibrate", str(run), "--data", str(site_folder), "--bootstrap", "50"]) == 0
+    assert "site rule:" in capsys.readouterr().out
+    after = json.loads((run / "threshold.json").read_text())
+    _, labels, probs = class_probs_of(run, site_folder)
+    assert labels.tolist() == [0] * 20 + [1] * 20  # calibrate's labels are the binary folders
+    want = site_threshold(labels, p_pneumonia(probs), 0.97)
+    assert after["default"] == "site" and after["threshold"] == pytest.approx(want, abs=1e-6)
+    assert after["rules"]["site"] == after["threshold"]
+    assert after["bacterial_vs_viral"] == before["bacterial_vs_viral"]  # the second question is untouched
+    assert after["site"]["sample"]["n"] == {"NORMAL": 20, "PNEUMONIA": 20}
+    assert after["site"]["metrics"]["sensitivity"] >= 0.97
+    # predict labels by the site threshold and the validation bacterial/viral one
+    files = sorted(site_folder.rglob("*.jpeg"))
+    rows = predict_paths(run, files, out=tmp_path / "p.csv", show_progress=False)
+    names = ("NORMAL", "BACTERIAL", "VIRAL")
+    expected = [names[c] for c in predicted_classes(probs, want, before["bacterial_vs_viral"]["threshold"])]
+    by_name = {Path(r["path"]).name: r["label"] for r in rows}
+    assert [by_name[f.name] for f in sorted(site_folder.rglob("*.jpeg"), key=lambda f: (f.parent.name, f.name))] \
+        == expected
+    assert "## Site calibration" in (run / "MODEL_CARD.md").read_text()
+
+
+def test_drift_scores_p_pneumonia_of_a_three_class_run(three_run, site_folder, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    out = tmp_path / "drift.json"
+    assert main(["-q", "drift", str(three_run), "--data", str(site_folder), "--out", str(out)]) == 0
+    assert "verdict:" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    thresholds = json.loads((three_run / "threshold.json").read_text())
+    assert d["threshold"] == pytest.approx(thresholds["threshold"])
+    _, _, probs = class_probs_of(three_run, site_folder)
+    p = p_pneumonia(probs)
+    folder = d["scores"]["folder"]
+    assert folder["n"] == 40 and folder["quantiles"]["q50"] == pytest.approx(float(np.median(p)), abs=1e-5)
+    assert folder["share_positive"] == pytest.approx(float(np.mean(p >= d["threshold"])))
+    with open(three_run / "manifest.csv") as f:
+        n_val = sum(r["role"] == "val" for r in csv.DictReader(f))
+    assert d["scores"]["validation"]["n"] == n_val
+    assert 0.0 <= d["domain_auc"] <= 1.0

@@ -25,11 +25,16 @@ def train_args(data, out, *extra):
             *FAST, *extra]
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(small_data_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(train_args(small_data_root, out, "--epochs", "2")) == 0
-    return out
+@pytest.fixture(scope="session")
+def one_epoch_run(small_run_dir, small_data_root):
+    """The session's small run (tests/conftest.py), trained through the CLI with the options of
+    train_args(..., "--epochs", "2"), which tests resume and compare with. Read-only: copy it."""
+    config = json.loads((small_run_dir / "config.json").read_text())
+    assert config["data"] == str(small_data_root)
+    assert {k: config[k] for k in ("backbone", "image_size", "batch_size", "val_fraction", "head_epochs", "epochs")} \
+        == {"backbone": "efficientnet_lite0", "image_size": 64, "batch_size": 8, "val_fraction": 0.25,
+            "head_epochs": 0, "epochs": 2}
+    return small_run_dir
 
 
 def read_metrics(run):
@@ -174,9 +179,9 @@ def test_config_records_what_ran_and_resume_refuses_a_change(one_epoch_run, tmp_
     assert "decode_version '0ld'" in capsys.readouterr().err
 
 
-def test_evaluate_writes_metrics_json(one_epoch_run, small_data_root, tmp_path, capsys):
-    out = tmp_path / "metrics.json"
-    assert main(["-q", "evaluate", str(one_epoch_run), "--data", str(small_data_root / "test"),
+def test_evaluate_writes_metrics_json(one_epoch_run, small_run_copy, small_data_root, tmp_path, capsys):
+    out = tmp_path / "metrics.json"  # evaluate writes into the run (MODEL_CARD.md): a copy
+    assert main(["-q", "evaluate", str(small_run_copy), "--data", str(small_data_root / "test"),
                  "--out", str(out), "--bootstrap", "100"]) == 0
     m = json.loads(out.read_text())
     for key in ("n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1",

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from pneumoscope.errors import UserError
+from pneumoscope.umask import default_dir_mode
 
 # Mendeley Data record rscbjbr9sj v2, file ChestXRay2017.zip (public, no login). The record
 # publishes no checksum and none could be verified here, so none is pinned: pass --sha256
@@ -142,12 +143,6 @@ def fetch(url: str, dest: Path, sha256: str | None = None, retries: int = 5, tim
     return actual
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _is_junk(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return any(p == "__MACOSX" or p.startswith("._") or p == ".DS_Store" for p in parts)
@@ -201,7 +196,7 @@ def unpack(archive: Path, to: Path, show_progress: bool = True) -> Path:
                     shutil.copyfileobj(src, dst, CHUNK)
             if target.exists():
                 target.rmdir()  # an empty leftover folder; a full one was refused above
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the data is the user's usual mode
+            os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700; the data is the user's usual mode
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,19 +18,10 @@ from PIL import Image
 import pneumoscope
 from pneumoscope.cli import main
 
-OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64, "batch_size": 8, "val_fraction": 0.25,
-           "head_epochs": 0, "epochs": 2}
-
-
-def cli_flags(options: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-
-
-@pytest.fixture(scope="module")
-def cli_run(small_data_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["-q", "train", "--data", str(small_data_root), "--out", str(out), *cli_flags(OPTIONS)]) == 0
-    return out
+@pytest.fixture(scope="session")
+def cli_run(small_run_dir) -> Path:
+    """The session's small run, trained through the CLI (tests/conftest.py; read-only)."""
+    return small_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +38,11 @@ def mlflow_uri(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api_run(small_data_root, tmp_path_factory, mlflow_uri) -> Path:
+def api_run(small_data_root, small_run_options, tmp_path_factory, mlflow_uri) -> Path:
     """The same run through the API, with both trackers on (they change no number)."""
     out = tmp_path_factory.mktemp("api") / "run"
     run = pneumoscope.train(data=small_data_root, out=out, show_progress=False, log="tensorboard,mlflow",
-                            **OPTIONS)
+                            **small_run_options)
     assert run == out
     return run
 
@@ -161,7 +152,7 @@ def test_mlflow_store(api_run, mlflow_uri):
     assert {"model_best.safetensors", "threshold.json", "config.json", "MODEL_CARD.md"} <= artifacts
 
 
-def test_model_card_written_and_updated_by_evaluate(cli_run, small_data_root, tmp_path):
+def test_model_card_written_and_updated_by_evaluate(cli_run, small_run_copy, small_data_root, tmp_path):
     card = (cli_run / "MODEL_CARD.md").read_text()
     for heading in ("## Intended use", "## Data", "## Model and recipe", "## Validation metrics",
                     "## Evaluated folders", "## Known limitations", "## How to reproduce"):
@@ -172,17 +163,17 @@ def test_model_card_written_and_updated_by_evaluate(cli_run, small_data_root, tm
     n_val = sum(r["role"] == "val" for r in manifest)
     assert f"| val | " in card and f"{n_val} images of" in card
     assert f"pneumoscope train --config {cli_run / 'config.json'}" in card
-    test_dir = small_data_root / "test"
-    assert main(["-q", "evaluate", str(cli_run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
+    test_dir, run = small_data_root / "test", small_run_copy  # evaluate writes into the run: a copy
+    assert main(["-q", "evaluate", str(run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
                  "--bootstrap", "50"]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    card = (cli_run / "MODEL_CARD.md").read_text()
+    card = (run / "MODEL_CARD.md").read_text()
     assert "None yet" not in card and f"`{test_dir.resolve()}` | 24 |" in card
     assert f"{metrics['roc_auc']:.3f} [" in card
     # evaluating the same folder again replaces its line
-    assert main(["-q", "evaluate", str(cli_run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
+    assert main(["-q", "evaluate", str(run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
                  "--bootstrap", "50"]) == 0
-    assert (cli_run / "MODEL_CARD.md").read_text().count(f"`{test_dir.resolve()}`") == 1
+    assert (run / "MODEL_CARD.md").read_text().count(f"`{test_dir.resolve()}`") == 1
 
 
 def test_cli_train_goes_through_the_api(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
-"""Fixtures for the report tests: one small run trained once per session on real shared
-images (efficientnet_lite0 with its ImageNet weights, 64x64), and its report on the
-small_data_root test/ split."""
+"""Fixtures for the report tests: the session's small run (tests/conftest.py: trained once
+on real sample images, efficientnet_lite0 with its ImageNet weights, 64x64), and its report
+on the small_data_root test/ split."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pneumoscope.report import build_report
 
 
 @pytest.fixture(scope="session")
-def report_run(small_data_root, tmp_path_factory, small_run_trainer) -> Path:
-    return small_run_trainer(small_data_root, tmp_path_factory.mktemp("report_run") / "run")
+def report_run(small_run_dir) -> Path:
+    """The session's shared small run (read-only: copy it to change it)."""
+    return small_run_dir
 
 
 @pytest.fixture(scope="session")

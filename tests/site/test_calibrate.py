@@ -148,8 +148,10 @@ def test_onnx_exported_before_calibration_gets_the_site_thresholds(fresh_run, si
     from pneumoscope.onnx_predictor import OnnxPredictor
 
     assert main(["-q", "export", str(fresh_run)]) == 0  # inside the run: refreshed by calibrate
-    outside = tmp_path / "elsewhere" / "model.onnx"
-    assert main(["-q", "export", str(fresh_run), "--out", str(outside)]) == 0
+    outside = tmp_path / "elsewhere" / "model.onnx"  # what `export --out` there writes: the same two files
+    outside.parent.mkdir()
+    for name in ("model.onnx", "model.onnx.json"):
+        shutil.copy2(fresh_run / name, outside.parent / name)
     assert main(["-q", "calibrate", str(fresh_run), "--data", str(site_sample), "--bootstrap", "0"]) == 0
     thresholds = _thresholds(fresh_run)
     inside = read_contract(fresh_run / "model.onnx")

@@ -186,3 +186,40 @@ def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
     # together the ranks trained on one epoch order, not on world copies of it
     assert len(trained) == world * (-(-len(order) // world) // cfg.batch_size * cfg.batch_size)
     assert len(trained) <= len(order) + world
+
+
+# ----------------------------------------------------------------------------- three classes
+
+
+def test_three_class_run_under_torchrun(small_data_root, tmp_path):
+    """--task three-class with 2 gloo processes: the gathered (N, 3) validation
+    probabilities make the three-class run files, on the three-class stratified split."""
+    run = tmp_path / "run"
+    args = train_cmd(small_data_root, run, "--task", "three-class")
+    args[args.index("--epochs") + 1] = "1"
+    args[args.index("--head-epochs") + 1] = "0"
+    torchrun(*args)
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"] == "three-class" and config["distributed"]["world_size"] == 2
+    with open(run / VAL_PREDICTIONS) as f:
+        preds = list(csv.DictReader(f))
+    with open(run / MANIFEST) as f:
+        val_paths = [r["path"] for r in csv.DictReader(f) if r["role"] == "val"]
+    assert list(preds[0]) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+    assert [r["path"] for r in preds] == val_paths  # both ranks' halves, in manifest order
+    y = np.array([int(r["label"]) for r in preds])
+    expected = [0 if "NORMAL" in Path(p).parts else (1 if "_bacteria_" in Path(p).name else 2) for p in val_paths]
+    assert y.tolist() == expected and set(expected) == {0, 1, 2}  # the split holds all three classes
+    probs = np.array([[float(r[f"p_{k}"]) for k in ("normal", "bacterial", "viral")] for r in preds])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.allclose([float(r["p_pneumonia"]) for r in preds], probs[:, 1:].sum(axis=1), atol=2e-6)
+    # the epoch's val_roc_auc is the macro one-vs-rest AUC of the gathered predictions
+    (row,) = read_metrics(run)
+    assert row["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"),
+                                               abs=1e-9)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "three-class"
+    thresholds = json.loads((run / THRESHOLD).read_text())
+    assert {"youden", "sensitivity95"} <= set(thresholds["rules"])  # binary rules on p(pneumonia)
+    assert 0.0 <= thresholds["bacterial_vs_viral"]["threshold"] <= 1.0

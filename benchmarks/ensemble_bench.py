@@ -10,7 +10,7 @@ validation part only, the optimistic in-distribution number, and on fixed shifte
 of it (the stress suite of benchmarks/recipe_sweep.py: gamma, contrast, zoom, rotation,
 resolution, aspect ratio; `--shifts hard`: its 11 harshest). An ensemble's probability
 is the mean of its members' over its views (models/ensemble.py), so each (run, view,
-shift) is predicted once (through recipe_sweep's cached bf16 trunk), stored in
+shift) is predicted once (through recipe_sweep's cached trunk: bf16 where native, else fp32 in onnxruntime), stored in
 OUT/probs.npz, and every candidate is combined from those; `--cost ENS_DIR` compares the
 combination with the ensemble directory's own fp32 validation predictions.
 Thresholds: each candidate's own Youden threshold on clean validation, as `ensemble` and
@@ -49,7 +49,7 @@ def member_probs(run: Path, views: list[dict], data, shifts: list[str], cache: d
     """p(pneumonia) of one run for every view x shift, into cache[run|view|shift].
 
     As recipe_sweep scores runs: the frozen trunk's part of each (shift, view) copy is
-    computed once (bf16) and cached, keyed by the trunk's weights, so runs that share a
+    computed once (bf16 where native, else fp32) and cached, keyed by the trunk's weights, so runs that share a
     trunk (two Lite0 seeds: the cpu-fast recipe freezes stem..blocks5) share that work;
     the run's own top does the rest. The view is applied after the shift, to the model
     input, as the Ensemble does (here re-quantised to uint8 between the two)."""

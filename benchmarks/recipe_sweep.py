@@ -132,7 +132,10 @@ def cached_trunk_probs(model, k: int, data, key: dict, make_images, precision: s
     """p(pneumonia) of the model on images made by make_images() from data's: the frozen
     trunk's part is computed once (the activation cache, keyed by `key`, the trunk and the
     images; the trunk pass as training's default: fp32 in onnxruntime on a CPU without
-    native bf16), the model's own top does the rest."""
+    native bf16), the model's own top does the rest. Not necessarily the engine the run
+    trained with: the two agree to about 5e-4 of the largest activation, below float16
+    storage (benchmarks/trunk_engine.py). Before 2026-12-02 the stress pass was always
+    bf16 (emulated where not native); those RESULTS.md rows say so."""
     precision = resolve_precision(precision, "cpu")
     engine = resolve_trunk_engine("auto", torch.device("cpu"), precision)
     fields = {**key, "trunk": trunk_digest(model, k), "k": k, "images": keys_digest(data), "precision": precision}

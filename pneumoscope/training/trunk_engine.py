@@ -25,7 +25,7 @@ from pneumoscope.errors import OptionError, UserError
 
 TRUNK_ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
-_CHECK_SIZE = 64  # the on-the-spot check's image side (the graph takes any size)
+_EXAMPLE_SIZE = 64  # the export's example image side (the graph takes any size)
 
 
 class TrunkEngineError(UserError, RuntimeError):
@@ -33,70 +33,103 @@ class TrunkEngineError(UserError, RuntimeError):
 
 
 def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    """onnxruntime imports (installed is not enough: a broken build fails on import)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
-def resolve_trunk_engine(engine: str, device: torch.device, precision: str) -> str:
-    """What `--trunk-engine` means here: torch or onnxruntime."""
+def resolve_trunk_engine(engine: str, device: torch.device, precision: str, saved: str | None = None) -> str:
+    """What `--trunk-engine` means here: torch or onnxruntime. saved: the engine of the run
+    being resumed, which `auto` keeps where it still applies (a run goes on as it began)."""
     if engine not in TRUNK_ENGINES:
         raise OptionError(f"unknown trunk engine {engine!r}; valid: {', '.join(TRUNK_ENGINES)}")
     applies = device.type == "cpu" and precision == "fp32"
     if engine == "onnxruntime":
         if not applies:
+            hint = "--trunk-precision fp32" if device.type == "cpu" else "a CPU device"
             raise OptionError(f"--trunk-engine onnxruntime runs an fp32 trunk pass on a CPU (here: {device.type}, "
-                              f"{precision}); use --trunk-engine torch or --trunk-precision fp32")
+                              f"{precision}); use --trunk-engine torch or {hint}")
         if not onnxruntime_available():
-            raise OptionError("--trunk-engine onnxruntime needs the onnxruntime package: pip install onnxruntime")
+            raise OptionError("--trunk-engine onnxruntime needs the onnxruntime package (pip install onnxruntime); "
+                              "or use --trunk-engine torch")
         return engine
     if engine == "auto":
+        if saved == "torch":
+            return "torch"
         return "onnxruntime" if applies and onnxruntime_available() else "torch"
     return engine
 
 
 class OnnxTrunk:
     """A FrozenTrunk as an onnxruntime session: float32 (B, 1, S, S) in [0, 1] -> float32
-    (B, C, H, W), the same numbers as the torch module up to float rounding."""
+    (B, C, H, W), the same numbers as the torch module up to float rounding. The first
+    batch it runs is also run by torch and compared (at the run's own image size): an
+    engine that disagrees stops the run before a single activation is stored."""
 
     def __init__(self, trunk: torch.nn.Module, threads: int | None = None):
         from pneumoscope.onnx_predictor import open_session
 
-        self.session = open_session(_export(trunk), threads or torch.get_num_threads())
-        self.input_name = self.session.get_inputs()[0].name
-        _check_against(trunk, self)
+        self.trunk = trunk
+        try:
+            self.session = open_session(_export(trunk), threads or torch.get_num_threads())
+            self.input_name = self.session.get_inputs()[0].name
+        except TrunkEngineError:
+            raise
+        except Exception as err:  # onnxruntime's own errors (a graph it cannot load, a broken install)
+            raise TrunkEngineError(f"onnxruntime could not load the exported trunk: {err}") from err
+        self.checked = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+        try:
+            out = torch.from_numpy(self.session.run(None, {self.input_name: np.ascontiguousarray(
+                x.detach().cpu().numpy(), dtype=np.float32)})[0])
+        except Exception as err:
+            raise TrunkEngineError(f"onnxruntime failed on the trunk pass: {err}; run with --trunk-engine torch") from err
+        if not self.checked:
+            _check_against(self.trunk, x[:2], out[:2])
+            self.checked = True
+        return out
 
 
 def _export(trunk: torch.nn.Module) -> bytes:
-    """The trunk as ONNX bytes with a dynamic batch axis. The TorchScript exporter takes a
-    few seconds where the torch.export one takes tens (its deprecation note is silenced)."""
+    """The trunk as ONNX bytes with dynamic batch and size axes. The TorchScript exporter
+    takes a few seconds where the torch.export one takes tens; its deprecation note is
+    silenced, and where a later torch has dropped it, the torch.export one is used."""
     buffer = io.BytesIO()
-    example = torch.rand(2, 1, _CHECK_SIZE, _CHECK_SIZE)
+    example = torch.zeros(2, 1, _EXAMPLE_SIZE, _EXAMPLE_SIZE)
+    trunk = trunk.cpu().eval()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(trunk.cpu().eval(), (example,), buffer, input_names=["image"], output_names=["act"],
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(trunk, (example,), buffer, input_names=["image"], output_names=["act"],
                               dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}},
                               opset_version=OPSET, dynamo=False)
-    except Exception as err:  # an exporter that cannot take the trunk: torch runs it instead
-        raise TrunkEngineError(f"could not export the trunk to ONNX: {err}") from err
-    return buffer.getvalue()
+        return buffer.getvalue()
+    except Exception as first:
+        try:
+            program = torch.onnx.export(trunk, (example,), None, input_names=["image"], output_names=["act"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                                        dynamo=True, external_data=False, verbose=False)
+            return program.model_proto.SerializeToString()
+        except Exception as err:
+            raise TrunkEngineError(f"could not export the trunk to ONNX: {first}; {err}") from err
 
 
 @torch.inference_mode()
-def _check_against(trunk: torch.nn.Module, engine: OnnxTrunk) -> None:
-    x = torch.rand(2, 1, _CHECK_SIZE, _CHECK_SIZE, generator=torch.Generator().manual_seed(0))
-    want, got = trunk.cpu().eval()(x), engine(x)
+def _check_against(trunk: torch.nn.Module, x: torch.Tensor, got: torch.Tensor) -> None:
+    want = trunk(x.to(next(trunk.parameters()).device)).float().cpu()
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
-        raise TrunkEngineError("onnxruntime's trunk output differs from torch's")
+        raise TrunkEngineError("onnxruntime's trunk output differs from torch's; run with --trunk-engine torch")
 
 
 def build_engine(trunk: torch.nn.Module, engine: str):
     """The callable that runs the trunk: the module itself (torch), or an OnnxTrunk. One
-    that cannot be built stops the run before the trunk pass, saying how to go on: falling
-    back quietly would make config.json and the activation cache say what did not run."""
+    that cannot be built or disagrees with torch stops the run before any activation is
+    stored, saying how to go on: falling back quietly would make config.json and the
+    activation cache say what did not run."""
     if engine != "onnxruntime":
         return trunk
     try:

@@ -115,8 +115,19 @@ def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, tr
 
 
 def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path, monkeypatch):
-    real_call = trunk_engine.OnnxTrunk.__call__
-    monkeypatch.setattr(trunk_engine.OnnxTrunk, "__call__", lambda self, x: real_call(self, x + 0.5))
+    import pneumoscope.onnx_predictor as onnx_predictor
+
+    real_open = onnx_predictor.open_session
+
+    class Skewed:  # an onnxruntime session whose output is off by 0.5
+        def __init__(self, *args):
+            self.session = real_open(*args)
+            self.get_inputs = self.session.get_inputs
+
+        def run(self, *args):
+            return [out + 0.5 for out in self.session.run(*args)]
+
+    monkeypatch.setattr(onnx_predictor, "open_session", Skewed)
     with pytest.raises(trunk_engine.TrunkEngineError, match="differs from torch's; run with --trunk-engine torch"):
         cached(model, sets, tmp_path / "cache", engine="onnxruntime")
     assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing of it was stored

@@ -16,8 +16,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.split import split_by_patient
+from pneumoscope.errors import DataError
 from pneumoscope.tasks import (
-    KEYS, THREE_CLASS, UnnamedSubtypeError, choose_task_thresholds, p_bacterial_given_pneumonia, p_pneumonia,
+    KEYS, THREE_CLASS, UnnamedSubtypeError, bv_threshold_of, choose_task_thresholds, p_bacterial_given_pneumonia, p_pneumonia,
     predicted_classes, subtype_of,
     task_labels,
 )
@@ -74,8 +75,14 @@ def test_a_pneumonia_file_naming_neither_is_one_clear_error(tmp_path):
     assert task_labels(samples, "binary").sum() == 5
 
 
-def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path):
+def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path, capsys, monkeypatch):
+    import pneumoscope.training.loop as loop
     from pneumoscope.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the labels were checked")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE / "train", data / "train")
@@ -83,8 +90,75 @@ def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path):
                  data / "train" / "PNEUMONIA" / "xray_unknown.jpeg")
     code = main(["-q", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--task", "three-class",
                  "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "1"])
-    assert code != 0
-    assert not (tmp_path / "run" / "model_best.safetensors").exists()
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pneumoscope train: error: ") and "neither bacteria nor virus" in line
+    assert str(data / "train" / "PNEUMONIA" / "xray_unknown.jpeg") in line and "1 PNEUMONIA file(s)" in line
+    # stopped after listing the files: no config, no manifest, no model
+    assert not [p.name for p in (tmp_path / "run").iterdir()]
+
+
+def test_a_class_missing_from_validation_stops_after_the_split(tmp_path, capsys, monkeypatch):
+    from pneumoscope.cli import main
+    from pneumoscope.data.discover import patient_id
+
+    pneumonia = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*.jpeg"))
+    viral = list({patient_id(f.name): f for f in pneumonia if "_virus_" in f.name}.values())[:3]
+    picks = {"NORMAL": sorted((SAMPLE / "train" / "NORMAL").glob("*.jpeg"))[:20],
+             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][:20] + viral}
+    for cls, files in picks.items():
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, tmp_path / "data" / "train" / cls / f.name)
+    import pneumoscope.training.loop as loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: built.append(a))
+    # 3 one-film viral patients: 10% of them is 0.3 of a patient, so validation gets none
+    code = main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--task", "three-class", "--val-fraction", "0.1", "--backbone", "efficientnet_lite0",
+                 "--image-size", "64", "--epochs", "1"])
+    assert code == 2 and len(viral) == 3 and not built
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"pneumoscope train: error: validation split has no VIRAL film (3 viral patients, 3 films in "
+                    f"{tmp_path / 'data' / 'train'}); use a larger --val-fraction or more data")
+    assert not (tmp_path / "run" / "manifest.csv").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_train_splits_on_the_three_class_labels(tmp_path, monkeypatch):
+    import pneumoscope.training.loop as loop
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.training.config import TrainConfig
+
+    seen = {}
+
+    def recording(samples, val_fraction, seed, strata=None):
+        seen.update(samples=samples, strata=strata)
+        return split_by_patient(samples, val_fraction, seed, strata=strata)
+
+    monkeypatch.setattr(loop, "split_by_patient", recording)
+    cfg = TrainConfig(data=str(SAMPLE), out=str(tmp_path), task=THREE_CLASS, val_fraction=0.25)
+    train, val = loop.prepare_split(cfg, RunDir(tmp_path), resume=False)
+    assert np.asarray(seen["strata"]).tolist() == task_labels(seen["samples"], THREE_CLASS).tolist()
+    assert set(np.asarray(seen["strata"]).tolist()) == {0, 1, 2}
+    assert len(train) + len(val) == 433
+
+
+def test_a_single_subtype_has_no_bacterial_viral_threshold():
+    y, probs, _ = hand_made_case()
+    keep = y != 2  # normal and bacterial validation films only
+    with pytest.raises(DataError, match="both subtypes; got 4 bacterial and 0 viral"):
+        choose_task_thresholds(THREE_CLASS, y[keep], probs[keep])
+
+
+def test_a_three_class_threshold_file_needs_the_subtype_threshold(tmp_path):
+    from pneumoscope.rundir import RunDirError
+
+    path = tmp_path / "threshold.json"
+    assert bv_threshold_of({"threshold": 0.5}, "binary", path) is None
+    assert bv_threshold_of({"bacterial_vs_viral": {"threshold": 0.25}}, THREE_CLASS, path) == 0.25
+    with pytest.raises(RunDirError, match=f"^{path}: a three-class run's thresholds lack bacterial_vs_viral"):
+        bv_threshold_of({"threshold": 0.5, "rules": {}}, THREE_CLASS, path)
 
 
 # ----------------------------------------------------------------------------- split

@@ -185,7 +185,7 @@ def _bacterial_vs_viral(run: Path, thresholds: dict, patients: list[str]) -> str
     y = np.array([int(r["label"]) for r in rows])
     probs = np.array([[float(r[f"p_{k}"]) for k in KEYS] for r in rows])
     # 200 resamples, not the table's 1000: train writes the card, and each resample runs scikit-learn
-    m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds), np.asarray(patients, dtype=str), 200, 0)
+    m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds, THREE_CLASS, run / THRESHOLD), np.asarray(patients, dtype=str), 200, 0)
     return (f"\n\nBacterial vs viral, on the {m['n']} validation pneumonia films (bacterial = positive, "
             f"threshold {m['threshold']:.4f} on p(bacterial | pneumonia)): "
             + ", ".join(f"{k} {_fmt(m, k)}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity"))

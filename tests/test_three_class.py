@@ -339,6 +339,30 @@ def test_predict_columns(three_run, tmp_path):
         assert r["label"] in ("NORMAL", "BACTERIAL", "VIRAL")
 
 
+def test_predict_header_when_nothing_is_readable(three_run, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not an image")
+    assert main(["-q", "predict", str(three_run), str(broken)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["path,p_normal,p_bacterial,p_viral,p_pneumonia,label"]
+    assert main(["-q", "predict", str(three_run), str(broken), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text() == "path,p_normal,p_bacterial,p_viral,p_pneumonia,label\n"
+
+
+def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_path):
+    from pneumoscope.inference import Predictor
+    from pneumoscope.rundir import RunDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(three_run, run)
+    thresholds = json.loads((run / "threshold.json").read_text())
+    del thresholds["bacterial_vs_viral"]
+    (run / "threshold.json").write_text(json.dumps(thresholds))
+    with pytest.raises(RunDirError, match=f"^{run / 'threshold.json'}: a three-class run's thresholds lack"):
+        Predictor.from_run(run, device="cpu")
+
+
 def test_onnx_export_parity(three_run, tmp_path):
     from pneumoscope.commands import export_run
     from pneumoscope.inference import Predictor

@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score, confusion_matrix, precision_recall_fscore_support, recall_score, roc_auc_score,
+)
 
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.split import split_by_patient
@@ -22,7 +24,8 @@ from pneumoscope.tasks import (
     predicted_classes, subtype_of,
     task_labels,
 )
-from pneumoscope.three_class import evaluate_three_class
+from pneumoscope.evaluation import bootstrap_ci as evaluation_ci
+from pneumoscope.three_class import BV_CI_METHOD, bootstrap_ci, evaluate_three_class
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -216,12 +219,51 @@ def test_three_class_metrics_equal_scikit_learn():
     p_b = probs[films, 1] / (probs[films, 1] + probs[films, 2])
     assert bvm["n"] == 8 and bvm["roc_auc"] == pytest.approx(roc_auc_score(y[films] == 1, p_b))
     assert bvm["accuracy"] == pytest.approx(accuracy_score(y[films] == 1, p_b >= bv))
-    # patient-level intervals around every point estimate
-    assert m["n_patients"] == 8 and "patient" in m["ci_method"]
+    assert bvm["sensitivity"] == pytest.approx(recall_score(y[films] == 1, p_b >= bv))
+    assert bvm["specificity"] == pytest.approx(recall_score(y[films] == 1, p_b >= bv, pos_label=False))
+    # patient-level intervals: 8 patients in all, 8 in the binary block, 5 with pneumonia films
+    assert m["n_patients"] == 8 and binary["n_patients"] == 8 and bvm["n_patients"] == 5
+    assert "normal, bacterial or viral" in m["ci_method"] and "200 resamples" in m["ci_method"]
+    assert "over the pneumonia patients" in bvm["ci_method"] and "bacterial / viral" in bvm["ci_method"]
+    by_patient = bootstrap_ci(y, probs, threshold, bv, np.asarray(patients), n_boot=200)
+    by_image = bootstrap_ci(y, probs, threshold, bv, None, n_boot=200)
+    assert m["ci95"] == by_patient and by_patient != by_image  # the patients were resampled, not the films
+    assert binary["ci95"] == evaluation_ci((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200,
+                                           patients=patients)
+    assert binary["ci95"] != evaluation_ci((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200)
+    assert bvm["ci95"]["roc_auc"] == evaluation_ci((y[films] == 1).astype(int), p_b, bv, n_boot=200,
+                                                   patients=np.asarray(patients)[films])["roc_auc"]
     lo, hi = m["ci95"]["accuracy"]
     assert lo <= m["accuracy"] <= hi
     assert set(m["ci95"]["per_class"]["viral"]) == {"sensitivity", "specificity", "precision", "f1", "roc_auc"}
     assert set(bvm["ci95"]) == {"roc_auc", "accuracy", "sensitivity", "specificity"}
+
+
+def test_numpy_bootstrap_equals_the_scikit_learn_path():
+    # the former path: every resample scored by point_metrics (scikit-learn), same patient draws
+    from pneumoscope.evaluation import _draw_images, patient_strata
+    from pneumoscope.three_class import _flat, point_metrics
+
+    rng = np.random.default_rng(7)
+    y = np.repeat([0, 1, 2, 1, 0, 2], 15)
+    probs = rng.dirichlet([1, 1, 1], size=len(y)) * 0.5 + np.eye(3)[y] * 0.5  # informative, with overlap
+    probs[::9] = probs[::9].round(1)  # ties, as real scores have
+    patients = np.array([f"p{i // 3}" for i in range(len(y))])
+    got = bootstrap_ci(y, probs, 0.5, 0.55, patients, n_boot=100, seed=3)
+    strata, blocks, order = patient_strata(y, patients)
+    assert len(strata) == 3  # stratified on the three classes
+    draw = np.random.default_rng(3)
+    draws = {}
+    for _ in range(100):
+        idx = _draw_images(draw, strata, blocks, order)
+        for key, value in _flat(point_metrics(y[idx], probs[idx], 0.5, 0.55)).items():
+            draws.setdefault(key, []).append(value)
+    span = {k: pytest.approx([np.nanpercentile(v, 2.5), np.nanpercentile(v, 97.5)], abs=1e-12)
+            for k, v in draws.items()}
+    assert got["accuracy"] == span["accuracy"] and got["macro_roc_auc"] == span["macro_roc_auc"]
+    for key in KEYS:
+        for name, value in got["per_class"][key].items():
+            assert value == span[(key, name)], (key, name)
 
 
 def recall_of_rest(y, pred, c):
@@ -285,6 +327,8 @@ def test_model_card_of_a_three_class_run(three_run):
     card = (three_run / "MODEL_CARD.md").read_text()
     assert "three-class run" in card and "Bacterial vs viral, on the" in card
     assert "| roc_auc |" in card  # the pneumonia-vs-normal table on p(pneumonia)
+    # the bacterial-vs-viral line: 1000 resamples of the pneumonia patients, stratified by subtype
+    assert BV_CI_METHOD + "; 1000 resamples" in card
 
 
 def test_run_files(three_run):
@@ -361,6 +405,25 @@ def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_p
     (run / "threshold.json").write_text(json.dumps(thresholds))
     with pytest.raises(RunDirError, match=f"^{run / 'threshold.json'}: a three-class run's thresholds lack"):
         Predictor.from_run(run, device="cpu")
+
+
+def test_ensemble_refuses_three_class_members(three_run, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    # carrying three classes through an ensemble is not built: a clear refusal, not a broken
+    # binary ensemble (nor, for mixed tasks, torch.stack's traceback)
+    assert main(["-q", "ensemble", str(three_run), "--out", str(tmp_path / "ens")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"pneumoscope ensemble: error: {three_run}: is a three-class run; ensembles combine "
+                    "binary (--task binary) runs only")
+    binary = tmp_path / "binary"  # the same run, said to be binary: the three-class member is named
+    shutil.copytree(three_run, binary)
+    config = json.loads((binary / "config.json").read_text())
+    config["task"] = "binary"
+    (binary / "config.json").write_text(json.dumps(config))
+    assert main(["-q", "ensemble", str(binary), str(three_run), "--out", str(tmp_path / "ens")]) == 2
+    assert f"error: {three_run}: is a three-class run" in capsys.readouterr().err
+    assert not (tmp_path / "ens").exists()
 
 
 def test_onnx_export_parity(three_run, tmp_path):

@@ -61,7 +61,7 @@ def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
         from pneumoscope.three_class import evaluate_three_class
 
         metrics = evaluate_three_class(task_labels(data.samples, task), probs, threshold,
-                                       bv_threshold_of(predictor.thresholds), n_boot=n_boot, patients=patients)
+                                       bv_threshold_of(predictor.thresholds, task), n_boot=n_boot, patients=patients)
     extra = {"threshold_rule": threshold_rule or predictor.thresholds["default"], "data": data_name,
              "unreadable": [{"path": p, "problem": why} for p, why in data.failures]}
     metrics.update(extra)

@@ -278,13 +278,15 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from pneumoscope.commands import predict_paths, predictions_csv
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.tasks import task_of
 
     rows = predict_paths(args.run_dir, args.paths, out=args.out, threshold_rule=args.threshold_rule,
                          strict=args.strict, show_progress=not args.quiet, onnx=args.onnx)
     if args.out:
         print(f"{len(rows)} predictions written to {args.out}")
     else:
-        predictions_csv(rows, sys.stdout)
+        predictions_csv(rows, sys.stdout, task=task_of(RunDir(args.run_dir).read_config()))
     return 0
 
 

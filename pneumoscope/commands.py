@@ -61,7 +61,7 @@ def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
         from pneumoscope.three_class import evaluate_three_class
 
         metrics = evaluate_three_class(task_labels(data.samples, task), probs, threshold,
-                                       bv_threshold_of(predictor.thresholds), n_boot=n_boot, patients=patients)
+                                       bv_threshold_of(predictor.thresholds, task), n_boot=n_boot, patients=patients)
     extra = {"threshold_rule": threshold_rule or predictor.thresholds["default"], "data": data_name,
              "unreadable": [{"path": p, "problem": why} for p, why in data.failures]}
     metrics.update(extra)
@@ -176,11 +176,11 @@ def predict_sources(predictor, sources: list, threshold_rule: str | None = None,
     return [{"path": None if isinstance(s, np.ndarray) else str(s), **r} for s, r in zip(kept, rows)]
 
 
-def predictions_csv(rows: list[dict], handle, header: list[str] | None = None) -> None:
+def predictions_csv(rows: list[dict], handle, header: list[str] | None = None, task: str = BINARY) -> None:
     """rows as CSV through the csv module (a comma or quote in a path stays one field);
-    the columns are the rows' keys (three-class: path, p_normal, p_bacterial, p_viral,
-    p_pneumonia, label), probabilities with 6 decimals."""
-    header = header or (list(rows[0]) if rows else ["path", "p_pneumonia", "label"])
+    the columns are the task's (three-class: path, p_normal, p_bacterial, p_viral,
+    p_pneumonia, label), also when no row was readable; probabilities with 6 decimals."""
+    header = header or ["path", *prediction_columns(task), "label"]
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
@@ -196,7 +196,7 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
     rows = predict_sources(predictor, expand_paths(paths), threshold_rule, strict, show_progress)
     if out:
         buffer = io.StringIO()
-        predictions_csv(rows, buffer)
+        predictions_csv(rows, buffer, task=predictor.task)
         atomic_write_text(out, buffer.getvalue())
     return rows
 

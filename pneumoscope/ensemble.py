@@ -34,6 +34,7 @@ from pneumoscope.inference import load_trained_model, predict_probs
 from pneumoscope.models.ensemble import Ensemble, tta_views
 from pneumoscope.onnx_contract import file_sha256
 from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, save_model_weights
+from pneumoscope.tasks import BINARY, task_of
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,18 @@ def split_of(run_dir: Path) -> dict[str, frozenset]:
 
 
 def check_members(run_dirs: list[Path], configs: list[dict]) -> None:
-    """Refuse ensembles of ensembles, of other input sizes, or of runs with another split,
-    naming the run that differs from the first."""
-    first, size = run_dirs[0], int(configs[0]["image_size"])
-    split = split_of(first)
+    """Refuse ensembles of ensembles, of other tasks than binary (the Ensemble averages
+    two-class softmax outputs), of other input sizes, or of runs with another split, naming
+    the run that differs from the first."""
     for run_dir, config in zip(run_dirs, configs):
         if config.get("kind") == "ensemble":
             raise EnsembleError(f"{run_dir}: is an ensemble itself; give its member runs instead")
+        if task_of(config) != BINARY:
+            raise EnsembleError(f"{run_dir}: is a {task_of(config)} run; ensembles combine binary "
+                                "(--task binary) runs only")
+    first, size = run_dirs[0], int(configs[0]["image_size"])
+    split = split_of(first)
+    for run_dir, config in zip(run_dirs, configs):
         if int(config["image_size"]) != size:
             raise EnsembleError(f"{run_dir}: image size {config['image_size']} differs from {first}'s {size}; "
                                 "members share one input")

@@ -81,8 +81,10 @@ def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.n
     """The images grouped by patient: (per stratum the patient numbers, the start of each
     patient's block in `order`, `order`: image indices sorted by patient).
 
-    A patient's stratum is "pneumonia" when any of their images is (a patient with films of
-    both classes is a pneumonia patient); patients=None: every image is its own patient."""
+    A patient's stratum is their highest label: "pneumonia" when any of their images is (a
+    patient with films of both classes is a pneumonia patient); with three-class labels
+    (0 normal, 1 bacterial, 2 viral) each class is a stratum. patients=None: every image is
+    its own patient."""
     y_true = np.asarray(y_true).astype(int)
     if patients is None:
         patients = np.arange(len(y_true))
@@ -90,10 +92,10 @@ def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.n
     order = np.argsort(codes, kind="stable")
     counts = np.bincount(codes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    any_pneumonia = np.zeros(len(counts), dtype=int)
-    np.maximum.at(any_pneumonia, codes, y_true)
-    strata = [np.flatnonzero(any_pneumonia == c) for c in (0, 1)]
-    return [s for s in strata if len(s)], np.stack([starts, counts]), order
+    highest = np.zeros(len(counts), dtype=int)
+    np.maximum.at(highest, codes, y_true)
+    strata = [np.flatnonzero(highest == c) for c in np.unique(highest)]  # binary: normal, then pneumonia
+    return strata, np.stack([starts, counts]), order
 
 
 def _draw_images(rng, strata, blocks, order) -> np.ndarray:

@@ -18,8 +18,8 @@ from pneumoscope.data.decode import load_image
 from pneumoscope.errors import OptionError
 from pneumoscope.models import build_model
 from pneumoscope.precision import autocast, resolve_precision
-from pneumoscope.rundir import RunDir, RunDirError, load_model_weights
-from pneumoscope.tasks import n_classes, p_pneumonia, task_of
+from pneumoscope.rundir import THRESHOLD, RunDir, RunDirError, load_model_weights
+from pneumoscope.tasks import bv_threshold_of, n_classes, p_pneumonia, task_of
 
 
 def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -143,6 +143,7 @@ class Predictor(OperatingPoint):
         run = RunDir(run_dir)
         config = run.read_config()
         thresholds = run.read_threshold()
+        bv_threshold_of(thresholds, task_of(config), run / THRESHOLD)  # a three-class run's: refused when missing
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # channels_last weights: the convolutions' fastest layout (no reorder per call)
         model = load_trained_model(run, config).to(dev).to(memory_format=torch.channels_last)

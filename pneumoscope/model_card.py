@@ -184,12 +184,13 @@ def _bacterial_vs_viral(run: Path, thresholds: dict, patients: list[str]) -> str
         rows = list(csv.DictReader(f))
     y = np.array([int(r["label"]) for r in rows])
     probs = np.array([[float(r[f"p_{k}"]) for k in KEYS] for r in rows])
-    # 200 resamples, not the table's 1000: train writes the card, and each resample runs scikit-learn
-    m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds), np.asarray(patients, dtype=str), 200, 0)
+    # 1000 resamples, as the table: each is scored in numpy (evaluation._resample_metrics)
+    m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds, THREE_CLASS, run / THRESHOLD),
+                           np.asarray(patients, dtype=str), 1000, 0)
     return (f"\n\nBacterial vs viral, on the {m['n']} validation pneumonia films (bacterial = positive, "
             f"threshold {m['threshold']:.4f} on p(bacterial | pneumonia)): "
             + ", ".join(f"{k} {_fmt(m, k)}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity"))
-            + " (95% intervals: the same patient bootstrap, 200 resamples).")
+            + f" (95% intervals: {m['ci_method']}).")
 
 
 def _evaluations(run: Path) -> str:

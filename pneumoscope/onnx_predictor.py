@@ -23,7 +23,7 @@ from pneumoscope.errors import DataError, MissingFileError
 from pneumoscope.onnx_contract import INPUT_NAME, file_sha256, read_contract
 from pneumoscope.inference import OperatingPoint
 from pneumoscope.rundir import THRESHOLD, RunDir
-from pneumoscope.tasks import BINARY, task_of
+from pneumoscope.tasks import BINARY, bv_threshold_of, task_of
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def run_thresholds_for(contract: dict, run_dir: str | Path, onnx_path: Path) -> 
     """The run's threshold.json; a warning when the contract carries other thresholds
     (an export made before `calibrate`, outside the run directory it refreshes)."""
     thresholds = RunDir(run_dir).read_threshold()
+    bv_threshold_of(thresholds, task_of(contract), Path(run_dir) / THRESHOLD)  # a three-class run's: refused when missing
     if contract.get("thresholds") != thresholds:
         log.warning("%s.json: its thresholds differ from %s (changed after the export, e.g. by "
                     "`pneumoscope calibrate`); using the run's (default rule %s)", onnx_path,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.errors import DataError, OptionError
+from pneumoscope.rundir import THRESHOLD, RunDirError
 
 BINARY, THREE_CLASS = "binary", "three-class"
 TASKS = (BINARY, THREE_CLASS)
@@ -76,13 +77,31 @@ def task_labels(samples, task: str) -> np.ndarray:
                 unnamed.append(str(s.path))
             else:
                 labels[i] = KEYS.index(subtype)
-    if unnamed:
-        shown = "\n".join(f"  {p}" for p in unnamed[:10])
-        more = f"\n  ... and {len(unnamed) - 10} more" if len(unnamed) > 10 else ""
+    if unnamed:  # one line (the CLI's error line), naming up to ten of them
+        more = f" and {len(unnamed) - 10} more" if len(unnamed) > 10 else ""
         raise UnnamedSubtypeError(
             f"--task three-class: {len(unnamed)} PNEUMONIA file(s) say neither bacteria nor virus in "
-            f"their name, so their class is unknown (rename or remove them):\n{shown}{more}")
+            f"their name, so their class is unknown (rename or remove them): {'; '.join(unnamed[:10])}{more}")
     return labels
+
+
+def require_every_class(task: str, train, val, source) -> None:
+    """Stop right after a three-class split that left a class out of train or validation,
+    naming the class and its counts in `source` (the folder split); binary splits are
+    checked by split_by_patient itself."""
+    if check_task(task) == BINARY:
+        return
+    everything = list(train) + list(val)
+    labels = task_labels(everything, task)
+    for role, part in (("validation", val), ("train", train)):
+        present = set(task_labels(part, task).tolist()) if part else set()
+        for c, name in enumerate(CLASS_NAMES[task]):
+            if c not in present:
+                patients = {s.patient for s, y in zip(everything, labels) if y == c}
+                n_films = int((labels == c).sum())
+                raise DataError(
+                    f"{role} split has no {name} film ({len(patients)} {KEYS[c]} patients, {n_films} films "
+                    f"in {source}); use a larger --val-fraction or more data")
 
 
 def relabel(samples, task: str) -> list:
@@ -114,9 +133,16 @@ def predicted_classes(probs: np.ndarray, threshold: float, bv_threshold: float |
     return np.where(pneumonia, np.where(viral, 2, 1), 0).astype(np.int64)
 
 
-def bv_threshold_of(thresholds: dict) -> float | None:
+def bv_threshold_of(thresholds: dict, task: str = BINARY, source=THRESHOLD) -> float | None:
+    """The bacterial/viral threshold (None for a binary run); a three-class run's
+    threshold.json (`source`) without one is refused, never guessed."""
     block = thresholds.get("bacterial_vs_viral")
-    return float(block["threshold"]) if block else None
+    if isinstance(block, dict) and "threshold" in block:
+        return float(block["threshold"])
+    if task == THREE_CLASS:
+        raise RunDirError(f"{source}: a three-class run's thresholds lack bacterial_vs_viral.threshold "
+                          "(written by train; restore the file or train again)")
+    return None
 
 
 def prediction_columns(task: str) -> list[str]:
@@ -147,6 +173,10 @@ def choose_task_thresholds(task: str, y: np.ndarray, probs: np.ndarray) -> dict:
     thresholds = choose_thresholds((y > 0).astype(int), p_pneumonia(probs))
     if task == THREE_CLASS:
         films = y > 0
+        counts = np.bincount(y[films], minlength=3)[1:]
+        if counts.min() == 0:  # Youden's J needs both subtypes; one alone gives no threshold
+            raise DataError(f"the bacterial/viral threshold needs validation films of both subtypes; got "
+                            f"{counts[0]} bacterial and {counts[1]} viral")
         thresholds["bacterial_vs_viral"] = {
             "threshold": youden_threshold((y[films] == 1).astype(int), p_bacterial_given_pneumonia(probs[films])),
             "rule": BV_RULE,

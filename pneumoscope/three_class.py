@@ -1,6 +1,7 @@
 """metrics.json of a three-class run (NORMAL / BACTERIAL / VIRAL), with patient-level
 bootstrap intervals (the cluster bootstrap of evaluation.py: patients drawn, stratified
-by pneumonia / normal, each bringing all of their films).
+by their class, normal / bacterial / viral, each bringing all of their films; each
+resample scored in numpy, as evaluation._resample_metrics does for binary runs).
 
 Layout: task, n, n_patients, thresholds, accuracy, macro_roc_auc, per_class (one-vs-rest
 sensitivity, specificity, precision, f1, roc_auc for normal, bacterial, viral), confusion
@@ -14,12 +15,25 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from pneumoscope.evaluation import CI_METHOD, _draw_images, _safe_div, evaluate_predictions, patient_strata
+from pneumoscope.evaluation import (
+    _draw_images, _rates, _resample_metrics, _safe_div, evaluate_predictions, patient_strata,
+)
 from pneumoscope.tasks import CLASS_NAMES, KEYS, THREE_CLASS, p_bacterial_given_pneumonia, p_pneumonia, \
     predicted_classes
 
 PER_CLASS_METRICS = ("sensitivity", "specificity", "precision", "f1", "roc_auc")
-BV_KEYS = ("n", "n_patients", "threshold", "roc_auc", "accuracy", "sensitivity", "specificity", "ci95", "ci_method")
+BV_KEYS = ("n", "n_patients", "threshold", "roc_auc", "accuracy", "sensitivity", "specificity", "ci95")
+CI_METHOD = (
+    "percentile 95% intervals of a patient-level (cluster) bootstrap: patients are drawn with "
+    "replacement and bring all their images; stratified by the patient's class, normal, bacterial "
+    "or viral (a patient with films of several classes counts as viral if any film is, else "
+    "bacterial if any is), so every resample keeps all three classes"
+)
+BV_CI_METHOD = (
+    "percentile 95% intervals of a patient-level (cluster) bootstrap over the pneumonia patients: "
+    "drawn with replacement, each bringing all their pneumonia films; stratified bacterial / viral "
+    "(a patient with any bacterial film counts as bacterial), so every resample keeps both subtypes"
+)
 
 
 def _ovr_auc(y: np.ndarray, scores: np.ndarray) -> float:
@@ -58,15 +72,31 @@ def _flat(m: dict) -> dict:
     return out
 
 
+def _resample_flat(y: np.ndarray, pred: np.ndarray, probs: np.ndarray) -> dict:
+    """_flat(point_metrics(...)) of one resample in numpy (scikit-learn's per-call checks
+    made 1000 resamples take tens of seconds): y, pred: class indices; probs: (N, 3)."""
+    cm = np.bincount(y * 3 + pred, minlength=9).reshape(3, 3)
+    out: dict = {"accuracy": _safe_div(np.trace(cm), len(y))}
+    for c, key in enumerate(KEYS):
+        tp = cm[c, c]
+        fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
+        rates = _rates(tp, fp, cm.sum() - tp - fn - fp, fn)
+        rates["roc_auc"] = _resample_metrics((y == c).astype(int), probs[:, c], 0.5)["roc_auc"]
+        out.update({(key, name): rates[name] for name in PER_CLASS_METRICS})
+    out["macro_roc_auc"] = float(np.mean([out[(k, "roc_auc")] for k in KEYS]))
+    return out
+
+
 def bootstrap_ci(y, probs, threshold, bv_threshold, patients=None, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Percentile 95% intervals of the point metrics over patient resamples."""
+    """Percentile 95% intervals of the point metrics over patient resamples (CI_METHOD)."""
     y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
-    strata, blocks, order = patient_strata((y > 0).astype(int), patients)
+    pred = predicted_classes(probs, threshold, bv_threshold)  # per image: a resample only picks rows
+    strata, blocks, order = patient_strata(y, patients)
     rng = np.random.default_rng(seed)
     draws: dict = {}
     for _ in range(n_boot):
         idx = _draw_images(rng, strata, blocks, order)
-        for key, value in _flat(point_metrics(y[idx], probs[idx], threshold, bv_threshold)).items():
+        for key, value in _resample_flat(y[idx], pred[idx], probs[idx]).items():
             draws.setdefault(key, []).append(value)
     span = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
     return {"accuracy": span["accuracy"], "macro_roc_auc": span["macro_roc_auc"],
@@ -104,6 +134,9 @@ def bacterial_vs_viral(y, probs, bv_threshold, patients, n_boot: int, seed: int)
     kept = {k: block[k] for k in BV_KEYS if k in block}
     kept["ci95"] = {k: v for k, v in block.get("ci95", {}).items() if k in ("roc_auc", "accuracy", "sensitivity",
                                                                                "specificity")}
+    if n_boot:
+        kept["ci_method"] = BV_CI_METHOD + f"; {n_boot} resamples" + (
+            "" if patients is not None else "; no patient ids were given, so each image was its own patient")
     kept.update(positive="bacterial", films="true pneumonia films (bacterial or viral)",
                 score="p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_viral)")
     return kept

@@ -12,16 +12,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score, confusion_matrix, precision_recall_fscore_support, recall_score, roc_auc_score,
+)
 
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.split import split_by_patient
+from pneumoscope.errors import DataError
 from pneumoscope.tasks import (
-    KEYS, THREE_CLASS, UnnamedSubtypeError, choose_task_thresholds, p_bacterial_given_pneumonia, p_pneumonia,
+    KEYS, THREE_CLASS, UnnamedSubtypeError, bv_threshold_of, choose_task_thresholds, p_bacterial_given_pneumonia, p_pneumonia,
     predicted_classes, subtype_of,
     task_labels,
 )
-from pneumoscope.three_class import evaluate_three_class
+from pneumoscope.evaluation import bootstrap_ci as evaluation_ci
+from pneumoscope.three_class import BV_CI_METHOD, bootstrap_ci, evaluate_three_class
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -74,8 +78,14 @@ def test_a_pneumonia_file_naming_neither_is_one_clear_error(tmp_path):
     assert task_labels(samples, "binary").sum() == 5
 
 
-def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path):
+def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path, capsys, monkeypatch):
+    import pneumoscope.training.loop as loop
     from pneumoscope.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the labels were checked")
+
+    monkeypatch.setattr(loop, "build_model", no_model)
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE / "train", data / "train")
@@ -83,8 +93,75 @@ def test_train_refuses_unnamed_pneumonia_before_any_work(tmp_path):
                  data / "train" / "PNEUMONIA" / "xray_unknown.jpeg")
     code = main(["-q", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--task", "three-class",
                  "--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "1"])
-    assert code != 0
-    assert not (tmp_path / "run" / "model_best.safetensors").exists()
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pneumoscope train: error: ") and "neither bacteria nor virus" in line
+    assert str(data / "train" / "PNEUMONIA" / "xray_unknown.jpeg") in line and "1 PNEUMONIA file(s)" in line
+    # stopped after listing the files: no config, no manifest, no model
+    assert not [p.name for p in (tmp_path / "run").iterdir()]
+
+
+def test_a_class_missing_from_validation_stops_after_the_split(tmp_path, capsys, monkeypatch):
+    from pneumoscope.cli import main
+    from pneumoscope.data.discover import patient_id
+
+    pneumonia = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*.jpeg"))
+    viral = list({patient_id(f.name): f for f in pneumonia if "_virus_" in f.name}.values())[:3]
+    picks = {"NORMAL": sorted((SAMPLE / "train" / "NORMAL").glob("*.jpeg"))[:20],
+             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][:20] + viral}
+    for cls, files in picks.items():
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, tmp_path / "data" / "train" / cls / f.name)
+    import pneumoscope.training.loop as loop
+
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *a, **k: built.append(a))
+    # 3 one-film viral patients: 10% of them is 0.3 of a patient, so validation gets none
+    code = main(["-q", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 "--task", "three-class", "--val-fraction", "0.1", "--backbone", "efficientnet_lite0",
+                 "--image-size", "64", "--epochs", "1"])
+    assert code == 2 and len(viral) == 3 and not built
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"pneumoscope train: error: validation split has no VIRAL film (3 viral patients, 3 films in "
+                    f"{tmp_path / 'data' / 'train'}); use a larger --val-fraction or more data")
+    assert not (tmp_path / "run" / "manifest.csv").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_train_splits_on_the_three_class_labels(tmp_path, monkeypatch):
+    import pneumoscope.training.loop as loop
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.training.config import TrainConfig
+
+    seen = {}
+
+    def recording(samples, val_fraction, seed, strata=None):
+        seen.update(samples=samples, strata=strata)
+        return split_by_patient(samples, val_fraction, seed, strata=strata)
+
+    monkeypatch.setattr(loop, "split_by_patient", recording)
+    cfg = TrainConfig(data=str(SAMPLE), out=str(tmp_path), task=THREE_CLASS, val_fraction=0.25)
+    train, val = loop.prepare_split(cfg, RunDir(tmp_path), resume=False)
+    assert np.asarray(seen["strata"]).tolist() == task_labels(seen["samples"], THREE_CLASS).tolist()
+    assert set(np.asarray(seen["strata"]).tolist()) == {0, 1, 2}
+    assert len(train) + len(val) == 433
+
+
+def test_a_single_subtype_has_no_bacterial_viral_threshold():
+    y, probs, _ = hand_made_case()
+    keep = y != 2  # normal and bacterial validation films only
+    with pytest.raises(DataError, match="both subtypes; got 4 bacterial and 0 viral"):
+        choose_task_thresholds(THREE_CLASS, y[keep], probs[keep])
+
+
+def test_a_three_class_threshold_file_needs_the_subtype_threshold(tmp_path):
+    from pneumoscope.rundir import RunDirError
+
+    path = tmp_path / "threshold.json"
+    assert bv_threshold_of({"threshold": 0.5}, "binary", path) is None
+    assert bv_threshold_of({"bacterial_vs_viral": {"threshold": 0.25}}, THREE_CLASS, path) == 0.25
+    with pytest.raises(RunDirError, match=f"^{path}: a three-class run's thresholds lack bacterial_vs_viral"):
+        bv_threshold_of({"threshold": 0.5, "rules": {}}, THREE_CLASS, path)
 
 
 # ----------------------------------------------------------------------------- split
@@ -142,12 +219,51 @@ def test_three_class_metrics_equal_scikit_learn():
     p_b = probs[films, 1] / (probs[films, 1] + probs[films, 2])
     assert bvm["n"] == 8 and bvm["roc_auc"] == pytest.approx(roc_auc_score(y[films] == 1, p_b))
     assert bvm["accuracy"] == pytest.approx(accuracy_score(y[films] == 1, p_b >= bv))
-    # patient-level intervals around every point estimate
-    assert m["n_patients"] == 8 and "patient" in m["ci_method"]
+    assert bvm["sensitivity"] == pytest.approx(recall_score(y[films] == 1, p_b >= bv))
+    assert bvm["specificity"] == pytest.approx(recall_score(y[films] == 1, p_b >= bv, pos_label=False))
+    # patient-level intervals: 8 patients in all, 8 in the binary block, 5 with pneumonia films
+    assert m["n_patients"] == 8 and binary["n_patients"] == 8 and bvm["n_patients"] == 5
+    assert "normal, bacterial or viral" in m["ci_method"] and "200 resamples" in m["ci_method"]
+    assert "over the pneumonia patients" in bvm["ci_method"] and "bacterial / viral" in bvm["ci_method"]
+    by_patient = bootstrap_ci(y, probs, threshold, bv, np.asarray(patients), n_boot=200)
+    by_image = bootstrap_ci(y, probs, threshold, bv, None, n_boot=200)
+    assert m["ci95"] == by_patient and by_patient != by_image  # the patients were resampled, not the films
+    assert binary["ci95"] == evaluation_ci((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200,
+                                           patients=patients)
+    assert binary["ci95"] != evaluation_ci((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200)
+    assert bvm["ci95"]["roc_auc"] == evaluation_ci((y[films] == 1).astype(int), p_b, bv, n_boot=200,
+                                                   patients=np.asarray(patients)[films])["roc_auc"]
     lo, hi = m["ci95"]["accuracy"]
     assert lo <= m["accuracy"] <= hi
     assert set(m["ci95"]["per_class"]["viral"]) == {"sensitivity", "specificity", "precision", "f1", "roc_auc"}
     assert set(bvm["ci95"]) == {"roc_auc", "accuracy", "sensitivity", "specificity"}
+
+
+def test_numpy_bootstrap_equals_the_scikit_learn_path():
+    # the former path: every resample scored by point_metrics (scikit-learn), same patient draws
+    from pneumoscope.evaluation import _draw_images, patient_strata
+    from pneumoscope.three_class import _flat, point_metrics
+
+    rng = np.random.default_rng(7)
+    y = np.repeat([0, 1, 2, 1, 0, 2], 15)
+    probs = rng.dirichlet([1, 1, 1], size=len(y)) * 0.5 + np.eye(3)[y] * 0.5  # informative, with overlap
+    probs[::9] = probs[::9].round(1)  # ties, as real scores have
+    patients = np.array([f"p{i // 3}" for i in range(len(y))])
+    got = bootstrap_ci(y, probs, 0.5, 0.55, patients, n_boot=100, seed=3)
+    strata, blocks, order = patient_strata(y, patients)
+    assert len(strata) == 3  # stratified on the three classes
+    draw = np.random.default_rng(3)
+    draws = {}
+    for _ in range(100):
+        idx = _draw_images(draw, strata, blocks, order)
+        for key, value in _flat(point_metrics(y[idx], probs[idx], 0.5, 0.55)).items():
+            draws.setdefault(key, []).append(value)
+    span = {k: pytest.approx([np.nanpercentile(v, 2.5), np.nanpercentile(v, 97.5)], abs=1e-12)
+            for k, v in draws.items()}
+    assert got["accuracy"] == span["accuracy"] and got["macro_roc_auc"] == span["macro_roc_auc"]
+    for key in KEYS:
+        for name, value in got["per_class"][key].items():
+            assert value == span[(key, name)], (key, name)
 
 
 def recall_of_rest(y, pred, c):
@@ -211,6 +327,8 @@ def test_model_card_of_a_three_class_run(three_run):
     card = (three_run / "MODEL_CARD.md").read_text()
     assert "three-class run" in card and "Bacterial vs viral, on the" in card
     assert "| roc_auc |" in card  # the pneumonia-vs-normal table on p(pneumonia)
+    # the bacterial-vs-viral line: 1000 resamples of the pneumonia patients, stratified by subtype
+    assert BV_CI_METHOD + "; 1000 resamples" in card
 
 
 def test_run_files(three_run):
@@ -263,6 +381,49 @@ def test_predict_columns(three_run, tmp_path):
         assert sum(p) == pytest.approx(1.0, abs=1e-5)
         assert float(r["p_pneumonia"]) == pytest.approx(p[1] + p[2], abs=2e-6)
         assert r["label"] in ("NORMAL", "BACTERIAL", "VIRAL")
+
+
+def test_predict_header_when_nothing_is_readable(three_run, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not an image")
+    assert main(["-q", "predict", str(three_run), str(broken)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["path,p_normal,p_bacterial,p_viral,p_pneumonia,label"]
+    assert main(["-q", "predict", str(three_run), str(broken), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text() == "path,p_normal,p_bacterial,p_viral,p_pneumonia,label\n"
+
+
+def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_path):
+    from pneumoscope.inference import Predictor
+    from pneumoscope.rundir import RunDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(three_run, run)
+    thresholds = json.loads((run / "threshold.json").read_text())
+    del thresholds["bacterial_vs_viral"]
+    (run / "threshold.json").write_text(json.dumps(thresholds))
+    with pytest.raises(RunDirError, match=f"^{run / 'threshold.json'}: a three-class run's thresholds lack"):
+        Predictor.from_run(run, device="cpu")
+
+
+def test_ensemble_refuses_three_class_members(three_run, tmp_path, capsys):
+    from pneumoscope.cli import main
+
+    # carrying three classes through an ensemble is not built: a clear refusal, not a broken
+    # binary ensemble (nor, for mixed tasks, torch.stack's traceback)
+    assert main(["-q", "ensemble", str(three_run), "--out", str(tmp_path / "ens")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"pneumoscope ensemble: error: {three_run}: is a three-class run; ensembles combine "
+                    "binary (--task binary) runs only")
+    binary = tmp_path / "binary"  # the same run, said to be binary: the three-class member is named
+    shutil.copytree(three_run, binary)
+    config = json.loads((binary / "config.json").read_text())
+    config["task"] = "binary"
+    (binary / "config.json").write_text(json.dumps(config))
+    assert main(["-q", "ensemble", str(binary), str(three_run), "--out", str(tmp_path / "ens")]) == 2
+    assert f"error: {three_run}: is a three-class run" in capsys.readouterr().err
+    assert not (tmp_path / "ens").exists()
 
 
 def test_onnx_export_parity(three_run, tmp_path):

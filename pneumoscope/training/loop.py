@@ -41,7 +41,8 @@ from pneumoscope.rundir import (
     save_model_weights, save_training_state,
 )
 from pneumoscope.tasks import (
-    BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, task_labels,
+    BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, require_every_class,
+    task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 from pneumoscope.training.trunk_engine import resolve_trunk_engine
@@ -79,11 +80,13 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     if resume and (run / MANIFEST).exists():
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
-    samples = discover_split(Path(cfg.data) / "train", "train", load_patients(cfg.patients))
+    folder = Path(cfg.data) / "train"
+    samples = discover_split(folder, "train", load_patients(cfg.patients))
     # three-class: stratified on normal/bacterial/viral (and a file naming neither stops here)
     strata = task_labels(samples, cfg.task) if cfg.task != BINARY else None
     train_samples, val_samples = split_by_patient(samples, cfg.val_fraction,
                                                   cfg.seed if cfg.split_seed is None else cfg.split_seed, strata=strata)
+    require_every_class(cfg.task, train_samples, val_samples, folder)
     write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
@@ -373,10 +376,14 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     resolved = env.broadcast({k: getattr(cfg, k) for k in RESOLVED_FIELDS} if env.is_main else None)
     for name, value in resolved.items():  # every rank runs what rank 0 resolved
         setattr(cfg, name, value)
+    # The split first: a data problem (a file naming neither subtype, a class missing from a
+    # side) stops the run before the model is built or any image decoded.
+    split = env.broadcast(prepare_split(cfg, run, resume=saved is not None) if env.is_main else None)
     seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
     model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout,
                                       n_classes=n_classes(cfg.task)), env.device)
-    train_set, val_set = load_data(cfg, run, env, requested, resumed=saved is not None, show_progress=show_progress)
+    train_set, val_set = load_data(cfg, run, env, requested, split, resumed=saved is not None,
+                                   show_progress=show_progress)
     optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
     state = restore(saved, run, env, model, optimizer, scheduler)
     # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
@@ -419,10 +426,10 @@ def resolve_config(cfg: TrainConfig, env: DistEnv, saved: dict | None) -> None:
         setattr(cfg, name, settings[name])
 
 
-def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, resumed: bool,
-              show_progress: bool) -> tuple[DecodedSet, DecodedSet]:
-    """The patient-grouped split (manifest.csv), decoded; config.json on a new run."""
-    train_samples, val_samples = env.broadcast(prepare_split(cfg, run, resume=resumed) if env.is_main else None)
+def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, split: tuple[list, list],
+              resumed: bool, show_progress: bool) -> tuple[DecodedSet, DecodedSet]:
+    """The patient-grouped split (prepare_split's (train, val)), decoded; config.json on a new run."""
+    train_samples, val_samples = split
     if not resumed and env.is_main:  # after the split: it records the fraction the split gave
         run.write_config({**cfg.to_dict(), "requested": requested, "decode_version": decode_version(),
                           "val_fraction_actual": round(split_fraction(train_samples, val_samples), 4),

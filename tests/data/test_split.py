@@ -58,3 +58,39 @@ def test_split_stratifies_on_given_strata(train_samples):
         assert abs(share - 0.3) < 0.04, (k, share)
     with pytest.raises(ValueError, match="strata has"):
         split_by_patient(train_samples, 0.3, strata=strata[:-1])
+
+
+def hand_built_three_class(n_normal=300, n_bacterial=300, n_viral=20):
+    """One film per patient, named as Kermany's; few viral patients among many bacterial ones,
+    so a split stratified only on normal vs pneumonia draws the viral share by chance."""
+    from pathlib import Path
+
+    from pneumoscope.data.discover import Sample
+
+    samples = [Sample(Path(f"NORMAL/IM-{i:04d}-0001.jpeg"), 0, f"normal{i}") for i in range(n_normal)]
+    samples += [Sample(Path(f"PNEUMONIA/person{i}_bacteria_{i}.jpeg"), 1, f"b{i}") for i in range(n_bacterial)]
+    samples += [Sample(Path(f"PNEUMONIA/person{i}_virus_{i}.jpeg"), 1, f"v{i}") for i in range(n_viral)]
+    three = np.array([0] * n_normal + [1] * n_bacterial + [2] * n_viral)
+    return samples, three
+
+
+def val_shares(samples, three, val):
+    chosen = {s.path for s in val}
+    in_val = np.array([s.path in chosen for s in samples])
+    return [in_val[three == k].mean() for k in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_three_class_strata_give_every_class_its_share(seed):
+    samples, three = hand_built_three_class()
+    _, val = split_by_patient(samples, val_fraction=0.2, seed=seed, strata=three)
+    for k, share in enumerate(val_shares(samples, three, val)):
+        assert abs(share - 0.2) <= 0.02, (k, share)
+
+
+def test_a_normal_vs_pneumonia_split_misses_the_viral_share():
+    # what the test above guards against: strata on the binary label alone leave the 20 viral
+    # patients' share to chance (0.2 +- 0.1 here), so at least one seed is far off
+    samples, three = hand_built_three_class()
+    off = [abs(val_shares(samples, three, split_by_patient(samples, 0.2, seed=s)[1])[2] - 0.2) for s in range(5)]
+    assert max(off) > 0.02, off

@@ -214,10 +214,11 @@ def test_three_class_run_under_torchrun(small_data_root, tmp_path):
     probs = np.array([[float(r[f"p_{k}"]) for k in ("normal", "bacterial", "viral")] for r in preds])
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert np.allclose([float(r["p_pneumonia"]) for r in preds], probs[:, 1:].sum(axis=1), atol=2e-6)
-    # the epoch's val_roc_auc is the macro one-vs-rest AUC of the gathered predictions
+    # the epoch's val_roc_auc is the macro one-vs-rest AUC of the gathered predictions (the
+    # CSV keeps 6 decimals: a rounded tie may move the AUC by about that much, no more)
     (row,) = read_metrics(run)
     assert row["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"),
-                                               abs=1e-9)
+                                               abs=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "three-class"
     thresholds = json.loads((run / THRESHOLD).read_text())

@@ -10,7 +10,7 @@ validation part only, the optimistic in-distribution number, and on fixed shifte
 of it (the stress suite of benchmarks/recipe_sweep.py: gamma, contrast, zoom, rotation,
 resolution, aspect ratio; `--shifts hard`: its 11 harshest). An ensemble's probability
 is the mean of its members' over its views (models/ensemble.py), so each (run, view,
-shift) is predicted once (through recipe_sweep's cached bf16 trunk), stored in
+shift) is predicted once (through recipe_sweep's cached trunk: bf16 where native, else fp32 in onnxruntime), stored in
 OUT/probs.npz, and every candidate is combined from those; `--cost ENS_DIR` compares the
 combination with the ensemble directory's own fp32 validation predictions.
 Thresholds: each candidate's own Youden threshold on clean validation, as `ensemble` and
@@ -49,7 +49,7 @@ def member_probs(run: Path, views: list[dict], data, shifts: list[str], cache: d
     """p(pneumonia) of one run for every view x shift, into cache[run|view|shift].
 
     As recipe_sweep scores runs: the frozen trunk's part of each (shift, view) copy is
-    computed once (bf16) and cached, keyed by the trunk's weights, so runs that share a
+    computed once (bf16 where native, else fp32) and cached, keyed by the trunk's weights, so runs that share a
     trunk (two Lite0 seeds: the cpu-fast recipe freezes stem..blocks5) share that work;
     the run's own top does the rest. The view is applied after the shift, to the model
     input, as the Ensemble does (here re-quantised to uint8 between the two)."""
@@ -119,14 +119,16 @@ def candidates(runs: list[Path], tta_runs: list[Path], views: list[dict], tta: s
     return out
 
 
-def check_against(ens_dir: Path, config: dict, cache: dict) -> float:
+def check_against(ens_dir: Path, config: dict, cache: dict, names: dict[str, str]) -> float:
     """Max |p| difference between an ensemble directory's own validation predictions and
-    the mean this script combines from its members' stored probabilities."""
+    the mean this script combines from its members' stored probabilities (names: a
+    member's recorded run_dir, resolved, -> the name its probabilities are stored under)."""
     import csv
 
     with open(ens_dir / "val_predictions.csv") as f:
         written = np.array([float(r["p_pneumonia"]) for r in csv.DictReader(f)])
-    parts = [f"{Path(m['run_dir']).name}|{view_key(v)}|clean" for m in config["members"] for v in config["tta"]["views"]]
+    parts = [f"{names[str(Path(m['run_dir']).resolve())]}|{view_key(v)}|clean"
+             for m in config["members"] for v in config["tta"]["views"]]
     diff = float(np.max(np.abs(written - np.mean([cache[k] for k in parts], axis=0))))
     print(f"{ens_dir}: written vs combined validation p, max |dp| = {diff:.2e}", flush=True)
     return diff
@@ -193,7 +195,8 @@ def main(argv=None) -> int:
         timing[str(path)] = cost(predictor, data.images[: args.cost_images])
         print(f"cost {path}: {timing[str(path)]:.1f} images/s", flush=True)
         if predictor.config.get("kind") == "ensemble":
-            checks[str(path)] = check_against(path, predictor.config, cache)
+            checks[str(path)] = check_against(path, predictor.config, cache,
+                                              {str(r.resolve()): r.name for r in runs})
     (out / "results.json").write_text(json.dumps({"n_val": len(data.samples), "views": args.views, "shifts": shifts,
                                                   "torch_threads": torch.get_num_threads(),
                                                   "candidates": results, "images_per_s": timing,

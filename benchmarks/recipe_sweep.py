@@ -39,6 +39,8 @@ from pneumoscope.evaluation import ranking_metrics, threshold_metrics  # noqa: E
 from pneumoscope.inference import Predictor, images_to_input  # noqa: E402
 from pneumoscope.models import PNEUMONIA_INDEX  # noqa: E402
 from pneumoscope.training import TrainConfig, train  # noqa: E402
+from pneumoscope.precision import resolve_precision  # noqa: E402
+from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine  # noqa: E402
 from pneumoscope.training.trunk import (  # noqa: E402
     ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
 )
@@ -117,15 +119,36 @@ def shifted_uint8(images: np.ndarray, shift) -> np.ndarray:
     return (x * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
 
 
-@torch.no_grad()
 def stressed_probs(model, k: int, data, name: str, shift) -> np.ndarray:
     """p(pneumonia) on shifted copies of the validation images: the frozen trunk's part is
     computed once per shift (and cached), the run's own top does the rest."""
-    fields = {"sweep_stress": name, "trunk": trunk_digest(model, k), "k": k,
-              "images": keys_digest(data), "precision": "bf16"}
-    acts = ActivationStore(None).get(fields, lambda: trunk_activations(
-        FrozenTrunk(model, k), shifted_uint8(data.images, shift), augment=None, gen=None,
-        precision="bf16", device=torch.device("cpu"), show_progress=False))
+    return cached_trunk_probs(model, k, data, {"sweep_stress": name},
+                              lambda: shifted_uint8(data.images, shift), show_progress=False)
+
+
+@torch.no_grad()
+def cached_trunk_probs(model, k: int, data, key: dict, make_images, precision: str = "auto",
+                       desc: str = "trunk", show_progress: bool = True) -> np.ndarray:
+    """p(pneumonia) of the model on images made by make_images() from data's: the frozen
+    trunk's part is computed once (the activation cache, keyed by `key`, the trunk and the
+    images; the trunk pass as training's default: fp32 in onnxruntime on a CPU without
+    native bf16), the model's own top does the rest. Not necessarily the engine the run
+    trained with: the two agree to about 5e-4 of the largest activation, below float16
+    storage (benchmarks/trunk_engine.py). Before 2026-12-02 the stress pass was always
+    bf16 (emulated where not native); those RESULTS.md rows say so."""
+    precision = resolve_precision(precision, "cpu")
+    engine = resolve_trunk_engine("auto", torch.device("cpu"), precision)
+    fields = {**key, "trunk": trunk_digest(model, k), "k": k, "images": keys_digest(data), "precision": precision}
+    if engine != "torch":
+        fields["engine"] = engine
+
+    def compute():
+        trunk = FrozenTrunk(model, k)
+        return trunk_activations(trunk, make_images(), augment=None, gen=None, precision=precision,
+                                 device=torch.device("cpu"), desc=desc, show_progress=show_progress,
+                                 engine=build_engine(trunk, engine))
+
+    acts = ActivationStore(None).get(fields, compute)
     model.eval()
     out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, PNEUMONIA_INDEX]
            for i in range(0, len(acts), 256)]

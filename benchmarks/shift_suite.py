@@ -40,7 +40,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe_sweep import STRESS  # noqa: E402
+from recipe_sweep import STRESS, cached_trunk_probs  # noqa: E402
 
 from pneumoscope.data.augment import paste_marker  # noqa: E402
 from pneumoscope.data.cache import DecodedSet, decode_samples  # noqa: E402
@@ -48,12 +48,8 @@ from pneumoscope.data.decode import resize_to_model  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
 from pneumoscope.evaluation import choose_thresholds, ranking_metrics, threshold_metrics  # noqa: E402
 from pneumoscope.inference import images_to_input, load_trained_model  # noqa: E402
-from pneumoscope.models import PNEUMONIA_INDEX  # noqa: E402
 from pneumoscope.precision import resolve_precision  # noqa: E402
 from pneumoscope.rundir import RunDir  # noqa: E402
-from pneumoscope.training.trunk import (  # noqa: E402
-    ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
-)
 
 SUITE_VERSION = 1  # part of the activation cache key: bump when a shift's definition changes
 
@@ -148,18 +144,10 @@ SUITES = {"shortcut": SHORTCUT, "stress": {n: _stress(n) for n in STRESS_NAMES},
 # ----------------------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
 def suite_probs(model, k: int, data, name: str, shift, precision: str) -> np.ndarray:
     """p(pneumonia) of the run's model on shifted copies of the images (trunk part cached)."""
-    fields = {"shift_suite": name, "version": SUITE_VERSION, "trunk": trunk_digest(model, k), "k": k,
-              "images": keys_digest(data), "precision": precision}
-    acts = ActivationStore(None).get(fields, lambda: trunk_activations(
-        FrozenTrunk(model, k), shift(data.images), augment=None, gen=None, precision=precision,
-        device=torch.device("cpu"), desc=name))
-    model.eval()
-    out = [torch.softmax(model.forward_from(k, activations_to_input(acts[i : i + 256], "cpu")), dim=1)[:, PNEUMONIA_INDEX]
-           for i in range(0, len(acts), 256)]
-    return torch.cat(out).numpy()
+    return cached_trunk_probs(model, k, data, {"shift_suite": name, "version": SUITE_VERSION},
+                              lambda: shift(data.images), precision=precision, desc=name)
 
 
 def _at(y, p, t) -> dict:

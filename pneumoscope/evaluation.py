@@ -169,9 +169,10 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
 # name -> the validation sensitivity the rule's threshold reaches (the highest such threshold)
 SENSITIVITY_RULES = {"sensitivity95": 0.95, "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
 # The rule whose sensitivity and specificity moved least under the shortcut, stress and
-# resampling suites while keeping the shifted sensitivity >= 0.97 (benchmarks/RESULTS.md,
-# "Shortcut and shift suites"): Youden's J moved less but let sensitivity fall to 0.96.
-DEFAULT_THRESHOLD_RULE = "sensitivity98"
+# resampling suites while keeping the shifted sensitivity >= 0.97, measured on the default
+# recipe's model trained on the full shared split (benchmarks/RESULTS.md, "Default recipe on
+# the full shared split"): sensitivity98 kept only 0.960 there, Youden's J moved a little more.
+DEFAULT_THRESHOLD_RULE = "sensitivity99"
 
 
 def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:

@@ -27,15 +27,17 @@ from pneumoscope.tasks import BINARY, bv_threshold_of, task_of
 
 log = logging.getLogger(__name__)
 
-def open_session(onnx_path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session; `threads` caps intra-op threads (default: all cores)."""
+def open_session(onnx_path: str | Path | bytes, threads: int | None = None):
+    """An onnxruntime CPU session of a file (or a serialized model); `threads` caps
+    intra-op threads (default: all cores)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(onnx_path), sess_options=options,
+    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(source, sess_options=options,
                                 providers=["CPUExecutionProvider"])
 
 

@@ -36,9 +36,10 @@ class TrainConfig:
     label_smoothing: float | None = None
     views: int | None = None  # cpu-fast: augmented views of each training image through the trunk
     cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
-    # precision, trunk_precision and device: as given, then replaced by what they resolve
+    # precision, trunk_precision, trunk_engine and device: as given, then replaced by what they resolve
     # to when training starts (config.json records what ran; full: no trunk, None).
     trunk_precision: str | None = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
+    trunk_engine: str | None = "auto"  # cpu-fast trunk pass: auto | torch | onnxruntime (training.trunk_engine)
     strict: bool = False  # stop before any work if a file is unreadable
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
@@ -70,4 +71,4 @@ RESUME_KEYS = (
 )
 # What the run resolved from auto (config.json records these values, not "auto"); a
 # --resume that would resolve any of them otherwise is refused, naming it.
-RESOLVED_KEYS = ("recipe", "backbone", "device", "precision", "trunk_precision", "decode_version")
+RESOLVED_KEYS = ("recipe", "backbone", "device", "precision", "trunk_precision", "trunk_engine", "decode_version")

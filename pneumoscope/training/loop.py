@@ -45,6 +45,7 @@ from pneumoscope.tasks import (
     task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
+from pneumoscope.training.trunk_engine import resolve_trunk_engine
 from pneumoscope.training import seeds
 from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
@@ -243,7 +244,7 @@ def is_better(metrics: dict, state: dict) -> bool:
 
 # ----------------------------------------------------------------------------- the run directory
 
-RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "device")  # TrainConfig fields resolve_config sets
+RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "trunk_engine", "device")  # TrainConfig fields resolve_config sets
 RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
 # What the other verbs write into RUN_DIR by default: they describe the model --overwrite replaces.
 # (An MLflow store, RUN_DIR/mlruns, stays: it keeps each run apart and the new one is added.)
@@ -279,16 +280,17 @@ def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
             log.info("removed %s (an interrupted write)", stale.name)
 
 
-def resolve_settings(cfg: TrainConfig, device: torch.device) -> dict:
+def resolve_settings(cfg: TrainConfig, device: torch.device, saved: dict | None = None) -> dict:
     """What will actually run where the options say auto (config.json records these, and
-    --resume refuses to change them)."""
+    --resume refuses to change them); saved: the config of the run being resumed."""
     if cfg.recipe == "cpu-fast":  # the top's step and the trunk pass: bf16 where native
         step = resolve_precision(cfg.precision, device)
         trunk = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
+        engine = resolve_trunk_engine(cfg.trunk_engine, device, trunk, saved=saved_trunk_engine(saved or {}))
     else:  # the whole network's step: fp32 on every CPU
-        step, trunk = step_precision(cfg.precision, device), None
+        step, trunk, engine = step_precision(cfg.precision, device), None, None
     return {"recipe": cfg.recipe, "backbone": cfg.backbone, "device": device.type, "precision": step,
-            "trunk_precision": trunk, "decode_version": decode_version()}
+            "trunk_precision": trunk, "trunk_engine": engine, "decode_version": decode_version()}
 
 
 def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict | None:
@@ -298,6 +300,7 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     if not (run / LAST_CHECKPOINT).exists():
         return None
     saved = {"task": BINARY, **run.read_config()}  # runs from before --task are binary
+    saved["trunk_engine"] = saved_trunk_engine(saved)
     saved_world = saved.get("distributed", {}).get("world_size", 1)
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
         raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
@@ -396,22 +399,31 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     return write_summary(run, cfg, env, model, state, train_set, val_set)
 
 
+def saved_trunk_engine(saved: dict) -> str | None:
+    """A saved config's trunk engine; runs from before --trunk-engine ran it in torch."""
+    if "trunk_engine" in saved:
+        return saved["trunk_engine"]
+    return "torch" if saved.get("recipe") == "cpu-fast" else None
+
+
 def start_run(run: RunDir, cfg: TrainConfig, env: DistEnv, resume: bool, overwrite: bool) -> dict | None:
-    """Rank 0: open RUN_DIR, resolve cfg to what will run, check a --resume against the
-    saved run; returns the saved training state (None for a new run)."""
-    open_run(run, resume, overwrite)
+    """Rank 0: resolve cfg to what will run, open RUN_DIR, check a --resume against the
+    saved run; returns the saved training state (None for a new run). Options are resolved
+    first: one that is refused leaves the folder as it was, --overwrite included."""
     has_checkpoint = resume and (run / LAST_CHECKPOINT).exists()
-    resolve_config(cfg, env, saved_backbone=run.read_config().get("backbone") if has_checkpoint else None)
+    resolve_config(cfg, env, saved=run.read_config() if has_checkpoint else None)
+    open_run(run, resume, overwrite)
     return check_resumable(run, cfg, env.world_size) if resume else None
 
 
-def resolve_config(cfg: TrainConfig, env: DistEnv, saved_backbone: str | None) -> None:
-    """Replace every auto in cfg by what will run (in place): the backbone (on --resume,
-    `auto` is the saved run's), the precisions, the device type."""
+def resolve_config(cfg: TrainConfig, env: DistEnv, saved: dict | None) -> None:
+    """Replace every auto in cfg by what will run (in place): the backbone and the trunk
+    engine (on --resume, `auto` is the saved run's), the precisions, the device type."""
     if cfg.backbone == "auto":
-        cfg.backbone = saved_backbone or resolve_backbone(cfg)
-    settings = resolve_settings(cfg, env.device)
-    cfg.precision, cfg.trunk_precision, cfg.device = settings["precision"], settings["trunk_precision"], settings["device"]
+        cfg.backbone = (saved or {}).get("backbone") or resolve_backbone(cfg)
+    settings = resolve_settings(cfg, env.device, saved)
+    for name in ("precision", "trunk_precision", "trunk_engine", "device"):
+        setattr(cfg, name, settings[name])
 
 
 def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, split: tuple[list, list],

@@ -80,6 +80,9 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
                                      "CPUs with native bf16), fp32 elsewhere")),
         (("--trunk-precision",), dict(choices=["auto", "bf16", "fp32"],
                                       help="cpu-fast trunk pass; auto: bf16 where the CPU has it natively")),
+        (("--trunk-engine",), dict(choices=["auto", "torch", "onnxruntime"],
+                                   help="what runs cpu-fast's trunk pass; auto: onnxruntime for an fp32 pass on a "
+                                        "CPU when it is installed (about 2x torch there), torch elsewhere")),
         (("--compile",), dict(action=argparse.BooleanOptionalAction,
                               help="torch.compile the model for the training step")),
     ]),

@@ -42,6 +42,7 @@ from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
 from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.training import seeds
+from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,11 @@ def trunk_digest(model, k: int) -> str:
 @torch.inference_mode()
 def trunk_activations(trunk: FrozenTrunk, images: np.ndarray, *, augment: AugmentConfig | None,
                       gen: torch.Generator | None, precision: str, device: torch.device,
-                      desc: str = "trunk", show_progress: bool = True) -> np.ndarray:
-    """float16 (N, H, W, C) outputs of the trunk for uint8 images (N, S, S)."""
+                      desc: str = "trunk", show_progress: bool = True, engine=None) -> np.ndarray:
+    """float16 (N, H, W, C) outputs of the trunk for uint8 images (N, S, S); engine: what
+    runs it (trunk_engine.build_engine; default the torch module itself)."""
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
+    run_trunk = engine if engine is not None else trunk
     out = None
     starts = range(0, len(images), TRUNK_BATCH)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not show_progress):
@@ -131,7 +134,7 @@ def trunk_activations(trunk: FrozenTrunk, images: np.ndarray, *, augment: Augmen
         if augment is not None:
             x = augment_batch(x, augment, gen)
         with autocast(device, precision):
-            act = trunk(x.to(device).contiguous(memory_format=torch.channels_last))
+            act = run_trunk(x.to(device).contiguous(memory_format=torch.channels_last))
         act = act.to(torch.float16).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         if out is None:
             out = np.empty((len(images), *act.shape[1:]), dtype=np.float16)
@@ -200,7 +203,7 @@ class CachedTrunk:
 
     def __init__(self, model, k: int, train: DecodedSet, val: DecodedSet, *, augment: AugmentConfig | None,
                  views: int, seed: int, precision: str, device: torch.device, cache_dir=None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, engine: str = "torch"):
         if not 1 <= k < model.n_stages:
             raise ValueError(f"the cached trunk needs 1 <= frozen stages < {model.n_stages}, got {k} "
                              "(set --trainable-stages, or use --recipe full)")
@@ -210,7 +213,16 @@ class CachedTrunk:
         trunk = FrozenTrunk(model, k)
         base = {"format": FORMAT, "trunk": trunk_digest(model, k), "k": k, "precision": precision,
                 "batch": TRUNK_BATCH, "folded": True}
+        if engine != "torch":  # torch's keys stay as they were: caches of earlier runs still hit
+            base["engine"] = engine
         store = ActivationStore(cache_dir)
+        runner = None  # built on the first activations not in the cache (the export costs seconds)
+
+        def run_trunk(x):
+            nonlocal runner
+            if runner is None:
+                runner = build_engine(trunk, engine)
+            return runner(x)
 
         def view(data: DecodedSet, role: str, v: int | None):
             aug = augment if v is not None else None
@@ -222,7 +234,7 @@ class CachedTrunk:
             desc = f"trunk {role} " + (f"view {v + 1}/{views}" if v is not None else "clean")
             return store.get(fields, lambda: trunk_activations(
                 trunk, data.images, augment=aug, gen=view_generator(seed, v) if aug else None,
-                precision=precision, device=device, desc=desc, show_progress=show_progress))
+                precision=precision, device=device, desc=desc, show_progress=show_progress, engine=run_trunk))
 
         self.val_acts = view(val, "val", None)
         self.train_views = [view(train, "train", None)]
@@ -284,7 +296,8 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
     precision = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,
-                         cache_dir=cfg.cache_dir or None, show_progress=show_progress)
+                         cache_dir=cfg.cache_dir or None, show_progress=show_progress,
+                         engine=resolve_trunk_engine(cfg.trunk_engine, device, precision))
     # The top's step: --precision, where auto means what the trunk pass uses (bf16 on CPUs
     # with native bf16: about 2x faster there, same validation AUC; benchmarks/RESULTS.md).
     inputs.precision = resolve_precision(cfg.precision, device)

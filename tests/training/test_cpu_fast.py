@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
+from pneumoscope.errors import UserError
 from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples
@@ -23,6 +24,8 @@ from pneumoscope.models import build_model
 from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
+from pneumoscope.training import trunk_engine
+from pneumoscope.training.trunk_engine import resolve_trunk_engine
 
 SIZE, K = 64, 7  # stem + blocks0..5 frozen and cached; blocks6 + head trained
 FAST = dict(backbone="efficientnet_lite0", image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=2,
@@ -94,6 +97,79 @@ def test_cached_activations_equal_a_fresh_forward_pass(model, sets, tmp_path):
     # augmented views really differ from the clean one and from each other
     assert not np.allclose(ct.train_views[1], ct.train_views[0], atol=1e-2)
     assert not np.allclose(ct.train_views[1], ct.train_views[2], atol=1e-2)
+
+
+def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, trunk_calls, monkeypatch):
+    batches = []
+    real_call = trunk_engine.OnnxTrunk.__call__
+    monkeypatch.setattr(trunk_engine.OnnxTrunk, "__call__", lambda self, x: batches.append(len(x)) or real_call(self, x))
+    ct = cached(model, sets, tmp_path / "cache", engine="onnxruntime")
+    assert sum(batches) == len(sets[1].images) + 3 * len(sets[0].images)  # every pass ran in onnxruntime
+    train_set, val_set = sets
+    assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)
+    assert_close(ct.train_views[2], fresh(model, train_set.images, PRESETS["medium"], view=1), 2e-3)
+    trunk_calls.clear()
+    torch_run = cached(model, sets, tmp_path / "cache", engine="torch")
+    assert len(trunk_calls) == 4  # the engines' activations are kept apart in the cache
+    assert_close(ct.train_views[1], torch_run.train_views[1].astype(np.float32), 2e-3)
+
+
+def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path, monkeypatch):
+    import pneumoscope.onnx_predictor as onnx_predictor
+
+    real_open = onnx_predictor.open_session
+
+    class Skewed:  # an onnxruntime session whose output is off by 0.5
+        def __init__(self, *args):
+            self.session = real_open(*args)
+            self.get_inputs = self.session.get_inputs
+
+        def run(self, *args):
+            return [out + 0.5 for out in self.session.run(*args)]
+
+    monkeypatch.setattr(onnx_predictor, "open_session", Skewed)
+    with pytest.raises(trunk_engine.TrunkEngineError, match="differs from torch's; run with --trunk-engine torch"):
+        cached(model, sets, tmp_path / "cache", engine="onnxruntime")
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing of it was stored
+
+
+def test_trunk_engine_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"  # installed with the test extras
+    assert resolve_trunk_engine("auto", cpu, "bf16") == "torch"
+    assert resolve_trunk_engine("auto", torch.device("cuda"), "fp32") == "torch"
+    assert resolve_trunk_engine("torch", cpu, "fp32") == "torch"
+    with pytest.raises(ValueError, match="fp32 trunk pass on a CPU"):
+        resolve_trunk_engine("onnxruntime", cpu, "bf16")
+    with pytest.raises(ValueError, match="unknown trunk engine"):
+        resolve_trunk_engine("tensorrt", cpu, "fp32")
+    assert resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"  # a resumed run keeps its engine
+    assert resolve_trunk_engine("auto", cpu, "fp32", saved="onnxruntime") == "onnxruntime"
+
+
+def test_a_refused_engine_leaves_the_run_it_would_overwrite(small_data_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    kept = {name: f"{name} of the earlier run" for name in (BEST_MODEL, THRESHOLD, "summary.json")}
+    for name, text in kept.items():
+        (out / name).write_text(text)
+    cfg = TrainConfig(data=str(small_data_root), out=str(out), **{**FAST, "trunk_precision": "bf16"},
+                      trunk_engine="onnxruntime")
+    with pytest.raises(ValueError, match="fp32 trunk pass on a CPU"):
+        train(cfg, show_progress=False, overwrite=True)
+    assert {p.name: p.read_text() for p in out.iterdir()} == kept
+
+
+def test_a_run_from_before_trunk_engine_resumes_in_torch(small_data_root, tmp_path):
+    out = tmp_path / "run"
+    options = dict(data=str(small_data_root), out=str(out), **FAST)
+    assert train(TrainConfig(**options, trunk_engine="torch"), show_progress=False, stop_after_epochs=1) is None
+    config = json.loads((out / "config.json").read_text())
+    del config["trunk_engine"], config["requested"]["trunk_engine"]  # as runs before --trunk-engine wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trunk_engine 'torch' -> 'onnxruntime'"):
+        train(TrainConfig(**options, trunk_engine="onnxruntime"), resume=True, show_progress=False)
+    assert train(TrainConfig(**options), resume=True, show_progress=False)["epochs_run"] == 2
 
 
 def test_bf16_trunk_stays_close(model, sets, tmp_path):
@@ -187,6 +263,7 @@ def test_saved_model_reproduces_validation_through_predictor(fast_run):
     run, summary = fast_run
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["views"] == 2
+    assert config["trunk_engine"] == "onnxruntime" and config["requested"]["trunk_engine"] == "auto"
     predictor = Predictor.from_run(run, device="cpu")
     assert type(predictor.model).__name__ == "Classifier"  # the whole model, not the top
     val = read_manifest(run / "manifest.csv")["val"]

@@ -13,8 +13,10 @@ is the mean of its members' over its views (models/ensemble.py), so each (run, v
 shift) is predicted once (through recipe_sweep's cached trunk: bf16 where native, else fp32 in onnxruntime), stored in
 OUT/probs.npz, and every candidate is combined from those; `--cost ENS_DIR` compares the
 combination with the ensemble directory's own fp32 validation predictions.
-Thresholds: each candidate's own Youden threshold on clean validation, as `ensemble` and
-`train` choose it; stressed sensitivity/specificity are read at that threshold.
+Thresholds: each candidate's own threshold of the default rule
+(evaluation.DEFAULT_THRESHOLD_RULE) on clean validation, as `ensemble` and `train` choose
+it; stressed sensitivity/specificity are read at that threshold (results.json records the
+rule).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from recipe_sweep import HARD, STRESS, stressed_probs  # noqa: E402
 
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
-from pneumoscope.evaluation import choose_thresholds, ranking_metrics, threshold_metrics  # noqa: E402
+from pneumoscope.evaluation import (  # noqa: E402
+    DEFAULT_THRESHOLD_RULE, choose_thresholds, ranking_metrics, threshold_metrics,
+)
 from pneumoscope.inference import Predictor, predict_probs  # noqa: E402
 from pneumoscope.models.ensemble import IDENTITY, TTA_PRESETS, View  # noqa: E402
 
@@ -88,8 +92,8 @@ def stressed_views(model, k: int, size: int, views, data, shifts, name: str, cac
 
 
 def score(labels: np.ndarray, probs: dict[str, np.ndarray], shifts: list[str]) -> dict:
-    """Clean validation metrics at the candidate's own Youden threshold and the stress
-    metrics at that same threshold."""
+    """Clean validation metrics at the candidate's own default-rule threshold and the
+    stress metrics at that same threshold."""
     t = choose_thresholds(labels, probs["clean"])["threshold"]
     clean = {**ranking_metrics(labels, probs["clean"]), **threshold_metrics(labels, probs["clean"], t)}
     per = {}
@@ -198,6 +202,7 @@ def main(argv=None) -> int:
             checks[str(path)] = check_against(path, predictor.config, cache,
                                               {str(r.resolve()): r.name for r in runs})
     (out / "results.json").write_text(json.dumps({"n_val": len(data.samples), "views": args.views, "shifts": shifts,
+                                                  "threshold_rule": DEFAULT_THRESHOLD_RULE,
                                                   "torch_threads": torch.get_num_threads(),
                                                   "candidates": results, "images_per_s": timing,
                                                   "ensemble_dir_vs_combined_max_abs_dp": checks}, indent=1))

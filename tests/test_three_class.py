@@ -489,7 +489,7 @@ def test_report_has_the_three_class_section(three_run, site_folder, tmp_path):
     t, bv = metrics["threshold"], metrics["bacterial_vs_viral_threshold"]
     got = np.array(metrics["confusion"]["matrix"])
     want = confusion_matrix(y, predicted_classes(probs, t, bv), labels=[0, 1, 2])
-    # the CSV keeps 6 decimals and the validation thresholds are films' own scores: a film
+    # the CSV keeps 9 significant digits and the validation thresholds are films' own scores: a film
     # at a threshold may fall either side after rounding, no other film may
     near = np.sum((np.abs(p_pneumonia(probs) - t) < 1e-5) | (np.abs(p_bacterial_given_pneumonia(probs) - bv) < 1e-5))
     assert got.sum(axis=1).tolist() == np.bincount(y, minlength=3).tolist()

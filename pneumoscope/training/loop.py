@@ -350,7 +350,7 @@ def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> 
     columns = prediction_columns(task)
     values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
     atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
-                     [[str(s.path), s.label, *(f"{v:.6f}" for v in row)] for s, row in zip(val.samples, values)])
+                     [[str(s.path), s.label, *(f"{v:.9g}" for v in row)] for s, row in zip(val.samples, values)])
     return thresholds
 
 

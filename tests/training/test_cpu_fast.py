@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
 from pneumoscope.errors import UserError
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
+from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
@@ -283,6 +283,15 @@ def test_saved_model_reproduces_validation_through_predictor(fast_run):
     loss = float(-np.mean(y * np.log(p32 + eps) + (1 - y) * np.log(1 - p32 + eps)))
     assert loss == pytest.approx(best["val_loss"], abs=1e-3)
     assert json.loads((run / THRESHOLD).read_text())["default"] == DEFAULT_THRESHOLD_RULE
+    # every sensitivity rule reaches its target on the written probabilities: a threshold is
+    # one film's probability, and a rounded copy of it would fall below (6 decimals did)
+    rules = json.loads((run / THRESHOLD).read_text())["rules"]
+    with open(run / VAL_PREDICTIONS) as f:
+        rows = list(csv.DictReader(f))
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([float(r["p_pneumonia"]) for r in rows])
+    for rule, target in SENSITIVITY_RULES.items():
+        assert (p[y == 1] >= rules[rule]).mean() >= target, rule
 
 
 def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path):

@@ -215,7 +215,7 @@ def test_three_class_run_under_torchrun(small_data_root, tmp_path):
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert np.allclose([float(r["p_pneumonia"]) for r in preds], probs[:, 1:].sum(axis=1), atol=2e-6)
     # the epoch's val_roc_auc is the macro one-vs-rest AUC of the gathered predictions (the
-    # CSV keeps 6 decimals: a rounded tie may move the AUC by about that much, no more)
+    # CSV keeps 9 significant digits: a rounded tie may move the AUC by about that much, no more)
     (row,) = read_metrics(run)
     assert row["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"),
                                                abs=1e-6)

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.errors import DataError, OptionError
-from pneumoscope.rundir import THRESHOLD, RunDirError
 
 BINARY, THREE_CLASS = "binary", "three-class"
 TASKS = (BINARY, THREE_CLASS)
@@ -133,13 +132,15 @@ def predicted_classes(probs: np.ndarray, threshold: float, bv_threshold: float |
     return np.where(pneumonia, np.where(viral, 2, 1), 0).astype(np.int64)
 
 
-def bv_threshold_of(thresholds: dict, task: str = BINARY, source=THRESHOLD) -> float | None:
+def bv_threshold_of(thresholds: dict, task: str = BINARY, source="threshold.json") -> float | None:
     """The bacterial/viral threshold (None for a binary run); a three-class run's
     threshold.json (`source`) without one is refused, never guessed."""
     block = thresholds.get("bacterial_vs_viral")
     if isinstance(block, dict) and "threshold" in block:
         return float(block["threshold"])
     if task == THREE_CLASS:
+        from pneumoscope.rundir import RunDirError  # here: rundir imports torch, and audit must not
+
         raise RunDirError(f"{source}: a three-class run's thresholds lack bacterial_vs_viral.threshold "
                           "(written by train; restore the file or train again)")
     return None

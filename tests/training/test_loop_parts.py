@@ -124,6 +124,16 @@ def test_class_weights_give_each_class_half_of_the_loss():
     assert (losses[0] / losses[1]).item() == pytest.approx(3.0)
 
 
+def test_three_classes_each_carry_a_third_of_the_loss_and_of_the_sampler_draws():
+    labels = np.array([0] * 13 + [1] * 25 + [2] * 12)  # the shared split's normal : bacterial : viral
+    w = loop.class_weights(labels, n_classes=3)
+    per_sample = w[torch.as_tensor(labels)]
+    shares = [per_sample[labels == c].sum().item() / per_sample.sum().item() for c in range(3)]
+    assert shares == pytest.approx([1 / 3] * 3)
+    drawn = np.concatenate([loop.epoch_order(labels, "sampler", 0, epoch, n_classes=3) for epoch in range(40)])
+    assert np.bincount(labels[drawn], minlength=3) / len(drawn) == pytest.approx([1 / 3] * 3, abs=0.03)
+
+
 # ----------------------------------------------------------------------------- random streams
 
 

@@ -109,18 +109,21 @@ def _draw_images(rng, strata, blocks, order) -> np.ndarray:
 
 def bootstrap_ci(
     y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
-    patients=None,
+    patients=None, score=None,
 ) -> dict:
     """Percentile 95% intervals over resamples of the patients (CI_METHOD): images of one
     patient are not independent, so resampling images would make the intervals too narrow.
-    patients: one id per image (None: each image its own patient)."""
+    patients: one id per image (None: each image its own patient); score: what scores a
+    resample (default the numpy _resample_metrics; benchmarks/bootstrap_bench.py passes
+    scikit-learn's _point_metrics to compare)."""
+    score = _resample_metrics if score is None else score
     rng = np.random.default_rng(seed)
     y_true, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
     strata, blocks, order = patient_strata(y_true, patients)
     draws = {k: [] for k in CI_METRICS}
     for _ in range(n_boot):
         idx = _draw_images(rng, strata, blocks, order)
-        m = _resample_metrics(y_true[idx], p[idx], threshold)
+        m = score(y_true[idx], p[idx], threshold)
         for k in CI_METRICS:
             draws[k].append(m[k])
     return {

@@ -110,7 +110,7 @@ def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarr
         values, labels = np.column_stack([probs, p_pneumonia(probs)]), task_labels(data.samples, task)
     atomic_write_csv(
         out.with_name(out.stem + "_predictions.csv"), ["path", "label", *prediction_columns(task)],
-        [[str(s.path), int(y), *(f"{v:.9g}" for v in row)] for s, y, row in zip(data.samples, labels, values)],
+        [[str(s.path), int(y), *(repr(float(v)) for v in row)] for s, y, row in zip(data.samples, labels, values)],
     )
 
 

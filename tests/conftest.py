@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO / "data" / "sample"
 SHARED_DATA = SAMPLE_DATA
 ARTIFACTS = REPO / "test-artifacts"
+# Debian's Chromium, driven by Playwright: the browser tests (web app, report) open pages
+# in it offline.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -140,3 +145,47 @@ def small_data_root(tmp_path_factory, shared_data) -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium for the whole session (Playwright); missing, the test fails."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def guarded_page(browser):
+    """guarded_page(base_url) -> a page that records its requests (.requests), console errors
+    (.console_errors) and blocks, recording in .outside, any request leaving base_url."""
+    contexts = []
+
+    def open_page(base_url: str):
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        contexts.append(context)
+        outside = []
+
+        def guard(route):
+            url = route.request.url
+            if url.startswith(base_url + "/") or url.startswith("data:"):
+                route.continue_()
+            else:
+                outside.append(url)
+                route.abort()
+
+        context.route("**/*", guard)
+        page = context.new_page()
+        page.requests, page.console_errors, page.outside = [], [], outside
+        page.on("request", lambda r: page.requests.append(r.url))
+        page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()

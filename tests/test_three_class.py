@@ -460,6 +460,33 @@ def test_api_shows_three_probabilities_and_label(three_run):
     assert body["label"] in ("NORMAL", "BACTERIAL", "VIRAL") and "bacterial_vs_viral_threshold" in body
 
 
+@pytest.mark.browser
+def test_web_page_shows_the_three_probabilities(three_run, guarded_page, artifacts_dir):
+    """The upload page in a real Chromium: the three-class table shows what the API answers."""
+    from pneumoscope.serve import create_app
+    from pneumoscope.serve.background import BackgroundServer
+
+    xray = sorted((SAMPLE / "val" / "PNEUMONIA").glob("*.jpeg"))[0]
+    with BackgroundServer(create_app(three_run, device="cpu")) as server:
+        api = httpx.post(server.url + "/v1/predict", files={"file": (xray.name, xray.read_bytes())},
+                         timeout=120).json()
+        page = guarded_page(server.url)
+        page.goto(server.url + "/")
+        page.set_input_files("#file", str(xray))
+        page.wait_for_selector("#result", state="visible", timeout=120_000)
+        page.wait_for_function("() => { const im = document.getElementById('heatmap-img');"
+                               " return im.complete && im.naturalWidth > 0; }", timeout=60_000)
+        shown = {k: page.inner_text(f"#p-{k}") for k in KEYS}
+        label, line = page.inner_text("#label"), page.inner_text("#threshold-line")
+        table_visible = page.is_visible("#classes")
+        page.screenshot(path=str(artifacts_dir / "webapp_three_class.png"), full_page=True)
+    assert table_visible
+    assert shown == {k: f"{100 * api['probabilities'][k]:.1f}%" for k in KEYS}
+    assert label == api["label"] and label in ("NORMAL", "BACTERIAL", "VIRAL")
+    assert f"{api['bacterial_vs_viral_threshold']:.3f}" in line and f"{api['threshold']:.3f}" in line
+    assert page.outside == [] and page.console_errors == []
+
+
 def test_audit_counts_three_classes():
     from pneumoscope.data.audit import audit_root
 

@@ -349,8 +349,10 @@ def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> 
     atomic_write_json(run / THRESHOLD, thresholds)
     columns = prediction_columns(task)
     values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
+    # repr: the shortest text that reads back as the same float64, so a threshold (one film's
+    # probability) compares equal to its row; 9 significant digits could read back below it
     atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
-                     [[str(s.path), s.label, *(f"{v:.9g}" for v in row)] for s, row in zip(val.samples, values)])
+                     [[str(s.path), s.label, *(repr(float(v)) for v in row)] for s, row in zip(val.samples, values)])
     return thresholds
 
 

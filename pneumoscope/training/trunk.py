@@ -178,14 +178,29 @@ def view_generator(seed: int, view: int) -> torch.Generator:
 
 
 class TopNet(nn.Module):
-    """What the training step calls: the Classifier from stage k on (activations in)."""
+    """What the training step calls: the Classifier from stage k on (activations in).
 
-    def __init__(self, model, k: int):
+    On a CPU the last BatchNorm of the top takes its input contiguous while training: the
+    cached activations arrive channels_last, but the gradient coming back from the global
+    average pool does not, and torch's CPU BatchNorm backward with the two layouts mixed
+    is several times slower (about 50 ms against 5 ms at 64x1280x7x7, ~15% of the top's
+    step in efficientnet_lite0; benchmarks/RESULTS.md, "Default recipe on the full shared
+    split"). Eval mode, and so inference and the saved weights, are untouched."""
+
+    def __init__(self, model, k: int, device: torch.device | None = None):
         super().__init__()
         self.model, self.k = model, k
+        if device is not None and torch.device(device).type == "cpu":
+            norms = [m for m in nn.Sequential(*model.stages[k:]).modules() if isinstance(m, nn.BatchNorm2d)]
+            if norms:
+                norms[-1].register_forward_pre_hook(_contiguous_while_training)
 
     def forward(self, act: torch.Tensor) -> torch.Tensor:
         return self.model.forward_from(self.k, act)
+
+
+def _contiguous_while_training(module: nn.Module, inputs: tuple) -> tuple | None:
+    return (inputs[0].contiguous(), *inputs[1:]) if module.training else None
 
 
 def activations_to_input(act: np.ndarray, device) -> torch.Tensor:
@@ -209,7 +224,7 @@ class CachedTrunk:
                              "(set --trainable-stages, or use --recipe full)")
         self.k, self.seed, self.device = k, seed, device
         self.precision = "fp32"  # of the top's training step
-        self._top = TopNet(model, k)
+        self._top = TopNet(model, k, device)
         trunk = FrozenTrunk(model, k)
         base = {"format": FORMAT, "trunk": trunk_digest(model, k), "k": k, "precision": precision,
                 "batch": TRUNK_BATCH, "folded": True}

@@ -1,54 +1,17 @@
 """The upload page in a real headless Chromium (Debian's /usr/bin/chromium via Playwright)."""
 
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
-
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found (Debian package `chromium`)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
 @pytest.fixture
-def page(browser, live_server):
-    """A page that records every request it makes and blocks any that would leave the server."""
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    outside = []
-
-    def guard(route):
-        url = route.request.url
-        if url.startswith(live_server.url + "/") or url.startswith("data:"):
-            route.continue_()
-        else:
-            outside.append(url)
-            route.abort()
-
-    context.route("**/*", guard)
-    pg = context.new_page()
-    pg.requests = []
-    pg.on("request", lambda r: pg.requests.append(r.url))
-    pg.console_errors = []
-    pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
-    pg.outside = outside
-    yield pg
-    context.close()
+def page(guarded_page, live_server):
+    """The upload page of live_server; requests leaving it are blocked and recorded."""
+    return guarded_page(live_server.url)
 
 
 def wait_result(page):
@@ -71,6 +34,9 @@ def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_da
     assert page.inner_text("#prob") == f"{100 * api['p_pneumonia']:.1f}%"
     assert page.inner_text("#label") == api["label"]
     assert f"{api['threshold']:.3f}" in page.inner_text("#threshold-line")
+    assert api["threshold_rule"] == "sensitivity99"  # the default rule, named in words on the page
+    assert "(99% sensitivity on validation)" in page.inner_text("#threshold-line")
+    assert page.is_hidden("#classes")  # the three-class table is for three-class runs only
     assert page.inner_text("#file-name") == xray.name
     assert page.eval_on_selector("#heatmap-img", "im => im.naturalWidth") == 64
     page.screenshot(path=str(artifacts_dir / "webapp.png"), full_page=True)

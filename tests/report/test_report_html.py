@@ -17,9 +17,6 @@ from PIL import Image
 from pneumoscope.cli import main
 from pneumoscope.commands import evaluate_run
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 SECTIONS = ("metrics", "confusion", "curves", "calibration", "training", "embeddings", "gradcam", "data-card")
 FIGURES = ("roc", "pr", "confusion", "reliability", "training", "tsne", "umap", "gradcam_gallery")
 
@@ -87,25 +84,18 @@ def test_embeddings_saved(built_report, report_split):
     assert report["n"] == len(files) and report["timings_s"]["total"] > 0
 
 
-def test_page_in_headless_chromium(built_report, artifacts_dir):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) "
-                    "to run the report's browser test")
-    from playwright.sync_api import sync_playwright
-
+def test_page_in_headless_chromium(built_report, artifacts_dir, browser):
     requests, errors = [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto((built_report / "index.html").resolve().as_uri(), wait_until="load")
-            widths = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
-            sections = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
-            page.screenshot(path=str(artifacts_dir / "report.png"), full_page=True)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto((built_report / "index.html").resolve().as_uri(), wait_until="load")
+        widths = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        sections = page.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
+        page.screenshot(path=str(artifacts_dir / "report.png"), full_page=True)
+    finally:
+        page.close()
     assert len(widths) == len(FIGURES)
     assert all(complete and width > 0 for _, complete, width in widths), widths
     assert {"metrics", "curves", "training", "embeddings", "gradcam", "data-card"} <= set(sections)

@@ -4,6 +4,7 @@ through Predictor as it validated with; --resume repeats the uninterrupted run."
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -114,14 +115,59 @@ def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, tr
     assert_close(ct.train_views[1], torch_run.train_views[1].astype(np.float32), 2e-3)
 
 
+def test_onnxruntime_trunk_threads_sleep_between_runs(model):
+    """torch augments the next batch between runs: the session's threads must not spin on its cores."""
+    session = trunk_engine.OnnxTrunk(FrozenTrunk(model, K)).session
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def top_step(top, act, y):
+    """Logits and the gradients of every trainable top parameter after one backward pass
+    (the same dropout masks on every call)."""
+    torch.manual_seed(1)
+    logits = top(act)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in top.named_parameters() if p.grad is not None}
+
+
+def test_cpu_top_feeds_its_last_batchnorm_contiguous_with_the_same_numbers():
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", weights="none").train()
+    hooked = copy.deepcopy(plain)
+    for net in (plain, hooked):
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in net.stages[K:].parameters():
+            p.requires_grad_(True)
+    seen = []
+    last_norm = [m for m in hooked.stages[K:].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    top = trunk_mod.TopNet(hooked, K, torch.device("cpu"))
+    last_norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].is_contiguous()))
+    # what the cached trunk feeds: (B, H, W, C) float16 activations as a channels_last view
+    act = trunk_mod.activations_to_input(np.random.default_rng(0).normal(size=(6, 2, 2, 192)).astype(np.float16),
+                                         "cpu")
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    want_logits, want_grads = top_step(trunk_mod.TopNet(plain, K), act, y)
+    got_logits, got_grads = top_step(top, act, y)
+    assert seen == [True]  # the hook ran and the BatchNorm saw a contiguous input
+    assert plain.stages[-1].bn2.weight.grad is not None and set(got_grads) == set(want_grads)
+    assert torch.allclose(got_logits, want_logits, atol=1e-5)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    hooked.eval()
+    with torch.no_grad():
+        top(act)
+    assert seen[-1] is False  # eval mode (inference) is left as it was: channels_last through
+
+
 def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path, monkeypatch):
     import pneumoscope.onnx_predictor as onnx_predictor
 
     real_open = onnx_predictor.open_session
 
     class Skewed:  # an onnxruntime session whose output is off by 0.5
-        def __init__(self, *args):
-            self.session = real_open(*args)
+        def __init__(self, *args, **kwargs):
+            self.session = real_open(*args, **kwargs)
             self.get_inputs = self.session.get_inputs
 
         def run(self, *args):

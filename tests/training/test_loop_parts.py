@@ -17,7 +17,10 @@ from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model
-from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, VAL_PREDICTIONS
+from pneumoscope.data.cache import DecodedSet
+from pneumoscope.data.discover import Sample
+from pneumoscope.evaluation import SENSITIVITY_RULES
+from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, THRESHOLD, VAL_PREDICTIONS, RunDir, read_json
 from pneumoscope.training import TrainConfig, seeds, train
 from pneumoscope.training.recipes import RECIPES
 
@@ -66,6 +69,25 @@ def test_cpu_fast_early_stopping_can_fire():
     # patience = epochs meant that it never could, though the README said both recipes use it
     for name, recipe in RECIPES.items():
         assert recipe["patience"] < recipe["epochs"], name
+
+
+def test_validation_predictions_read_back_to_the_thresholds_they_chose(tmp_path):
+    """A threshold is one film's float32 probability: val_predictions.csv must read back as
+    that same number, or a film at the threshold falls below it (9 significant digits did
+    for more than half of such numbers)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 2
+    p = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1).astype(np.float32)
+    samples = [Sample(tmp_path / f"f{i}.png", int(y), f"p{i}") for i, y in enumerate(labels)]
+    val = DecodedSet(images=np.zeros((len(p), 1, 1), np.uint8), samples=samples, failures=[])
+    rules = loop.write_selection(RunDir(tmp_path), val, np.column_stack([1 - p, p]))["rules"]
+    assert read_json(tmp_path / THRESHOLD)["rules"] == rules
+    with open(tmp_path / VAL_PREDICTIONS) as f:
+        read_back = np.array([float(r["p_pneumonia"]) for r in csv.DictReader(f)])
+    assert np.array_equal(read_back, p.astype(np.float64))
+    for rule, target in SENSITIVITY_RULES.items():
+        reached = (read_back[labels == 1] >= rules[rule]).mean()
+        assert target <= reached < target + 1 / labels.sum() + 1e-9, rule  # the highest threshold that reaches it
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule

@@ -14,7 +14,9 @@ function percent(p) {
 }
 
 function ruleName(rule) {
-  return { youden: "Youden's J on validation", sensitivity95: "95% sensitivity on validation" }[rule] || rule;
+  const sensitivity = /^sensitivity(\d+)$/.exec(rule);  // sensitivity95 ... sensitivity99
+  if (sensitivity) return sensitivity[1] + "% sensitivity on validation";
+  return { youden: "Youden's J on validation", site: "chosen on this site's labelled sample" }[rule] || rule;
 }
 
 function show(file, r) {

@@ -147,9 +147,13 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """A headless Chromium for the whole session (Playwright); missing, the test fails."""
+    """A headless Chromium for one test module (Playwright); missing, the test fails.
+
+    Module scope, not session: sync_playwright keeps an asyncio loop running in the main
+    thread while it is open, and a later module's asyncio.run() (the serve fuzz test's
+    bursts) would then fail with "cannot be called from a running event loop"."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright

@@ -17,7 +17,7 @@ threshold. Validation images only (the run's manifest, role val); nothing here l
 the official test split.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/shift_suite.py runs/base runs/lungs \
-        [--suites shortcut,stress,resampling] [--out benchmarks/shift_results.jsonl] [--table]
+        [--suites shortcut,stress,resampling] [--out benchmarks/shift_results.jsonl] [--table | --summary]
 
 The frozen trunk's part of each shifted copy is computed once and cached in the
 activation cache (it depends on the trunk, not on the run), so runs that share a trunk
@@ -282,12 +282,27 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: list[dict], rule: str = "sensitivity99") -> str:
+    """One row per run: clean AUC, each suite's AUC mean (min) and mean |Δp|, and at `rule`
+    (each run's own threshold) the sensitivity / specificity over every shift and the move."""
+    suites = sorted({s["suite"] for r in results for s in r["shifts"].values()})
+    lines = ["| run | clean AUC | " + " | ".join(f"{s} AUC mean (min) / mean \\|Δp\\|" for s in suites)
+             + f" | all shifts at {rule}: sens / spec, move |", "|" + "---|" * (len(suites) + 3)]
+    for r in results:
+        rows, move = summarise(r), rule_movement(r)[rule]
+        cells = [f"{rows[s]['auc']:.4f} ({rows[s]['auc_min']:.4f}) / {rows[s]['mean_abs_dp']:.3f}" for s in suites]
+        lines.append(f"| {Path(r['run']).name} | {r['clean']['auc']:.4f} | " + " | ".join(cells)
+                     + f" | {move['sens']:.3f} / {move['spec']:.3f}, {move['move']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--suites", default="shortcut,stress,resampling")
     ap.add_argument("--out", default="benchmarks/shift_results.jsonl", help="one JSON line per run is appended")
     ap.add_argument("--table", action="store_true", help="print the Markdown table of --out's runs and exit")
+    ap.add_argument("--summary", action="store_true", help="print one row per run of --out's runs and exit")
     ap.add_argument("--max-images", type=int, default=400,
                     help="a seeded subsample of the validation part (half normal at most; 0: all of it)")
     ap.add_argument("--warm", action="store_true", help="RUNS are manifest.csv files: only fill the activation "
@@ -297,13 +312,14 @@ def main(argv=None) -> int:
         for manifest in args.runs:
             warm(manifest, "efficientnet_lite0", 2, 224, args.suites.split(","), args.max_images)
         return 0
-    if args.table:
+    if args.table or args.summary:
         rows = {}
         for line in Path(args.out).read_text().splitlines():
             r = json.loads(line)
             rows[r["run"]] = r
         wanted = {str(p) for p in args.runs}
-        print(markdown([r for k, r in rows.items() if k in wanted or "all" in wanted]))
+        picked = [r for k, r in rows.items() if k in wanted or "all" in wanted]
+        print(summary_table(picked) if args.summary else markdown(picked))
         return 0
     for run in args.runs:
         result = score_run(run, args.suites.split(","), args.max_images)

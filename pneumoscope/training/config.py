@@ -38,7 +38,7 @@ class TrainConfig:
     cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
     # precision, trunk_precision, trunk_engine and device: as given, then replaced by what they resolve
     # to when training starts (config.json records what ran; full: no trunk, None).
-    trunk_precision: str | None = "auto"  # cpu-fast trunk pass: auto (bf16 where native) | bf16 | fp32
+    trunk_precision: str | None = "auto"  # cpu-fast trunk pass: auto (trunk_engine.resolve_trunk_precision) | bf16 | fp32
     trunk_engine: str | None = "auto"  # cpu-fast trunk pass: auto | torch | onnxruntime (training.trunk_engine)
     strict: bool = False  # stop before any work if a file is unreadable
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)

@@ -45,7 +45,7 @@ from pneumoscope.tasks import (
     task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
-from pneumoscope.training.trunk_engine import resolve_trunk_engine
+from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
 from pneumoscope.training import seeds
 from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
@@ -285,7 +285,7 @@ def resolve_settings(cfg: TrainConfig, device: torch.device, saved: dict | None 
     --resume refuses to change them); saved: the config of the run being resumed."""
     if cfg.recipe == "cpu-fast":  # the top's step and the trunk pass: bf16 where native
         step = resolve_precision(cfg.precision, device)
-        trunk = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
+        trunk = resolve_trunk_precision(cfg.trunk_precision, device, saved=(saved or {}).get("trunk_precision"))
         engine = resolve_trunk_engine(cfg.trunk_engine, device, trunk, saved=saved_trunk_engine(saved or {}))
     else:  # the whole network's step: fp32 on every CPU
         step, trunk, engine = step_precision(cfg.precision, device), None, None

@@ -25,12 +25,13 @@ RECIPES: dict[str, dict] = {
         "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 1, "trainable_stages": -1,
         "patience": 4, "augment": "medium", "dropout": 0.2, "label_smoothing": 0.0, "views": 0,
     },
-    # Tuned on the shared train split (benchmarks/RESULTS.md, "Recipe experiments"):
-    # blocks6 + head trained on a cached Lite0 trunk, clean + 2 "robust" views, 8 epochs;
-    # early stopping after 3 epochs without a better validation ROC AUC.
+    # Tuned on the shared train split (benchmarks/RESULTS.md, "Recipe experiments" and
+    # "Three trainable stages"): blocks5 + blocks6 + head trained on a cached Lite0 trunk,
+    # clean + 2 "robust" views, 5 epochs; early stopping after 3 epochs without a better
+    # validation ROC AUC.
     "cpu-fast": {
-        "epochs": 8, "image_size": 224, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
-        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 2,
+        "epochs": 5, "image_size": 224, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
+        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 3,
         "patience": 3, "augment": "robust", "dropout": 0.2, "label_smoothing": 0.0, "views": 2,
     },
 }

@@ -32,6 +32,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 from torch import nn
+from timm.layers import Conv2dSame
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
@@ -42,7 +43,7 @@ from pneumoscope.errors import OptionError
 from pneumoscope.inference import images_to_input
 from pneumoscope.precision import autocast, resolve_precision
 from pneumoscope.training import seeds
-from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine
+from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine, resolve_trunk_precision
 
 log = logging.getLogger(__name__)
 
@@ -180,20 +181,29 @@ def view_generator(seed: int, view: int) -> torch.Generator:
 class TopNet(nn.Module):
     """What the training step calls: the Classifier from stage k on (activations in).
 
-    On a CPU the last BatchNorm of the top takes its input contiguous while training: the
-    cached activations arrive channels_last, but the gradient coming back from the global
-    average pool does not, and torch's CPU BatchNorm backward with the two layouts mixed
-    is several times slower (about 50 ms against 5 ms at 64x1280x7x7, ~15% of the top's
-    step in efficientnet_lite0; benchmarks/RESULTS.md, "Default recipe on the full shared
-    split"). Eval mode, and so inference and the saved weights, are untouched."""
+    Two CPU-only settings of the training step (eval mode, and so inference and the saved
+    weights, are untouched; benchmarks/RESULTS.md, "CPU training step"):
+
+    * the last BatchNorm of the top takes its input contiguous while training: the cached
+      activations arrive channels_last, but the gradient coming back from the global
+      average pool does not, and torch's CPU BatchNorm backward with the two layouts mixed
+      is several times slower;
+    * depthwise convolutions with kernels of 5 or more run in fp32 inside a bf16 step:
+      torch's CPU weight gradient of a bf16 5x5 depthwise convolution is several times
+      slower than the fp32 one (efficientnet_lite0's blocks5, trained with
+      --trainable-stages 3), while a 3x3 one is as fast in bf16."""
 
     def __init__(self, model, k: int, device: torch.device | None = None):
         super().__init__()
         self.model, self.k = model, k
         if device is not None and torch.device(device).type == "cpu":
-            norms = [m for m in nn.Sequential(*model.stages[k:]).modules() if isinstance(m, nn.BatchNorm2d)]
+            top = list(nn.Sequential(*model.stages[k:]).modules())
+            norms = [m for m in top if isinstance(m, nn.BatchNorm2d)]
             if norms:
                 norms[-1].register_forward_pre_hook(_contiguous_while_training)
+            for conv in top:
+                if type(conv) in _FP32_CLASSES and _wide_depthwise(conv):
+                    conv.__class__ = _FP32_CLASSES[type(conv)]
 
     def forward(self, act: torch.Tensor) -> torch.Tensor:
         return self.model.forward_from(self.k, act)
@@ -201,6 +211,35 @@ class TopNet(nn.Module):
 
 def _contiguous_while_training(module: nn.Module, inputs: tuple) -> tuple | None:
     return (inputs[0].contiguous(), *inputs[1:]) if module.training else None
+
+
+def _wide_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+            and max(module.kernel_size) >= 5)
+
+
+class _Fp32WhileTraining:
+    """Mixed into a convolution's class: in training under CPU autocast it runs in fp32
+    (its input cast up, autocast off); otherwise exactly the base class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class Fp32TrainingConv2d(_Fp32WhileTraining, nn.Conv2d):
+    pass
+
+
+class Fp32TrainingConv2dSame(_Fp32WhileTraining, Conv2dSame):
+    pass
+
+
+# The convolution classes of the registry's backbones; the swap keeps the parameters and
+# state_dict keys, and the classes are module-level, so copies and pickles keep working.
+_FP32_CLASSES = {nn.Conv2d: Fp32TrainingConv2d, Conv2dSame: Fp32TrainingConv2dSame}
 
 
 def activations_to_input(act: np.ndarray, device) -> torch.Tensor:
@@ -308,7 +347,7 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
     if cfg.trainable_stages < 1:
         raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
                           f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
-    precision = resolve_precision(cfg.trunk_precision, device, option="--trunk-precision")
+    precision = resolve_trunk_precision(cfg.trunk_precision, device)
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,
                          cache_dir=cfg.cache_dir or None, show_progress=show_progress,

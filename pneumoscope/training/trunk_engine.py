@@ -8,8 +8,9 @@ shared split"). The graph is the FrozenTrunk itself, exported in memory, and is 
 against torch on the spot: an engine that disagrees is never used.
 
 ``--trunk-engine auto`` takes onnxruntime where it applies (a CPU, an fp32 trunk pass,
-onnxruntime installed) and torch elsewhere; config.json records what ran, and the
-activation cache keeps the two engines' outputs apart.
+onnxruntime installed) and torch elsewhere, and ``--trunk-precision auto`` makes the pass
+fp32 on a CPU where onnxruntime runs (faster there than torch's bf16 on the CPUs measured);
+config.json records what ran, and the activation cache keeps the two engines' outputs apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from pneumoscope.errors import OptionError, UserError
+from pneumoscope.precision import resolve_precision
 
 TRUNK_ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
@@ -39,6 +41,19 @@ def onnxruntime_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def resolve_trunk_precision(precision: str, device: torch.device, saved: str | None = None) -> str:
+    """What `--trunk-precision` means here: fp32 or bf16. auto on a CPU is fp32 where
+    onnxruntime runs (its fp32 trunk pass beat torch's bf16 one even on a CPU with AMX:
+    benchmarks/RESULTS.md, "CPU training step"), else bf16 where the device runs it
+    natively, else fp32. saved: the trunk precision of the run being resumed, which auto
+    keeps (a run goes on as it began)."""
+    if precision == "auto" and saved in ("fp32", "bf16"):
+        return saved
+    if precision == "auto" and device.type == "cpu" and onnxruntime_available():
+        return "fp32"
+    return resolve_precision(precision, device, option="--trunk-precision")
 
 
 def resolve_trunk_engine(engine: str, device: torch.device, precision: str, saved: str | None = None) -> str:

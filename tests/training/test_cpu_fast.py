@@ -26,7 +26,7 @@ from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
 from pneumoscope.training import TrainConfig, train
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
 from pneumoscope.training import trunk_engine
-from pneumoscope.training.trunk_engine import resolve_trunk_engine
+from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
 
 SIZE, K = 64, 7  # stem + blocks0..5 frozen and cached; blocks6 + head trained
 FAST = dict(backbone="efficientnet_lite0", image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=2,
@@ -160,6 +160,50 @@ def test_cpu_top_feeds_its_last_batchnorm_contiguous_with_the_same_numbers():
     assert seen[-1] is False  # eval mode (inference) is left as it was: channels_last through
 
 
+def test_cpu_top_runs_its_5x5_depthwise_convs_in_fp32_inside_a_bf16_step():
+    """--trainable-stages 3 on Lite0 trains blocks5 (5x5 depthwise convolutions): in a bf16
+    training step on a CPU they run in fp32; eval mode, 3x3 ones, the rest of the step and
+    the weights stay as they were."""
+    import pickle
+
+    torch.manual_seed(0)
+    plain = build_model("efficientnet_lite0", weights="none").train()
+    swapped = copy.deepcopy(plain)
+    k = plain.n_stages - 3
+    top = trunk_mod.TopNet(swapped, k, torch.device("cpu"))
+    depthwise = lambda net: [m for m in net.stages[k:].modules()  # noqa: E731
+                             if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    wide = [m for m in depthwise(swapped) if m.kernel_size == (5, 5)]
+    narrow = [m for m in depthwise(swapped) if m.kernel_size == (3, 3)]
+    assert len(wide) == 4 and len(narrow) == 1  # blocks5: four 5x5; blocks6: one 3x3
+    assert all(isinstance(m, trunk_mod._Fp32WhileTraining) for m in wide)
+    assert not any(isinstance(m, trunk_mod._Fp32WhileTraining) for m in narrow)
+    assert list(swapped.state_dict()) == list(plain.state_dict())
+    dtypes = {}
+    hooks = [m.register_forward_hook(lambda mod, inputs, out, key=id(m): dtypes.__setitem__(key, out.dtype))
+             for m in wide + narrow + [swapped.stages[-1].conv_head]]
+    act = torch.randn(4, 112, 14, 14).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = top(act)
+    assert {dtypes[id(m)] for m in wide} == {torch.float32}
+    assert {dtypes[id(m)] for m in narrow} == {torch.bfloat16}
+    assert dtypes[id(swapped.stages[-1].conv_head)] == torch.bfloat16  # the step itself stays bf16
+    logits.float().sum().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32 for m in wide)
+    swapped.eval()
+    plain.load_state_dict(swapped.state_dict())  # the running statistics the step updated
+    plain.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            top(act)
+        assert {dtypes[id(m)] for m in wide} == {torch.bfloat16}  # eval: the base class's path
+        assert torch.equal(top(act), trunk_mod.TopNet(plain, k)(act))
+    for hook in hooks:
+        hook.remove()
+    copied = pickle.loads(pickle.dumps(swapped))  # module-level classes: a copy keeps working
+    assert type(copied.stages[k][0].conv_dw) is type(swapped.stages[k][0].conv_dw)
+
+
 def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path, monkeypatch):
     import pneumoscope.onnx_predictor as onnx_predictor
 
@@ -191,6 +235,21 @@ def test_trunk_engine_resolution():
         resolve_trunk_engine("tensorrt", cpu, "fp32")
     assert resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"  # a resumed run keeps its engine
     assert resolve_trunk_engine("auto", cpu, "fp32", saved="onnxruntime") == "onnxruntime"
+
+
+def test_trunk_precision_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_trunk_precision("auto", cpu) == "fp32"  # onnxruntime runs: its fp32 pass is the fast one
+    assert resolve_trunk_precision("bf16", cpu) == "bf16" and resolve_trunk_precision("fp32", cpu) == "fp32"
+    assert resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"  # a resumed run keeps its precision
+    monkeypatch.setattr(trunk_engine, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert resolve_trunk_precision("auto", cpu) == "bf16"  # no onnxruntime: bf16 where native
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_trunk_precision("auto", cpu) == "fp32"
+    with pytest.raises(ValueError, match="--trunk-precision must be one of"):
+        resolve_trunk_precision("fp16", cpu)
 
 
 def test_a_refused_engine_leaves_the_run_it_would_overwrite(small_data_root, tmp_path):

@@ -319,8 +319,9 @@ def cmd_ensemble(args) -> int:
     summary = build_ensemble(args.run_dirs, args.out, tta=args.tta, show_progress=not args.quiet)
     t = summary["thresholds"]
     print(f"ensemble: {args.out}\n{len(summary['members'])} member(s) x {summary['n_views']} view(s) "
-          f"= {summary['forward_passes_per_image']} forward passes per image; val ROC AUC "
-          f"{summary['val_roc_auc']:.4f} on {summary['n_val']} images")
+          f"= {summary['forward_passes_per_image']} forward passes per image; val "
+          f"{'macro one-vs-rest ' if 'task' in summary else ''}ROC AUC {summary['val_roc_auc']:.4f} "
+          f"on {summary['n_val']} images")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items()) + f"  (default: {t['default']})")
     return 0
 

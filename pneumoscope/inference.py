@@ -63,7 +63,7 @@ def predict_class_probs(
         with autocast(dev, precision):
             logits = model(x.contiguous(memory_format=torch.channels_last))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
-    n_out = getattr(getattr(model, "head", None), "out_features", 2)
+    n_out = getattr(model, "n_classes", 2)  # a Classifier's or an Ensemble's class count
     return torch.cat(out).numpy() if out else np.empty((0, n_out), dtype=np.float32)
 
 
@@ -82,15 +82,16 @@ def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
     """The run's selected model, built from config and loaded from safetensors (no code):
     a Classifier, or for an ensemble directory (`pneumoscope ensemble`) the Ensemble of
     its members and test-time views, whose weights it holds in one file."""
+    classes = n_classes(task_of(config))  # an ensemble's members all have its task
     if config.get("kind") == "ensemble":
         from pneumoscope.models.ensemble import Ensemble
 
-        members = [build_model(m["backbone"], weights="none", dropout=m.get("dropout", 0.0))
+        members = [build_model(m["backbone"], weights="none", dropout=m.get("dropout", 0.0), n_classes=classes)
                    for m in config["members"]]
         model, what = Ensemble(members, config["tta"]["views"], int(config["image_size"])), "ensemble"
     else:
         model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0),
-                            n_classes=n_classes(task_of(config)))
+                            n_classes=classes)
         what = f"{config['backbone']} model"
     path = run.best_model_path()
     try:

@@ -127,6 +127,27 @@ def small_run_trainer():
     return train_small_run
 
 
+# The one small three-class run (tests/test_three_class.py, tests/ensemble): the whole
+# sample, efficientnet_lite0 with its ImageNet weights, cpu-fast, 64 px, one epoch.
+THREE_RUN_OPTIONS = {"backbone": "efficientnet_lite0", "task": "three-class", "image_size": 64, "batch_size": 16,
+                     "val_fraction": 0.25, "head_epochs": 0, "epochs": 1}
+
+
+@pytest.fixture(scope="session")
+def three_run_options() -> dict:
+    """THREE_RUN_OPTIONS (a copy), for tests that train another run of the same kind."""
+    return dict(THREE_RUN_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def three_run(sample_data, tmp_path_factory) -> Path:
+    """A real three-class run on the sample, trained as `pneumoscope train` does (model card
+    included), once per session. Read-only: tests that change a run copy it."""
+    from pneumoscope.api import train
+
+    return train(sample_data, tmp_path_factory.mktemp("three") / "run", show_progress=False, **THREE_RUN_OPTIONS)
+
+
 @pytest.fixture(scope="session")
 def small_data_root(tmp_path_factory, shared_data) -> Path:
     """DATA_ROOT with train/ of 20 NORMAL + 20 PNEUMONIA real images and a test/ split of

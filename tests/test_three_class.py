@@ -285,17 +285,6 @@ def test_thresholds_binary_on_p_pneumonia_and_youden_for_subtype():
 
 
 @pytest.fixture(scope="session")
-def three_run(tmp_path_factory):
-    """A real three-class run (efficientnet_lite0, ImageNet weights, cpu-fast, 64 px, one
-    epoch) on the sample, trained as `pneumoscope train` does (model card included), shared
-    by every test below; tests that change a run copy it."""
-    from pneumoscope.api import train
-
-    return train(SAMPLE, tmp_path_factory.mktemp("three") / "run", backbone="efficientnet_lite0", task=THREE_CLASS,
-                 image_size=64, batch_size=16, val_fraction=0.25, head_epochs=0, epochs=1, show_progress=False)
-
-
-@pytest.fixture(scope="session")
 def site_folder(tmp_path_factory):
     """A labelled "site" sample as calibrate reads it: NORMAL/ and PNEUMONIA/ (20 real films
     each; the pneumonia ones 12 bacterial, 8 viral). Drift reads it as one unlabelled folder."""
@@ -405,25 +394,6 @@ def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_p
     (run / "threshold.json").write_text(json.dumps(thresholds))
     with pytest.raises(RunDirError, match=f"^{run / 'threshold.json'}: a three-class run's thresholds lack"):
         Predictor.from_run(run, device="cpu")
-
-
-def test_ensemble_refuses_three_class_members(three_run, tmp_path, capsys):
-    from pneumoscope.cli import main
-
-    # carrying three classes through an ensemble is not built: a clear refusal, not a broken
-    # binary ensemble (nor, for mixed tasks, torch.stack's traceback)
-    assert main(["-q", "ensemble", str(three_run), "--out", str(tmp_path / "ens")]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == (f"pneumoscope ensemble: error: {three_run}: is a three-class run; ensembles combine "
-                    "binary (--task binary) runs only")
-    binary = tmp_path / "binary"  # the same run, said to be binary: the three-class member is named
-    shutil.copytree(three_run, binary)
-    config = json.loads((binary / "config.json").read_text())
-    config["task"] = "binary"
-    (binary / "config.json").write_text(json.dumps(config))
-    assert main(["-q", "ensemble", str(binary), str(three_run), "--out", str(tmp_path / "ens")]) == 2
-    assert f"error: {three_run}: is a three-class run" in capsys.readouterr().err
-    assert not (tmp_path / "ens").exists()
 
 
 def test_onnx_export_parity(three_run, tmp_path):

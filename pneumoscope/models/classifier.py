@@ -66,6 +66,10 @@ class Classifier(nn.Module):
         return len(self.stages)
 
     @property
+    def n_classes(self) -> int:
+        return self.head.out_features
+
+    @property
     def frozen_stages(self) -> int:
         return self._frozen
 

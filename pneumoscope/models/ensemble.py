@@ -1,17 +1,21 @@
 """An ensemble of trained classifiers and test-time augmentation (TTA), as ONE model.
 
 ``Ensemble(members, views, image_size)`` has the Classifier's interface that every verb
-uses: ``forward(x) -> (B, 2)``, ``embed(x)``, Grad-CAM through ``for_gradcam()``; so
-evaluate, predict, report, serve and the ONNX export run it unchanged.
+uses: ``forward(x) -> (B, C)``, ``embed(x)``, Grad-CAM through ``for_gradcam()``; so
+evaluate, predict, report, serve and the ONNX export run it unchanged. C is the members'
+common class count (2 for binary runs, 3 for ``--task three-class``); members with other
+counts are refused.
 
 **What is averaged: probabilities.** Every member sees every view; the output is the mean
 of their softmax probabilities (the deep-ensemble rule of Lakshminarayanan et al. 2017),
-returned as its log, ``log(mean_i softmax(logits_i))``, so ``softmax(forward(x))[:, 1]``
-is exactly the mean p(pneumonia). Averaging logits instead would let one over-confident
-member (a logit of 15 against its neighbours' 2) outvote the rest, and the members here
-differ in backbone and so in logit scale; a probability is bounded, one member moves the
-mean by at most 1/n. The log is computed as a logsumexp of log-softmaxes: finite even
-where a member is certain, so Grad-CAM's log-odds target stays defined.
+returned as its log, ``log(mean_i softmax(logits_i))``, so ``softmax(forward(x))`` is
+exactly the mean of the members' class probabilities (binary: column 1 is the mean
+p(pneumonia); three-class: p(bacterial) + p(viral) is). Averaging logits instead would
+let one over-confident member (a logit of 15 against its neighbours' 2) outvote the rest,
+and the members here differ in backbone and so in logit scale; a probability is bounded,
+one member moves the mean by at most 1/n. The log is computed as a logsumexp of
+log-softmaxes: finite even where a member is certain, so Grad-CAM's log-odds target stays
+defined.
 
 **Views** are deterministic, recorded transforms of the (B,1,S,S) input in [0,1]: a zoom
 (> 1 magnifies the centre, < 1 shrinks the film inside a border-padded frame), a width
@@ -92,6 +96,10 @@ class Ensemble(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        counts = [m.n_classes for m in members]
+        if len(set(counts)) > 1:
+            raise ValueError(f"ensemble members output {counts} classes; they must all output the same number")
+        self.n_classes = counts[0]
         self.members = nn.ModuleList(members)
         self.views = nn.ModuleList(View(v, image_size) for v in (views or [IDENTITY]))
 
@@ -114,6 +122,6 @@ class Ensemble(nn.Module):
         pytorch-grad-cam averages the members' maps. Shares the members' modules."""
         plain = Ensemble.__new__(Ensemble)
         nn.Module.__init__(plain)
-        plain.members = self.members
+        plain.members, plain.n_classes = self.members, self.n_classes
         plain.views = nn.ModuleList([View(IDENTITY, 1)])
         return plain, [m.gradcam_layer() for m in self.members]

@@ -339,12 +339,10 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
 
 
 def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> dict:
-    """threshold.json (rules chosen on the validation probabilities: p(pneumonia) (N,) or
-    class probabilities (N, C)) and val_predictions.csv; training and `pneumoscope
-    ensemble` both end here."""
+    """threshold.json (rules chosen on the validation class probabilities (N, C), labels
+    val.labels of the task) and val_predictions.csv; training and `pneumoscope ensemble`
+    both end here."""
     probs = np.asarray(probs)
-    if probs.ndim == 1:  # p(pneumonia) of a binary model (an ensemble)
-        probs = np.column_stack([1.0 - probs, probs])
     thresholds = choose_task_thresholds(task, val.labels, probs)
     atomic_write_json(run / THRESHOLD, thresholds)
     columns = prediction_columns(task)

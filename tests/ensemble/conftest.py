@@ -1,6 +1,7 @@
 """Fixtures for the ensemble tests: two small real runs (efficientnet_lite0 with its
 ImageNet weights, 64 px, seeds 0 and 1 on one shared patient-grouped split) trained once
-per session on the embedded sample, and ensembles of them written by the CLI."""
+per session on the embedded sample, two three-class runs likewise (the shared three_run
+and a seed-1 run on its split), and ensembles of them written by the CLI."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def ens_dir(members, tmp_path_factory) -> Path:
 def tta_dir(members, tmp_path_factory) -> Path:
     """Two members x three views (zoom3: identity, zoom 0.9, zoom 1.1)."""
     return _ensemble(members, tmp_path_factory.mktemp("ens_tta") / "ens", "zoom3")
+
+
+@pytest.fixture(scope="session")
+def three_members(three_run, three_run_options, sample_data, tmp_path_factory) -> list[Path]:
+    """Two three-class runs on one split: three_run (seed 0) and seed 1 with --split-seed 0."""
+    from pneumoscope.api import train
+
+    out = tmp_path_factory.mktemp("three_seed1") / "run"
+    options = {**three_run_options, "seed": 1, "split_seed": 0}
+    return [three_run, train(sample_data, out, show_progress=False, **options)]
+
+
+@pytest.fixture(scope="session")
+def three_ens_dir(three_members, tmp_path_factory) -> Path:
+    """The two three-class members, no test-time views."""
+    return _ensemble(three_members, tmp_path_factory.mktemp("ens3") / "ens", "none")
 
 
 @pytest.fixture(scope="session")

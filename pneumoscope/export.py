@@ -16,7 +16,7 @@
   ONNX file itself (a model swapped after export is refused).
 
 Whatever ``Predictor.model`` is (a plain Classifier, or a wrapper with the same
-``(B,1,S,S) -> (B,2)`` forward) is what gets exported.
+``(B,1,S,S) -> (B,C)`` logits forward, C = 2 or 3) is what gets exported.
 """
 
 from __future__ import annotations

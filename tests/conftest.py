@@ -214,3 +214,22 @@ def guarded_page(browser):
     yield open_page
     for context in contexts:
         context.close()
+
+
+@pytest.fixture(scope="session")
+def site_folder(tmp_path_factory):
+    """A labelled "site" sample as calibrate reads it: NORMAL/ and PNEUMONIA/ (20 real films
+    each of the embedded sample's train/; the pneumonia ones 12 bacterial, 8 viral). Drift
+    reads it as one unlabelled folder. Read-only."""
+    root = tmp_path_factory.mktemp("site")
+    pneumonia = sorted((SAMPLE_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))
+    picks = {"NORMAL": sorted((SAMPLE_DATA / "train" / "NORMAL").glob("*.jpeg"))[::10][:20],
+             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][::12][:12]
+             + [f for f in pneumonia if "_virus_" in f.name][::9][:8]}
+    for cls, files in picks.items():
+        if len(files) != 20:
+            pytest.fail(f"embedded sample {SAMPLE_DATA / 'train' / cls}: too few films for the site sample")
+        (root / cls).mkdir()
+        for f in files:
+            shutil.copy2(f, root / cls / f.name)
+    return root

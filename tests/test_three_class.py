@@ -284,24 +284,6 @@ def test_thresholds_binary_on_p_pneumonia_and_youden_for_subtype():
 # ----------------------------------------------------------------------------- a real run
 
 
-@pytest.fixture(scope="session")
-def site_folder(tmp_path_factory):
-    """A labelled "site" sample as calibrate reads it: NORMAL/ and PNEUMONIA/ (20 real films
-    each; the pneumonia ones 12 bacterial, 8 viral). Drift reads it as one unlabelled folder."""
-    root = tmp_path_factory.mktemp("site")
-    pneumonia = sorted((SAMPLE / "train" / "PNEUMONIA").glob("*.jpeg"))
-    picks = {"NORMAL": sorted((SAMPLE / "train" / "NORMAL").glob("*.jpeg"))[::10][:20],
-             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][::12][:12]
-             + [f for f in pneumonia if "_virus_" in f.name][::9][:8]}
-    for cls, files in picks.items():
-        if len(files) != 20:
-            pytest.fail(f"embedded sample {SAMPLE / 'train' / cls}: too few films for the site sample")
-        (root / cls).mkdir()
-        for f in files:
-            shutil.copy2(f, root / cls / f.name)
-    return root
-
-
 def class_probs_of(run, folder):
     """(files, binary labels, class probabilities) of a labelled folder, by the run's own Predictor."""
     from pneumoscope.data.cache import decode_samples

@@ -163,7 +163,10 @@ def test_run_files_get_the_usual_mode(one_epoch_run, tmp_path):
 def test_config_records_what_ran_and_resume_refuses_a_change(one_epoch_run, tmp_path, small_data_root, capsys):
     config = json.loads((one_epoch_run / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["backbone"] == "efficientnet_lite0"
-    assert config["precision"] in ("fp32", "bf16") and config["trunk_precision"] in ("fp32", "bf16")
+    assert config["precision"] in ("fp32", "bf16")
+    # --trunk-precision/--trunk-engine auto on a CPU with onnxruntime (a dependency): its fp32 pass
+    assert (config["trunk_precision"], config["trunk_engine"]) == ("fp32", "onnxruntime")
+    assert config["requested"]["trunk_precision"] == "auto" and config["requested"]["trunk_engine"] == "auto"
     assert config["device"] == "cpu" and config["decode_version"] == decode_version()
     assert config["requested"]["precision"] == "auto"
     assert 0.2 <= config["val_fraction_actual"] <= 0.3

@@ -94,7 +94,7 @@ class Classifier(nn.Module):
         return act.mean(dim=(2, 3))
 
     def forward_from(self, k: int, act: Tensor) -> Tensor:
-        """The rest of forward() from the output of stages[:k]; logits (B, 2)."""
+        """The rest of forward() from the output of stages[:k]; logits (B, n_classes)."""
         return self.head(self.dropout(self.embed_from(k, act)))
 
     def forward(self, x: Tensor) -> Tensor:

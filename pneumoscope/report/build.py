@@ -375,6 +375,19 @@ def is_kermany_set(samples) -> bool:
     return bool(samples) and all(kermany_named(Path(s.path).name) for s in samples)
 
 
+def _selection_row(summary: dict) -> tuple[str, str]:
+    """What was chosen on validation: a trained run's epoch, or an ensemble's members and
+    views (it has no epoch); its validation ROC AUC, macro one-vs-rest for three classes."""
+    auc = summary.get("val_roc_auc", float("nan"))
+    kind = "macro one-vs-rest ROC AUC" if summary.get("task") == THREE_CLASS else "ROC AUC"
+    if summary.get("kind") == "ensemble":
+        members = summary.get("members", [])
+        return ("Ensemble", escape(f"{len(members)} members x {summary.get('n_views', 1)} views "
+                                   f"(validation {kind} {auc:.4f}, optimistic)"))
+    return ("Selected epoch", escape(f"{summary.get('best_epoch', '?')} of {summary.get('epochs_run', '?')} "
+                                     f"(validation {kind} {auc:.4f}, optimistic)"))
+
+
 def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str) -> str:
     """The data card of the folder reported on: its counts, classes and patients, and the
     run's own train/val parts; the Kermany source only when the files are that set's."""
@@ -390,8 +403,7 @@ def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str)
         ("Backbone", escape(f"{config['backbone']} (weights: {config.get('weights', '?')})")),
         ("Input", escape(f"{config['image_size']}×{config['image_size']} grayscale, "
                          f"{config.get('preprocessing', {}).get('geometry', 'stretch')} (aspect ratio not kept)")),
-        ("Selected epoch", escape(f"{summary.get('best_epoch', '?')} of {summary.get('epochs_run', '?')} "
-                                  f"(validation ROC AUC {summary.get('val_roc_auc', float('nan')):.4f})")),
+        _selection_row(summary),
     ]
     counts = _class_counts(samples)
     reported = [

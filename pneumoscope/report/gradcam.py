@@ -7,7 +7,7 @@ Public interface (the report, `explain` and the web app use it):
 - ``overlay_heatmap(image, heatmap, alpha=0.4) -> uint8 (S, S, 3)``
 - ``png_bytes(rgb) -> bytes``
 
-The model is only used through ``forward(x) -> (B, 2) logits`` and ``gradcam_layer()``
+The model is only used through ``forward(x) -> (B, C) logits`` (C = 2 or 3) and ``gradcam_layer()``
 (the last conv stage), or, for an ensemble, ``for_gradcam()`` (its members on the
 unaugmented view, one hooked layer each; pytorch-grad-cam averages their maps).
 

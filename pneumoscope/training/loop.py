@@ -283,9 +283,10 @@ def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
 def resolve_settings(cfg: TrainConfig, device: torch.device, saved: dict | None = None) -> dict:
     """What will actually run where the options say auto (config.json records these, and
     --resume refuses to change them); saved: the config of the run being resumed."""
-    if cfg.recipe == "cpu-fast":  # the top's step and the trunk pass: bf16 where native
+    if cfg.recipe == "cpu-fast":  # the top's step: bf16 where native; the trunk pass: trunk_engine's rule
         step = resolve_precision(cfg.precision, device)
-        trunk = resolve_trunk_precision(cfg.trunk_precision, device, saved=(saved or {}).get("trunk_precision"))
+        trunk = resolve_trunk_precision(cfg.trunk_precision, device, saved=(saved or {}).get("trunk_precision"),
+                                        engine=cfg.trunk_engine)
         engine = resolve_trunk_engine(cfg.trunk_engine, device, trunk, saved=saved_trunk_engine(saved or {}))
     else:  # the whole network's step: fp32 on every CPU
         step, trunk, engine = step_precision(cfg.precision, device), None, None

@@ -79,8 +79,9 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
                                 help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on "
                                      "CPUs with native bf16), fp32 elsewhere")),
         (("--trunk-precision",), dict(choices=["auto", "bf16", "fp32"],
-                                      help="cpu-fast trunk pass; auto: fp32 on a CPU where onnxruntime runs (faster there "
-                                           "than torch's bf16), else bf16 where native, else fp32")),
+                                      help="cpu-fast trunk pass; auto: fp32 on a CPU where the pass runs on onnxruntime "
+                                           "(--trunk-engine auto/onnxruntime and it is installed), else bf16 where "
+                                           "native, else fp32")),
         (("--trunk-engine",), dict(choices=["auto", "torch", "onnxruntime"],
                                    help="what runs cpu-fast's trunk pass; auto: onnxruntime for an fp32 pass on a "
                                         "CPU when it is installed (about 2x torch there), torch elsewhere")),

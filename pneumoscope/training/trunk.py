@@ -347,7 +347,7 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
     if cfg.trainable_stages < 1:
         raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
                           f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
-    precision = resolve_trunk_precision(cfg.trunk_precision, device)
+    precision = resolve_trunk_precision(cfg.trunk_precision, device, engine=cfg.trunk_engine)
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,
                          cache_dir=cfg.cache_dir or None, show_progress=show_progress,

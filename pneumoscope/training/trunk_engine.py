@@ -9,7 +9,8 @@ against torch on the spot: an engine that disagrees is never used.
 
 ``--trunk-engine auto`` takes onnxruntime where it applies (a CPU, an fp32 trunk pass,
 onnxruntime installed) and torch elsewhere, and ``--trunk-precision auto`` makes the pass
-fp32 on a CPU where onnxruntime runs (faster there than torch's bf16 on the CPUs measured);
+fp32 on a CPU where it will run on onnxruntime (faster there than torch's bf16 on the one
+AMX CPU measured, and torch's bf16 is slow where the CPU lacks it);
 config.json records what ran, and the activation cache keeps the two engines' outputs apart.
 """
 
@@ -43,15 +44,18 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def resolve_trunk_precision(precision: str, device: torch.device, saved: str | None = None) -> str:
-    """What `--trunk-precision` means here: fp32 or bf16. auto on a CPU is fp32 where
-    onnxruntime runs (its fp32 trunk pass beat torch's bf16 one even on a CPU with AMX:
-    benchmarks/RESULTS.md, "CPU training step"), else bf16 where the device runs it
-    natively, else fp32. saved: the trunk precision of the run being resumed, which auto
-    keeps (a run goes on as it began)."""
+def resolve_trunk_precision(precision: str, device: torch.device, saved: str | None = None,
+                            engine: str = "auto") -> str:
+    """What `--trunk-precision` means here: fp32 or bf16. auto on a CPU is fp32 where the
+    pass will run on onnxruntime (`--trunk-engine` auto or onnxruntime, and onnxruntime
+    runs: its fp32 pass beat torch's bf16 one on the AMX CPU measured, benchmarks/RESULTS.md,
+    "Three trainable stages"), else bf16 where the device runs it natively, else fp32; so
+    `--trunk-engine torch` keeps torch's bf16 pass where it is native. saved: the trunk
+    precision of the run being resumed, which auto keeps (a run goes on as it began)."""
     if precision == "auto" and saved in ("fp32", "bf16"):
         return saved
-    if precision == "auto" and device.type == "cpu" and onnxruntime_available():
+    onnx_engine = engine in ("auto", "onnxruntime")
+    if precision == "auto" and device.type == "cpu" and onnx_engine and onnxruntime_available():
         return "fp32"
     return resolve_precision(precision, device, option="--trunk-precision")
 

@@ -1,13 +1,14 @@
 """A three-class ensemble (issue 13) is a three-class run to every verb: its class
 probabilities are the mean of its members', its thresholds (the binary rules on
 p(pneumonia) and the bacterial/viral one) are chosen on its own validation probabilities
-as train chooses them, and evaluate, predict and the ONNX export read it as a three-class
-run. Members of two tasks, or of two class counts, are refused."""
+as train chooses them, and evaluate, predict, report, serve, calibrate, drift, Grad-CAM and
+the ONNX export read it as a three-class run. Members of two tasks, or of two class counts, are refused."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,92 @@ def test_an_ensemble_refuses_members_of_other_class_counts():
     assert Ensemble([three, three], [IDENTITY], 64).n_classes == 3
     with pytest.raises(ValueError, match=r"output \[2, 3\] classes"):
         Ensemble([binary, three], [IDENTITY], 64)
+
+
+def test_report_of_a_three_class_ensemble(three_ens_dir, site_folder, tmp_path):
+    from pneumoscope.report.build import build_report
+
+    index = build_report(three_ens_dir, split="val", out=tmp_path / "report", n_boot=20, per_group=2,
+                         show_progress=False, drift=site_folder)
+    page = index.read_text()
+    assert 'id="three-class"' in page and "Grad-CAM per class" in page and "ensemble(" in page
+    summary = json.loads((three_ens_dir / "summary.json").read_text())
+    # an ensemble has no epoch: its row names the members and views and the macro AUC it was chosen by
+    assert "Selected epoch" not in page
+    assert f"2 members x 1 views (validation macro one-vs-rest ROC AUC {summary['val_roc_auc']:.4f}" in page
+    for name in ("confusion_3class", "roc_ovr", "tsne_3class", "umap_3class", "gradcam_classes", "drift"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    val, images = _val_images(three_ens_dir)
+    assert metrics["task"] == THREE_CLASS and metrics["n"] == len(val)
+    probs = Predictor.from_run(three_ens_dir, device="cpu").predict_class_probs(images)
+    labels = task_labels(val, THREE_CLASS)
+    assert metrics["macro_roc_auc"] == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"), abs=1e-4)
+
+
+def test_serve_answers_with_a_three_class_ensemble(three_ens_dir, sample_data):
+    import httpx
+
+    from pneumoscope.serve import create_app
+    from pneumoscope.serve.background import BackgroundServer
+
+    xray = sorted((sample_data / "train" / "PNEUMONIA").glob("*_virus_*.jpeg"))[0]
+    predictor = Predictor.from_run(three_ens_dir, device="cpu")
+    want = predictor.predict_class_probs(predictor.load(xray)[None])[0]
+    thresholds = json.loads((three_ens_dir / "threshold.json").read_text())
+    with BackgroundServer(create_app(three_ens_dir, device="cpu")) as server, \
+            httpx.Client(base_url=server.url, timeout=300) as client:
+        health = client.get("/healthz").json()
+        r = client.post("/v1/predict", files={"file": (xray.name, xray.read_bytes())}, params={"heatmap": "true"})
+    assert health["model"]["backbone"].startswith("ensemble(")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [body["probabilities"][k] for k in KEYS] == pytest.approx(want.tolist(), abs=1e-5)
+    assert body["p_pneumonia"] == pytest.approx(float(want[1] + want[2]), abs=1e-5)
+    label = predicted_classes(want[None], thresholds["threshold"], thresholds["bacterial_vs_viral"]["threshold"])[0]
+    assert body["label"] == CLASS_NAMES[THREE_CLASS][label] and body["heatmap_png"]
+    assert body["bacterial_vs_viral_threshold"] == pytest.approx(thresholds["bacterial_vs_viral"]["threshold"])
+
+
+def test_calibrate_and_drift_read_a_three_class_ensemble(three_ens_dir, site_folder, tmp_path, capsys):
+    import shutil
+
+    from pneumoscope.calibrate import site_threshold
+    from pneumoscope.data.discover import discover_split
+    from pneumoscope.tasks import p_pneumonia
+
+    ens = Path(shutil.copytree(three_ens_dir, tmp_path / "ens"))  # calibrate rewrites threshold.json
+    before = json.loads((ens / "threshold.json").read_text())
+    assert main(["-q", "calibrate", str(ens), "--data", str(site_folder), "--bootstrap", "50"]) == 0
+    assert "site rule:" in capsys.readouterr().out
+    after = json.loads((ens / "threshold.json").read_text())
+    predictor = Predictor.from_run(ens, device="cpu")
+    site = decode_samples(discover_split(site_folder), 64, show_progress=False)
+    want = site_threshold(site.labels, p_pneumonia(predictor.predict_class_probs(site.images)), 0.97)
+    assert after["default"] == "site" and after["threshold"] == pytest.approx(want, abs=1e-6)
+    assert after["bacterial_vs_viral"] == before["bacterial_vs_viral"]
+
+    out = tmp_path / "drift.json"
+    assert main(["-q", "drift", str(three_ens_dir), "--data", str(site_folder), "--out", str(out)]) == 0
+    drift = json.loads(out.read_text())
+    assert drift["scores"]["folder"]["n"] == 40 and 0.0 <= drift["domain_auc"] <= 1.0
+    assert drift["threshold"] == pytest.approx(before["threshold"])
+
+
+def test_gradcam_of_a_three_class_ensemble_maps_each_class(three_members, three_ens_dir, real_images):
+    from pneumoscope.models.ensemble import IDENTITY, Ensemble
+    from pneumoscope.report.gradcam import gradcam_heatmaps
+
+    # sorted files: the first 12 are NORMAL, the last 12 PNEUMONIA
+    films = {None: real_images[-3:], 0: real_images[:3], 1: real_images[-3:], 2: real_images[-3:]}
+    member = Predictor.from_run(three_members[0], device="cpu").model
+    ens = Predictor.from_run(three_ens_dir, device="cpu").model
+    maps = {}
+    for target, x in films.items():  # p(pneumonia)'s log-odds, then each class's (the report's per-class maps)
+        alone = gradcam_heatmaps(Ensemble([member], [IDENTITY], 64), x, target_class=target)
+        assert np.allclose(alone, gradcam_heatmaps(member, x, target_class=target), atol=1e-5), target
+        heat = gradcam_heatmaps(ens, x, target_class=target)
+        # a class's map of films of another class may be all zero (Grad-CAM's ReLU), not of all three here
+        assert heat.shape == (3, 64, 64) and 0.0 <= heat.min() and heat.max() <= 1.0 and heat.max() > 0, target
+        maps[target] = heat
+    assert np.abs(maps[1] - maps[2]).max() > 1e-3  # the classes' maps differ

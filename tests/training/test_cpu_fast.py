@@ -242,8 +242,11 @@ def test_trunk_precision_resolution(monkeypatch):
     assert resolve_trunk_precision("auto", cpu) == "fp32"  # onnxruntime runs: its fp32 pass is the fast one
     assert resolve_trunk_precision("bf16", cpu) == "bf16" and resolve_trunk_precision("fp32", cpu) == "fp32"
     assert resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"  # a resumed run keeps its precision
-    monkeypatch.setattr(trunk_engine, "onnxruntime_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    # --trunk-engine torch: no onnxruntime pass to be fp32 for, so torch's bf16 where native
+    assert resolve_trunk_precision("auto", cpu, engine="torch") == "bf16"
+    assert resolve_trunk_precision("auto", cpu, engine="onnxruntime") == "fp32"
+    monkeypatch.setattr(trunk_engine, "onnxruntime_available", lambda: False)
     assert resolve_trunk_precision("auto", cpu) == "bf16"  # no onnxruntime: bf16 where native
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)

@@ -18,12 +18,15 @@ from pneumoscope.inference import Predictor
 from pneumoscope.training import TrainConfig, train
 
 SIZE = 224  # the contract's size: resampling leaves its trace at full resolution
-# Measured on this test's run (cpu-fast, lungs, 30 sample films at 224 px, 3 epochs,
-# validation AUC 0.96; 2026-12-02, the shared 2-core VM), mean / max |dp| over the 24 test
-# films: JPEG 30 0.038 / 0.130, down-up 0.5 0.089 / 0.192, 4x original 0.015 / 0.045;
-# between a NORMAL and a PNEUMONIA film 0.41. The tolerances are about 1.5x the measured
-# values (another CPU rounds differently; the run is small, so p moves more than on the full data).
-TOLERANCE = {"jpeg30": (0.06, 0.2), "down-up0.5": (0.13, 0.3), "original4x": (0.025, 0.08)}  # mean, max
+# Measured on this test's run (cpu-fast, lungs, the default top of three trainable
+# stages, 40 sample films (a quarter for validation) at 224 px, 3 epochs; 2026-12-03, the
+# 2-core AMX VM), mean / max |dp| over the 24 test films: JPEG 30 0.058 / 0.213, down-up
+# 0.5 0.055 / 0.164, 4x original 0.019 / 0.055; between a NORMAL and a PNEUMONIA film 0.41.
+# (Two trainable stages there: 0.039 / 0.088, 0.065 / 0.235, 0.019 / 0.048; on the AVX2 VM
+# of 2026-12-02, JPEG 30 0.038 / 0.130: the maxima move between CPUs.) The tolerances are
+# about 1.5x the measured values (another CPU rounds differently; the run is small, so p
+# moves more than on the full data).
+TOLERANCE = {"jpeg30": (0.09, 0.33), "down-up0.5": (0.09, 0.26), "original4x": (0.03, 0.085)}  # mean, max
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def run(tmp_path_factory, small_data_root) -> Path:
     cfg = TrainConfig(data=str(small_data_root), out=str(out), recipe="cpu-fast", backbone="efficientnet_lite0",
                       image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=3, views=1, augment="lungs",
                       trunk_precision="fp32", precision="fp32",
-                      trainable_stages=2)  # the top the tolerances were measured with
+                      trainable_stages=3)  # the default top, which the tolerances were measured with
     train(cfg, show_progress=False)
     return out
 

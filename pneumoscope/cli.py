@@ -247,6 +247,7 @@ def cmd_audit(args) -> int:
 def cmd_train(args) -> int:
     from pneumoscope.api import train
     from pneumoscope.rundir import read_json
+    from pneumoscope.tasks import val_auc_name
     from pneumoscope.training.distributed import is_main_process
     from pneumoscope.training.options import given_options
 
@@ -257,8 +258,7 @@ def cmd_train(args) -> int:
     summary = read_json(run / "summary.json")
     t = summary["thresholds"]
     print(f"run: {run}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
-          f"/{summary['epochs_run']}  val {'macro one-vs-rest ' if 'task' in summary else ''}"
-          f"ROC AUC {summary['val_roc_auc']:.4f}")
+          f"/{summary['epochs_run']}  val {val_auc_name(summary)} {summary['val_roc_auc']:.4f}")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items())
           + f"  (default: {t['default']})")
     print(f"model card: {run / 'MODEL_CARD.md'}")
@@ -315,12 +315,13 @@ def cmd_export(args) -> int:
 
 def cmd_ensemble(args) -> int:
     from pneumoscope.ensemble import build_ensemble
+    from pneumoscope.tasks import val_auc_name
 
     summary = build_ensemble(args.run_dirs, args.out, tta=args.tta, show_progress=not args.quiet)
     t = summary["thresholds"]
     print(f"ensemble: {args.out}\n{len(summary['members'])} member(s) x {summary['n_views']} view(s) "
           f"= {summary['forward_passes_per_image']} forward passes per image; val "
-          f"{'macro one-vs-rest ' if 'task' in summary else ''}ROC AUC {summary['val_roc_auc']:.4f} "
+          f"{val_auc_name(summary)} {summary['val_roc_auc']:.4f} "
           f"on {summary['n_val']} images")
     print("thresholds: " + ", ".join(f"{k}={v:.4f}" for k, v in t["rules"].items()) + f"  (default: {t['default']})")
     return 0

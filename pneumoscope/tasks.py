@@ -54,6 +54,12 @@ def task_of(config: dict) -> str:
     return check_task(config.get("task", BINARY))
 
 
+def val_auc_name(summary: dict) -> str:
+    """What a summary.json's val_roc_auc is: the ROC AUC of p(pneumonia), or for a
+    three-class run (or ensemble) the macro one-vs-rest ROC AUC."""
+    return "ROC AUC" if task_of(summary) == BINARY else "macro one-vs-rest ROC AUC"
+
+
 def subtype_of(file_name: str) -> str | None:
     """'bacterial' or 'viral' from a Kermany file name, None when it says neither (or both)."""
     found = {_WORDS[w] for w in _SEPARATORS.split(Path(file_name).stem.lower()) if w in _WORDS}

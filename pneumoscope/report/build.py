@@ -37,7 +37,7 @@ from pneumoscope.report.calibration import reliability
 from pneumoscope.report.embeddings import embed_and_predict, save_embeddings, tsne_2d, umap_2d
 from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
 from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from pneumoscope.tasks import CLASS_NAMES, THREE_CLASS, p_pneumonia, predicted_classes, task_labels
+from pneumoscope.tasks import CLASS_NAMES, THREE_CLASS, p_pneumonia, predicted_classes, task_labels, val_auc_name
 
 log = logging.getLogger(__name__)
 
@@ -378,14 +378,12 @@ def is_kermany_set(samples) -> bool:
 def _selection_row(summary: dict) -> tuple[str, str]:
     """What was chosen on validation: a trained run's epoch, or an ensemble's members and
     views (it has no epoch); its validation ROC AUC, macro one-vs-rest for three classes."""
-    auc = summary.get("val_roc_auc", float("nan"))
-    kind = "macro one-vs-rest ROC AUC" if summary.get("task") == THREE_CLASS else "ROC AUC"
+    chosen_by = f"(validation {val_auc_name(summary)} {summary.get('val_roc_auc', float('nan')):.4f}, optimistic)"
     if summary.get("kind") == "ensemble":
-        members = summary.get("members", [])
-        return ("Ensemble", escape(f"{len(members)} members x {summary.get('n_views', 1)} views "
-                                   f"(validation {kind} {auc:.4f}, optimistic)"))
+        return ("Ensemble", escape(f"{len(summary.get('members', []))} members x {summary.get('n_views', 1)} views "
+                                   + chosen_by))
     return ("Selected epoch", escape(f"{summary.get('best_epoch', '?')} of {summary.get('epochs_run', '?')} "
-                                     f"(validation {kind} {auc:.4f}, optimistic)"))
+                                     + chosen_by))
 
 
 def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str) -> str:

@@ -8,7 +8,8 @@ patient-grouped split for all, so the runs can be ensembled; one cache, so the f
 is cold and the others reuse its trunk activations), then `pneumoscope ensemble` of all
 seeds, and scores every run and the ensemble on the shared validation part with the
 metrics `evaluate` writes (benchmarks/three_class.py `score`). A seed whose run already
-finished (summary.json) is scored, not retrained. Extra `train` options go after `--`
+finished (summary.json) is scored, not retrained; so is a finished ensemble (delete
+OUT/ensemble after adding seeds). Extra `train` options go after `--`
 (e.g. `-- --trainable-stages 5`). Validation figures are optimistic: the thresholds were
 chosen on the same films. Prints a markdown table and writes OUT/results.json.
 """
@@ -35,8 +36,8 @@ def timed(cmd: list[str]) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MB, max over children so far
-    return {"command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mb_upto": round(peak),
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB: the largest child so far
+    return {"command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mib_upto": round(peak),
             "load_after": os.getloadavg()}
 
 
@@ -52,6 +53,8 @@ def train_seed(data: str, out: Path, seed: int, extra: list[str]) -> dict:
 
 def ensemble(out: Path, runs: list[str]) -> dict:
     run = out / "ensemble"
+    if (run / "summary.json").exists():
+        return {"run": str(run), "note": "already built; not timed"}
     cmd = [sys.executable, "-m", "pneumoscope", "-q", "ensemble", *runs, "--out", str(run)]
     return {"run": str(run), **timed(cmd)}
 

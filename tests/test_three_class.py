@@ -424,18 +424,22 @@ def test_web_page_shows_the_three_probabilities(three_run, guarded_page, artifac
                          timeout=120).json()
         page = guarded_page(server.url)
         page.goto(server.url + "/")
-        hidden_before = page.is_hidden("#classes")  # nothing shown before an answer
+        hidden_before = page.eval_on_selector("#classes", "el => el.hidden")  # its own attribute, not #result's
         page.set_input_files("#file", str(xray))
         page.wait_for_selector("#result", state="visible", timeout=120_000)
         page.wait_for_function("() => { const im = document.getElementById('heatmap-img');"
                                " return im.complete && im.naturalWidth > 0; }", timeout=60_000)
         shown = {k: page.inner_text(f"#p-{k}") for k in KEYS}
+        row_names = {k: page.eval_on_selector(f"#p-{k}", "el => el.parentElement.querySelector('th').innerText")
+                     for k in KEYS}
         label, line = page.inner_text("#label"), page.inner_text("#threshold-line")
         label_class, shown_pneumonia = page.eval_on_selector("#label", "el => el.className"), page.inner_text("#prob")
         table_visible = page.is_visible("#classes")
         page.screenshot(path=str(artifacts_dir / "webapp_three_class.png"), full_page=True)
     assert hidden_before and table_visible
     assert shown == {k: f"{100 * api['probabilities'][k]:.1f}%" for k in KEYS}
+    assert len(set(shown.values())) == 3  # distinct, so swapped cells would show
+    assert row_names == {"normal": "Normal", "bacterial": "Bacterial pneumonia", "viral": "Viral pneumonia"}
     assert shown_pneumonia == f"{100 * api['p_pneumonia']:.1f}%"
     assert label == api["label"] and label in ("NORMAL", "BACTERIAL", "VIRAL")
     assert label_class == "label " + label.lower()

@@ -37,15 +37,21 @@ from pneumoscope.tasks import BINARY, THREE_CLASS, bv_threshold_of
 from pneumoscope.three_class import evaluate_three_class
 
 
+def timed(cmd: list[str]) -> dict:
+    """Run one command; its wall time, and the largest child's peak RSS so far (an upper bound)."""
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB -> MiB
+    return {"command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mib_upto": round(peak),
+            "load_after": os.getloadavg()}
+
+
 def train(data: str, out: Path, task: str) -> dict:
     run = out / task
     cmd = [sys.executable, "-m", "pneumoscope", "-q", "train", "--data", data, "--out", str(run),
            "--task", task, "--cache-dir", str(out / f"cache_{task}")]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MB, max over children so far
-    return {"run": str(run), "command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mb_upto": round(peak)}
+    return {"run": str(run), **timed(cmd)}
 
 
 def train_on_split_of(data: str, out: Path, other: Path) -> dict:

@@ -20,43 +20,33 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from three_class import ci, score  # noqa: E402  (the sibling benchmark's scoring)
+from three_class import ci, score, timed  # noqa: E402  (the sibling benchmark's scoring and timing)
 
 from pneumoscope.tasks import THREE_CLASS  # noqa: E402
 
 
-def timed(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB: the largest child so far
-    return {"command": " ".join(cmd[1:]), "wall_s": round(seconds, 1), "peak_rss_mib_upto": round(peak),
-            "load_after": os.getloadavg()}
+def run_unless_finished(run: Path, cmd: list[str]) -> dict:
+    """A run with a summary.json is kept as it is (scored, not redone or timed)."""
+    if (run / "summary.json").exists():
+        return {"run": str(run), "note": "already finished; not timed"}
+    return {"run": str(run), **timed(cmd)}
 
 
 def train_seed(data: str, out: Path, seed: int, extra: list[str]) -> dict:
     run = out / f"seed{seed}"
-    if (run / "summary.json").exists():
-        return {"run": str(run), "note": "already trained; not timed"}
-    cmd = [sys.executable, "-m", "pneumoscope", "-q", "train", "--data", data, "--out", str(run),
-           "--task", THREE_CLASS, "--seed", str(seed), "--split-seed", "0",
-           "--cache-dir", str(out / "cache"), *extra]
-    return {"run": str(run), **timed(cmd)}
+    return run_unless_finished(run, [sys.executable, "-m", "pneumoscope", "-q", "train", "--data", data,
+                                     "--out", str(run), "--task", THREE_CLASS, "--seed", str(seed),
+                                     "--split-seed", "0", "--cache-dir", str(out / "cache"), *extra])
 
 
 def ensemble(out: Path, runs: list[str]) -> dict:
     run = out / "ensemble"
-    if (run / "summary.json").exists():
-        return {"run": str(run), "note": "already built; not timed"}
-    cmd = [sys.executable, "-m", "pneumoscope", "-q", "ensemble", *runs, "--out", str(run)]
-    return {"run": str(run), **timed(cmd)}
+    return run_unless_finished(run, [sys.executable, "-m", "pneumoscope", "-q", "ensemble", *runs,
+                                     "--out", str(run)])
 
 
 def best_epoch(run: Path) -> str:

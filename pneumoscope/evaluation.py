@@ -170,7 +170,11 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
 
 
 # name -> the validation sensitivity the rule's threshold reaches (the highest such threshold)
-SENSITIVITY_RULES = {"sensitivity95": 0.95, "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
+# The lower targets exist for shifted sites: validation pneumonia films are harder than a
+# new site's (benchmarks/RESULTS.md, "The site sample"), so a validation target of 0.90
+# can keep 0.97 there at a much higher specificity.
+SENSITIVITY_RULES = {"sensitivity85": 0.85, "sensitivity90": 0.90, "sensitivity93": 0.93, "sensitivity95": 0.95,
+                     "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
 # The rule whose sensitivity and specificity moved least under the shortcut, stress and
 # resampling suites while keeping the shifted sensitivity >= 0.97, measured on the default
 # recipe's model trained on the full shared split (benchmarks/RESULTS.md, "Default recipe on

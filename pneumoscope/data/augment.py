@@ -75,6 +75,11 @@ PRESETS = {
     # wide framing and aspect ratio (0.78-1.28): what differs between sites (benchmarks/RESULTS.md)
     "robust": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
                             aspect=0.25),
+    # robust with wider zoom (0.6-1.4) and width:height (0.67-1.49): an older child's long,
+    # narrow chest looks like an infant's and back (the site sample's false positives are
+    # older children's healthy films; benchmarks/RESULTS.md, "The site sample")
+    "age": AugmentConfig(scale=0.4, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
+                         aspect=0.4),
     # robust + the shortcut breakers (benchmarks/RESULTS.md, "Shortcut and shift suites")
     "lungs": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
                            aspect=0.25, markers=0.5, border=0.3, erase=0.3, resample=0.3, jpeg=0.3),

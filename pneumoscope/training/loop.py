@@ -34,7 +34,7 @@ from pneumoscope.evaluation import ranking_metrics
 from pneumoscope.inference import predict_class_probs
 from pneumoscope.models import build_model, get_spec
 from pneumoscope.models.registry import imagenet_weights_available
-from pneumoscope.precision import resolve_precision
+from pneumoscope.precision import cpu_description, resolve_precision
 from pneumoscope.rundir import (
     BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
     atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
@@ -364,6 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     stop_after_epochs: leave after that many epochs as an interrupted run would (no
     thresholds, no summary; --resume continues), for tests and time-boxed sessions.
     overwrite: replace a run already in cfg.out (without it, or resume, that is refused)."""
+    started = time.perf_counter()
     run = RunDir(cfg.out)
     # Under torchrun rank 0 alone reads and writes RUN_DIR and hands the others what
     # they need (env.broadcast); without torchrun env is a world of one and all is as before.
@@ -397,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
                           train_set, val_set, show_progress, stop_after_epochs, on_epoch)
     if not finished:
         return None
-    return write_summary(run, cfg, env, model, state, train_set, val_set)
+    return write_summary(run, cfg, env, model, state, train_set, val_set, started)
 
 
 def saved_trunk_engine(saved: dict) -> str | None:
@@ -523,8 +524,10 @@ def end_epoch(cfg, run: RunDir, env: DistEnv, model, optimizer, scheduler, state
 
 
 def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dict,
-                  train_set: DecodedSet, val_set: DecodedSet) -> dict:
-    """The best model's thresholds and validation predictions (finalize), summary.json."""
+                  train_set: DecodedSet, val_set: DecodedSet, started: float) -> dict:
+    """The best model's thresholds and validation predictions (finalize), summary.json.
+    started: perf_counter() at train()'s start; train_wall_seconds is this session's part
+    (a resumed run's earlier sessions are not in it), on the CPU named beside it."""
     thresholds = finalize(run, cfg, model, val_set, env.device, env)
     summary = {
         "backbone": cfg.backbone, "best_epoch": state["best_epoch"] + 1,
@@ -532,6 +535,7 @@ def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dic
         "thresholds": thresholds, "n_train": len(train_set.samples), "n_val": len(val_set.samples),
         "val_fraction_actual": round(split_fraction(train_set.samples, val_set.samples), 4),
         "unreadable": train_set.failures + val_set.failures,
+        "train_wall_seconds": round(time.perf_counter() - started, 1), "cpu": cpu_description(),
     }
     if cfg.task != BINARY:  # val_roc_auc above is then the macro one-vs-rest ROC AUC
         summary["task"] = cfg.task

@@ -52,7 +52,7 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--head-epochs",), dict(type=int, help="staged fine-tuning: epochs that train only the new head")),
         (("--trainable-stages",), dict(type=int, help="after the head epochs, how many top backbone stages "
                                                       "are unfrozen (-1: all)")),
-        (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust", "lungs"],
+        (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust", "age", "lungs"],
                               help="augmentation preset (affine, brightness, contrast, gamma; lungs adds film "
                                    "markers, border blanking, erasing, resampling and JPEG jitter; no flips)")),
         (("--views",), dict(type=int, help="cpu-fast: augmented views of each training image through the "

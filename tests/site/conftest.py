@@ -87,3 +87,9 @@ def shifted_folder(site_root, tmp_path_factory) -> Path:
         path.rename(dest / path.name)
     shutil.rmtree(dest / "nested")
     return dest
+
+
+@pytest.fixture(scope="session")
+def site_bench():
+    """benchmarks/site.py, loaded as a module."""
+    return _load(HERE.parents[1] / "benchmarks" / "site.py", "_site_bench")

@@ -47,6 +47,7 @@ from pneumoscope.tasks import (
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
 from pneumoscope.training import seeds
+from pneumoscope.training.budget import apply_budget
 from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
 from pneumoscope.training.inputs import make_inputs
@@ -384,8 +385,10 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
     model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout,
                                       n_classes=n_classes(cfg.task)), env.device)
+    # --recipe auto on a CPU: views and epochs cut to the time budget (training.budget)
+    budget = apply_budget(cfg, model, env.device, len(split[0]), len(split[1])) if saved is None else None
     train_set, val_set = load_data(cfg, run, env, requested, split, resumed=saved is not None,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, budget=budget)
     optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
     state = restore(saved, run, env, model, optimizer, scheduler)
     # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
@@ -423,17 +426,22 @@ def resolve_config(cfg: TrainConfig, env: DistEnv, saved: dict | None) -> None:
     engine (on --resume, `auto` is the saved run's), the precisions, the device type."""
     if cfg.backbone == "auto":
         cfg.backbone = (saved or {}).get("backbone") or resolve_backbone(cfg)
+    for name, value in ((saved or {}).get("budget") or {}).get("chosen", {}).items():
+        if name in getattr(cfg, "recipe_filled", ()):  # a resumed auto run keeps what its budget chose
+            setattr(cfg, name, value)
     settings = resolve_settings(cfg, env.device, saved)
     for name in ("precision", "trunk_precision", "trunk_engine", "device"):
         setattr(cfg, name, settings[name])
 
 
 def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, split: tuple[list, list],
-              resumed: bool, show_progress: bool) -> tuple[DecodedSet, DecodedSet]:
-    """The patient-grouped split (prepare_split's (train, val)), decoded; config.json on a new run."""
+              resumed: bool, show_progress: bool, budget: dict | None = None) -> tuple[DecodedSet, DecodedSet]:
+    """The patient-grouped split (prepare_split's (train, val)), decoded; config.json on a new run
+    (with the time budget's record, where --recipe auto applied one)."""
     train_samples, val_samples = split
     if not resumed and env.is_main:  # after the split: it records the fraction the split gave
-        run.write_config({**cfg.to_dict(), "requested": requested, "decode_version": decode_version(),
+        run.write_config({**cfg.to_dict(), **({"budget": budget} if budget else {}),
+                          "requested": requested, "decode_version": decode_version(),
                           "val_fraction_actual": round(split_fraction(train_samples, val_samples), 4),
                           "preprocessing": preprocessing_contract(cfg), "distributed": env.describe()})
     decode = dict(show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)

@@ -59,11 +59,14 @@ def resolve_recipe_name(recipe: str, device: str, weights: str) -> str:
 
 
 def apply_recipe(cfg) -> None:
-    """Resolve cfg.recipe and fill every unset recipe option from it (in place)."""
+    """Resolve cfg.recipe and fill every unset recipe option from it (in place).
+    cfg.recipe_requested and cfg.recipe_filled (not options) tell training.budget what it
+    may cut: the options a --recipe auto filled, never those given."""
+    cfg.recipe_requested = cfg.recipe
     cfg.recipe = resolve_recipe_name(cfg.recipe, cfg.device, cfg.weights)
-    for name, value in RECIPES[cfg.recipe].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
+    cfg.recipe_filled = frozenset(name for name in RECIPES[cfg.recipe] if getattr(cfg, name) is None)
+    for name in cfg.recipe_filled:
+        setattr(cfg, name, RECIPES[cfg.recipe][name])
     if cfg.backbone == "auto" and cfg.recipe in RECIPE_BACKBONE:
         cfg.backbone = RECIPE_BACKBONE[cfg.recipe]
     if cfg.recipe == "cpu-fast" and cfg.trainable_stages < 1:  # before any work is done

@@ -26,6 +26,7 @@ from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import (
     DecodedSet, decode_samples, decode_version, report_failures, require_both_classes,
 )
+from pneumoscope.data.decode import dicom_decode_contract
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient, split_fraction
@@ -548,4 +549,5 @@ def preprocessing_contract(cfg: TrainConfig) -> dict:
         "geometry": "stretch",  # aspect ratio not kept: the reference copy was stretched
         "image_size": cfg.image_size,
         "input": "gray01",  # float (B,1,S,S) = uint8 / 255; normalisation is inside the model
+        "dicom_decode": dicom_decode_contract(),  # how a DICOM's grey levels become the image
     }

@@ -13,12 +13,15 @@ from pneumoscope.errors import UserError
 
 
 def _add_threshold_rule(p) -> None:
+    from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+
     # Not argparse choices: the rules are the run's (site exists after calibrate); an
     # unknown one is refused by OperatingPoint.threshold_for, naming the run's rules.
     p.add_argument("--threshold-rule", metavar="RULE",
-                   help="operating threshold from the run's threshold.json: youden or sensitivity95 "
-                        "(chosen on validation), site (after `calibrate`); default: the run's default "
-                        "(site once calibrated, else youden)")
+                   help=f"operating threshold from the run's threshold.json: youden, "
+                        f"{', '.join(SENSITIVITY_RULES)} (chosen on validation), site (after `calibrate`); "
+                        f"default: the run's default, named in its threshold.json (site once calibrated, "
+                        f"else {DEFAULT_THRESHOLD_RULE} for a run trained by this version)")
 
 
 def _add_strict(p) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
+from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 
 
@@ -169,13 +171,6 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
     return float(thresholds[ok[0]])  # roc_curve lists thresholds in decreasing order
 
 
-# name -> the validation sensitivity the rule's threshold reaches (the highest such threshold)
-SENSITIVITY_RULES = {"sensitivity95": 0.95, "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
-# The rule whose sensitivity and specificity moved least under the shortcut, stress and
-# resampling suites while keeping the shifted sensitivity >= 0.97, measured on the default
-# recipe's model trained on the full shared split (benchmarks/RESULTS.md, "Default recipe on
-# the full shared split"): sensitivity98 kept only 0.960 there, Youden's J moved a little more.
-DEFAULT_THRESHOLD_RULE = "sensitivity99"
 
 
 def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:

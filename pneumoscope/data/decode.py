@@ -38,6 +38,7 @@ truncated file is always an error and other PIL users in the process are unaffec
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -126,10 +127,20 @@ def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
             # Bounded even if the file grows (or is a pipe) while we read it.
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})") from e
+        raise ImageDecodeError(label, open_problem(e, path)) from e
     if len(data) > MAX_FILE_BYTES:
         raise ImageDecodeError(label, _too_big_file(len(data)))
     return data, label
+
+
+def open_problem(err: OSError, path: Path) -> str:
+    """What an OSError from opening `path` means, in the words every verb uses (audit,
+    evaluate, predict and the rest all name a bad link the same way)."""
+    if err.errno == errno.ELOOP:
+        return "symlink loop (the link leads back to itself)"
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symlink (its target does not exist)"
+    return f"cannot read file ({err.strerror or err})"
 
 
 def _check_regular(mode: int, label: str) -> None:

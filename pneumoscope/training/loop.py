@@ -76,8 +76,10 @@ def resolve_backbone(cfg: TrainConfig) -> str:
 
 
 def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, list]:
-    """Patient-grouped train/val split of DATA/train, written to manifest.csv (or read
-    back from it on --resume, so a resumed run sees the very same split)."""
+    """Patient-grouped train/val split of DATA/train (or read back from manifest.csv on
+    --resume, so a resumed run sees the very same split). Nothing is written here:
+    load_data writes the manifest once the model is built, so a run refused before
+    (a bad --weights) leaves no manifest behind."""
     if resume and (run / MANIFEST).exists():
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
@@ -88,7 +90,6 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     train_samples, val_samples = split_by_patient(samples, cfg.val_fraction,
                                                   cfg.seed if cfg.split_seed is None else cfg.split_seed, strata=strata)
     require_every_class(cfg.task, train_samples, val_samples, folder)
-    write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
 

@@ -214,9 +214,9 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
                   show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
     """p(pneumonia) and label for every readable image among `paths` (folders searched);
     CSV at `out` when given. onnx: see load_predictor."""
+    predictor = load_predictor(run_dir, onnx)  # a broken run is named first, whatever the paths
     files = expand_paths(paths)
     require_image_files(files, paths)
-    predictor = load_predictor(run_dir, onnx)
     rows = predict_sources(predictor, files, threshold_rule, strict, show_progress)
     if out:
         buffer = io.StringIO()

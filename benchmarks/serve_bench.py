@@ -101,11 +101,12 @@ def main() -> int:
     files = shared_images(Path(args.data), max(args.batch_images, 32))
 
     rows = []
-    for name, app in (("torch", create_app(run, device="cpu")),
-                      ("onnxruntime", create_app(run, onnx_path=onnx_path, device="cpu"))):
+    unlimited = {"rate_limit": None}  # a latency benchmark, not a stranger: no 429 after --requests
+    for name, app in (("torch", create_app(run, device="cpu", **unlimited)),
+                      ("onnxruntime", create_app(run, onnx_path=onnx_path, device="cpu", **unlimited))):
         t = latency_ms(app, files[:32], args.requests, args.warmup)
         rows.append((f"POST /v1/predict, {name}", f"{percentile(t, 50):.1f}", f"{percentile(t, 95):.1f}", len(t)))
-    t = latency_ms(create_app(run, device="cpu"), files[:32], args.heatmap_requests, 2, heatmap=True)
+    t = latency_ms(create_app(run, device="cpu", **unlimited), files[:32], args.heatmap_requests, 2, heatmap=True)
     rows.append(("POST /v1/predict?heatmap=true (Grad-CAM), torch", f"{percentile(t, 50):.1f}",
                  f"{percentile(t, 95):.1f}", len(t)))
 

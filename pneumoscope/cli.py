@@ -13,12 +13,15 @@ from pneumoscope.errors import UserError
 
 
 def _add_threshold_rule(p) -> None:
+    from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+
     # Not argparse choices: the rules are the run's (site exists after calibrate); an
     # unknown one is refused by OperatingPoint.threshold_for, naming the run's rules.
     p.add_argument("--threshold-rule", metavar="RULE",
-                   help="operating threshold from the run's threshold.json: youden or sensitivity95 "
-                        "(chosen on validation), site (after `calibrate`); default: the run's default "
-                        "(site once calibrated, else youden)")
+                   help=f"operating threshold from the run's threshold.json: youden, "
+                        f"{', '.join(SENSITIVITY_RULES)} (chosen on validation), site (after `calibrate`); "
+                        f"default: the run's default, named in its threshold.json (site once calibrated, "
+                        f"else {DEFAULT_THRESHOLD_RULE} for a run trained by this version)")
 
 
 def _add_strict(p) -> None:
@@ -72,6 +75,7 @@ def _predict_options(p) -> None:
 
 def _serve_options(p) -> None:
     from pneumoscope.serve import DEFAULT_MAX_UPLOAD_BYTES
+    from pneumoscope.serve.security import DEFAULT_RATE_LIMIT
 
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--host", default="127.0.0.1",
@@ -85,6 +89,17 @@ def _serve_options(p) -> None:
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:N); default: cuda when available")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default %(default)s)")
+    p.add_argument("--allowed-hosts", metavar="NAMES", default="",
+                   help="comma-separated host names or addresses clients use to reach the server, beside the "
+                        "--host address (and localhost for a loopback bind); a request naming any other Host "
+                        "is refused (DNS rebinding)")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="access token every API request must send as `Authorization: Bearer TOKEN`; required "
+                        "when --host is beyond loopback. Prefer the PNEUMOSCOPE_TOKEN environment variable "
+                        "(a command line is visible to other users of the machine)")
+    p.add_argument("--rate-limit", type=int, default=DEFAULT_RATE_LIMIT, metavar="N",
+                   help="requests a minute per client address, beyond which HTTP 429 (default %(default)s; "
+                        "0: no limit)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -296,10 +311,18 @@ def cmd_serve(args) -> int:
     from pneumoscope.serve import create_app
     from pneumoscope.serve.engine import InferenceEngine
 
+    from pneumoscope.serve.security import serving_token
+
+    token = serving_token(args.host, args.token)  # before the model loads: a refusal costs nothing
     # Load the model before the server starts, so a bad run or ONNX file is one line here.
     engine = InferenceEngine(args.run_dir, args.onnx, args.threshold_rule, args.device)
-    app = create_app(args.run_dir, engine=engine, max_upload_bytes=int(args.max_upload_mb * 2**20))
-    print(f"pneumoscope serving {args.run_dir} on http://{args.host}:{args.port}/  (API docs: /docs)")
+    hosts = tuple(h for h in args.allowed_hosts.split(",") if h.strip())
+    app = create_app(args.run_dir, engine=engine, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                     host=args.host, allowed_hosts=hosts, token=token, rate_limit=args.rate_limit)
+    print(f"pneumoscope serving {args.run_dir} on http://{args.host}:{args.port}/  (API: /openapi.json)")
+    print(f"access: {'token required (Authorization: Bearer ...)' if token else 'no token: loopback only'}; "
+          f"rate limit: {f'{args.rate_limit} requests a minute per client' if args.rate_limit else 'none'}; "
+          "uploads are read in memory, never written to disk")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

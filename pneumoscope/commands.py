@@ -114,6 +114,27 @@ def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarr
     )
 
 
+class NothingScoredError(DataError):
+    """predict or explain could score no image: an empty result must not pass for one in
+    a pipeline (exit 2, one line)."""
+
+
+def require_image_files(files: list[Path], given: list[str | Path]) -> None:
+    """Stop when the paths given hold no image file at all (an empty folder)."""
+    if not files:
+        raise NothingScoredError(f"nothing scored: no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+                                 + ", ".join(str(p) for p in given))
+
+
+def require_some_readable(n_read: int, failures: list[tuple[str, str]]) -> None:
+    """Stop, in one line, when every file was unreadable (a missing path included): with
+    or without --strict, nothing scored is an error, not an empty CSV."""
+    if n_read == 0 and failures:
+        path, problem = failures[0]
+        more = f" (and {len(failures) - 1} more unreadable file(s))" if len(failures) > 1 else ""
+        raise NothingScoredError(f"nothing scored: {path}: {problem}{more}")
+
+
 def expand_paths(paths: list[str | Path]) -> list[Path]:
     """Files as given, folders searched recursively for images (sorted)."""
     files = []
@@ -168,6 +189,7 @@ def predict_sources(predictor, sources: list, threshold_rule: str | None = None,
     """One row per readable source (path or uint8 array): path (None for an array),
     p_pneumonia and label at the rule's threshold."""
     kept, images, failures = decode_sources(predictor, sources)
+    require_some_readable(len(kept), failures)
     report_failures(failures, strict)
     stack = np.stack(images) if images else np.empty((0, predictor.image_size, predictor.image_size), np.uint8)
     probs = predictor.predict_class_probs(stack, show_progress=show_progress)
@@ -192,8 +214,10 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
                   show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
     """p(pneumonia) and label for every readable image among `paths` (folders searched);
     CSV at `out` when given. onnx: see load_predictor."""
-    predictor = load_predictor(run_dir, onnx)
-    rows = predict_sources(predictor, expand_paths(paths), threshold_rule, strict, show_progress)
+    predictor = load_predictor(run_dir, onnx)  # a broken run is named first, whatever the paths
+    files = expand_paths(paths)
+    require_image_files(files, paths)
+    rows = predict_sources(predictor, files, threshold_rule, strict, show_progress)
     if out:
         buffer = io.StringIO()
         predictions_csv(rows, buffer, task=predictor.task)

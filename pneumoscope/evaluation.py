@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
+from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 
 
@@ -169,17 +171,6 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
     return float(thresholds[ok[0]])  # roc_curve lists thresholds in decreasing order
 
 
-# name -> the validation sensitivity the rule's threshold reaches (the highest such threshold)
-# The lower targets exist for shifted sites: validation pneumonia films are harder than a
-# new site's (benchmarks/RESULTS.md, "The site sample"), so a validation target of 0.90
-# can keep 0.97 there at a much higher specificity.
-SENSITIVITY_RULES = {"sensitivity85": 0.85, "sensitivity90": 0.90, "sensitivity93": 0.93, "sensitivity95": 0.95,
-                     "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
-# The rule whose sensitivity and specificity moved least under the shortcut, stress and
-# resampling suites while keeping the shifted sensitivity >= 0.97, measured on the default
-# recipe's model trained on the full shared split (benchmarks/RESULTS.md, "Default recipe on
-# the full shared split"): sensitivity98 kept only 0.960 there, Youden's J moved a little more.
-DEFAULT_THRESHOLD_RULE = "sensitivity99"
 
 
 def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:

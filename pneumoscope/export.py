@@ -11,9 +11,10 @@
   ``probabilities`` ``(batch, 3)`` = their softmax, and ``p_pneumonia`` = p(bacterial) +
   p(viral). The batch axis is dynamic; the spatial size is fixed to the run's ``image_size``.
 * ``model.onnx.json`` — the contract a consumer needs to feed it and read it: input
-  size, geometry (``stretch``), scaling, output meaning, the run's thresholds and the
-  default rule, backbone, versions, the SHA-256 of the weights it came from and of the
-  ONNX file itself (a model swapped after export is refused).
+  size, geometry (``stretch``), scaling, the DICOM decode rule (``dicom_decode``), output
+  meaning, the run's thresholds and the default rule, backbone, versions, the SHA-256 of
+  the weights it came from and of the ONNX file itself (a model swapped after export is
+  refused).
 
 Whatever ``Predictor.model`` is (a plain Classifier, or a wrapper with the same
 ``(B,1,S,S) -> (B,C)`` logits forward, C = 2 or 3) is what gets exported.
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from pneumoscope import CLASSES, __version__
+from pneumoscope.data.decode import dicom_decode_contract
 from pneumoscope.inference import Predictor, predict_class_probs
 from pneumoscope.models import PNEUMONIA_INDEX
 from pneumoscope.onnx_contract import (
@@ -108,6 +110,8 @@ def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: i
             "image_size": size,
             "scaling": "x / 255",
             "input": pre.get("input", "gray01"),
+            # the rule this version's decode applies (predict --onnx decodes with it)
+            "dicom_decode": dicom_decode_contract(),
         },
         **_task_contract(predictor.task),
         "thresholds": predictor.thresholds,

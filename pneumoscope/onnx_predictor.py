@@ -80,7 +80,7 @@ class OnnxPredictor(OperatingPoint):
         if run_dir is not None:
             check_same_weights(contract, run_dir, onnx_path)
             run_thresholds = run_thresholds_for(contract, run_dir, onnx_path)
-        return cls(path=onnx_path, contract=contract, session=open_session(onnx_path, threads),
+        return cls(path=onnx_path, contract=contract, session=open_model_session(onnx_path, threads),
                    run_thresholds=run_thresholds)
 
     @property
@@ -112,6 +112,19 @@ class OnnxPredictor(OperatingPoint):
         probs = run_session(self.session, images, batch_size=batch_size, show_progress=show_progress,
                             output="probabilities")
         return probs if len(probs) else np.empty((0, 3), np.float32)
+
+
+def open_model_session(onnx_path: Path, threads: int | None = None):
+    """open_session, with a file onnxruntime cannot load (garbage whose contract was made to
+    match it, a truncated copy) named in one line instead of onnxruntime's traceback."""
+    try:
+        return open_session(onnx_path, threads)
+    except Exception as err:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, InvalidGraph, ...
+        if not type(err).__module__.startswith("onnxruntime"):
+            raise  # not the model file's fault: a bug, with its traceback
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(f"{onnx_path}: onnxruntime cannot load this model ({detail}); "
+                        "export it again with `pneumoscope export`") from err
 
 
 def check_same_weights(contract: dict, run_dir: str | Path, onnx_path: Path) -> None:

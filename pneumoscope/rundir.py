@@ -94,7 +94,20 @@ def read_json(path: str | Path):
 def save_model_weights(path: str | Path, state_dict: dict, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    atomic_write_bytes(path, safetensors_save(tensors, metadata=meta))
+    atomic_write_bytes(path, canonical_safetensors(safetensors_save(tensors, metadata=meta)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The file with its JSON header's keys sorted. safetensors writes the metadata in a
+    hash map's order, which changes from process to process, yet the same weights must be
+    the same bytes (a resumed run is bit-for-bit the uninterrupted one; the ensemble config
+    and the ONNX contract record the file's sha256). Tensor offsets count from the end of
+    the header, so only the header changes; it stays padded to 8 bytes with spaces."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def load_model_weights(path: str | Path) -> dict:

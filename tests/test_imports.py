@@ -35,7 +35,7 @@ EXTRA_CODE = {
 }
 # What a feature needs at run time without importing it by name.
 RUNTIME_ONLY = {
-    "serve": {"python-multipart"},  # Starlette parses the File/UploadFile form with it
+    "serve": {"python-multipart"},  # Starlette's multipart parser (serve/app.py's upload) runs on it
     "export": {"onnx", "onnxscript"},  # torch.onnx.export(dynamo=True) builds the graph with them
 }
 # The first release with what the code uses, and where that is written down.
@@ -43,7 +43,7 @@ DOCUMENTED_MINIMA = {
     # Starlette 1.6.0 (2026-08-08) added max_body_size (RequestBodyLimitMiddleware):
     # Kludex/starlette pull request 3431, release notes of 1.6.0.
     "starlette": "1.6",
-    # FastAPI's own max_body_size / form_limits (serve/app.py passes both) came after
+    # FastAPI's own max_body_size / form_limits (serve/app.py passes the first) came after
     # fastapi issue 16338 (2026-09-09: "FastAPI silently ignores Starlette's new
     # max_body_size"); 0.165.0 is the release checked to have them (its Requires-Dist
     # is starlette>=1.6.0). No earlier release could be checked offline.
@@ -186,9 +186,13 @@ def test_installed_versions_meet_every_floor():
 def test_fastapi_floor_has_the_limits_serve_passes():
     from fastapi import FastAPI
     from fastapi.routing import APIRouter
+    from starlette.formparsers import MultiPartParser
 
-    assert {"max_body_size", "form_limits"} <= set(inspect.signature(FastAPI).parameters)
+    assert "max_body_size" in set(inspect.signature(FastAPI).parameters)
     assert "max_body_size" in inspect.signature(APIRouter.post).parameters
+    # the in-memory upload (serve/app.py) sets the parser's spool size and its limits
+    assert isinstance(MultiPartParser.spool_max_size, int)
+    assert {"max_files", "max_fields"} <= set(inspect.signature(MultiPartParser).parameters)
 
 
 def test_import_walk_sees_lazy_and_relative_imports():

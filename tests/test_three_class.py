@@ -354,15 +354,16 @@ def test_predict_columns(three_run, tmp_path):
         assert r["label"] in ("NORMAL", "BACTERIAL", "VIRAL")
 
 
-def test_predict_header_when_nothing_is_readable(three_run, tmp_path, capsys):
-    from pneumoscope.cli import main
+def test_the_three_class_csv_header_stands_without_rows():
+    """The columns are the task's even with no row (predict itself stops with exit 2 when
+    nothing could be scored: tests/test_nothing_scored.py)."""
+    import io
 
-    broken = tmp_path / "broken.jpeg"
-    broken.write_bytes(b"not an image")
-    assert main(["-q", "predict", str(three_run), str(broken)]) == 0
-    assert capsys.readouterr().out.splitlines() == ["path,p_normal,p_bacterial,p_viral,p_pneumonia,label"]
-    assert main(["-q", "predict", str(three_run), str(broken), "--out", str(tmp_path / "p.csv")]) == 0
-    assert (tmp_path / "p.csv").read_text() == "path,p_normal,p_bacterial,p_viral,p_pneumonia,label\n"
+    from pneumoscope.commands import predictions_csv
+
+    out = io.StringIO()
+    predictions_csv([], out, task=THREE_CLASS)
+    assert out.getvalue() == "path,p_normal,p_bacterial,p_viral,p_pneumonia,label\n"
 
 
 def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from collections import defaultdict
@@ -11,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pneumoscope import CLASSES
-from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray
+from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray, open_problem
 from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
 from pneumoscope.errors import MissingFileError
 from pneumoscope.tasks import subtype_of
@@ -42,8 +41,8 @@ def _check_file(path: Path) -> str | None:
     if path.is_symlink():
         try:
             path.stat()
-        except OSError as err:
-            return "symlink loop" if err.errno == errno.ELOOP else "broken symlink"
+        except OSError as err:  # named as decode names it, so every verb says the same
+            return open_problem(err, path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file (suffix {path.suffix or 'none'!r})"
     try:
@@ -53,6 +52,19 @@ def _check_file(path: Path) -> str | None:
     except OSError as err:
         return f"cannot read: {err.strerror or err}"
     return None
+
+
+# The Kermany release numbers its persons (personN_..., IM-NNNN-...) per split folder:
+# person1 of train/ and person1 of test/ are different children. Kaggle's val/ was cut
+# from train/ and keeps its numbers. So ids read from file names are compared only among
+# splits of one numbering; a film copied across any splits is still found by its content
+# (duplicates). A --patients CSV gives ids that hold everywhere: compared across all.
+KERMANY_NUMBERING = {"train": "train", "val": "train", "test": "test"}
+
+
+def numbering_of(split: str, patients: PatientMap | None) -> str:
+    """The scope within which the split's patient ids name one person."""
+    return "all" if patients else KERMANY_NUMBERING.get(split, split)
 
 
 def audit_root(data_root: str | Path, show_progress: bool = True, patients: PatientMap | None = None) -> dict:
@@ -77,7 +89,7 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
     counts = {s: {c: 0 for c in CLASSES} for s in splits}
     subtypes = {s: {"BACTERIAL": 0, "VIRAL": 0, "UNNAMED": 0} for s in splits}  # PNEUMONIA by file name
     unreadable, by_hash = [], defaultdict(list)
-    patients_seen = defaultdict(set)  # patient -> splits
+    patients_seen = defaultdict(set)  # (numbering, patient) -> splits
     for split, label, path in tqdm(jobs, desc="audit", unit="file", disable=not show_progress):
         problem = _check_file(path)
         rel = str(path.relative_to(data_root))
@@ -88,7 +100,8 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
         if CLASSES[label] == "PNEUMONIA":
             subtypes[split][(subtype_of(path.name) or "unnamed").upper()] += 1
         by_hash[file_sha1(path)].append(rel)
-        patients_seen[patient_of.get(path) or patient_id(path.name)].add(split)
+        patient = patient_of.get(path) or patient_id(path.name)
+        patients_seen[numbering_of(split, patients), patient].add(split)
 
     per_split = {}
     for split, by_class in counts.items():
@@ -101,7 +114,7 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
             "three_class": {"NORMAL": normal, **subtypes[split]},
         }
     duplicates = [sorted(paths) for paths in by_hash.values() if len(paths) > 1]
-    shared = {p: sorted(s) for p, s in patients_seen.items() if len(s) > 1}
+    shared = {p: sorted(s) for (_, p), s in patients_seen.items() if len(s) > 1}
     return {
         "data_root": str(data_root),
         "patients_from": str(patients.source) if patients else "file names (Kermany)",
@@ -110,6 +123,9 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
         "skipped_symlinked_folders": [str(p.relative_to(data_root)) for p in skipped],
         "duplicates": sorted(duplicates),
         "patients_shared_across_splits": dict(sorted(shared.items())),
+        "patients_compared": ("across all splits (--patients ids)" if patients else
+                              "within train+val and within test (the Kermany release numbers its "
+                              "persons per split; copies across them are in duplicates)"),
     }
 
 
@@ -132,7 +148,7 @@ def format_audit(report: dict) -> str:
     lines.append(f"exact duplicate groups: {len(report['duplicates'])}")
     lines += [f"  {' = '.join(group)}" for group in report["duplicates"]]
     shared = report["patients_shared_across_splits"]
-    lines.append(f"patients shared across splits: {len(shared)}")
+    lines.append(f"patients shared across splits: {len(shared)} (compared {report['patients_compared']})")
     lines += [f"  {p}: {', '.join(s)}" for p, s in list(shared.items())[:20]]
     if len(shared) > 20:
         lines.append(f"  ... and {len(shared) - 20} more (see --json)")

@@ -20,10 +20,15 @@ Choices that the rest of the code relies on:
   viewer or browser shows it, so heat maps line up with what the user sees).
 * DICOM: only projection radiographs (Modality CR, DX or DR; a file without Modality is
   given the benefit of the doubt) in a frontal view (ViewPosition LL, RL or LAT, a
-  lateral, is refused: the model has only seen frontal films). Modality LUT (rescale) ->
-  VOI (window centre/width of the first view, or the VOI LUT Sequence) else a robust
-  window (0.5th to 99.5th percentile, so a few saturated or dead pixels do not squash
-  the image) -> 0..255 -> MONOCHROME1 inverted.
+  lateral, is refused: the model has only seen frontal films). Then DICOM_DECODE_RULE
+  (recorded in every run's config.json and every ONNX contract as ``dicom_decode``), so
+  a DICOM answers like the picture a viewer shows of it: Modality LUT (rescale) -> the
+  VOI the file carries (window centre/width of the first view, or the VOI LUT Sequence);
+  without a VOI, data of at most 8 stored bits is shown as stored (its full stored range,
+  through the rescale, is the window: the 8-bit pixels of a JPEG put in a DICOM decode
+  to the very same pixels); only deeper data without a VOI gets a window of our own, the
+  0.5th to 99.5th percentile (so a few saturated or dead pixels do not squash the
+  image) -> 0..255 -> MONOCHROME1 inverted.
 * Geometry: stretch to ``size x size`` (aspect ratio not kept) with PIL's bilinear
   resize, which antialiases when it shrinks.
 
@@ -33,6 +38,7 @@ truncated file is always an error and other PIL users in the process are unaffec
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -54,6 +60,8 @@ __all__ = [
     "decode_gray",
     "resize_to_model",
     "load_image",
+    "DICOM_DECODE_VERSION",
+    "dicom_decode_contract",
 ]
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
@@ -119,10 +127,20 @@ def _read_source(source: Source, name: str | None) -> tuple[bytes, str]:
             # Bounded even if the file grows (or is a pipe) while we read it.
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})") from e
+        raise ImageDecodeError(label, open_problem(e, path)) from e
     if len(data) > MAX_FILE_BYTES:
         raise ImageDecodeError(label, _too_big_file(len(data)))
     return data, label
+
+
+def open_problem(err: OSError, path: Path) -> str:
+    """What an OSError from opening `path` means, in the words every verb uses (audit,
+    evaluate, predict and the rest all name a bad link the same way)."""
+    if err.errno == errno.ELOOP:
+        return "symlink loop (the link leads back to itself)"
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symlink (its target does not exist)"
+    return f"cannot read file ({err.strerror or err})"
 
 
 def _check_regular(mode: int, label: str) -> None:
@@ -489,6 +507,23 @@ def _ts_name(tsyntax) -> str:
     return f"{name} [{tsyntax}]" if name and name != str(tsyntax) else str(tsyntax)
 
 
+# The DICOM grey-level rule (see the module docstring). Its version goes into config.json
+# and the ONNX contract beside the rule, so a run or an export says which one it expects;
+# version 1 (runs before it) windowed 8-bit data without a VOI by the percentiles too.
+DICOM_DECODE_VERSION = 2
+DICOM_DECODE_RULE = (
+    "rescale (Modality LUT), then the VOI the file carries (VOI LUT Sequence, else the first "
+    "WindowCenter/WindowWidth with its VOILUTFunction); without a VOI: BitsStored <= 8 shown as "
+    "stored (the full stored range through the rescale is the window), deeper data windowed "
+    "from its 0.5th to 99.5th percentile; to 0..255, MONOCHROME1 inverted"
+)
+
+
+def dicom_decode_contract() -> dict:
+    """The DICOM decode rule as config.json and the ONNX contract record it."""
+    return {"version": DICOM_DECODE_VERSION, "rule": DICOM_DECODE_RULE}
+
+
 def _dicom_to_unit(arr: np.ndarray, ds) -> np.ndarray:
     """Stored values -> display values in [0, 1] (before MONOCHROME1 inversion)."""
     apply_modality_lut, apply_voi = _pydicom_luts()
@@ -499,7 +534,29 @@ def _dicom_to_unit(arr: np.ndarray, ds) -> np.ndarray:
     if window is not None:
         center, width, function = window
         return _apply_window(values.astype(np.float64), center, width, function)
+    if _bits_stored(ds, arr) <= 8:
+        return _stored_range_window(values, ds, apply_modality_lut)
     return _robust_window(values)
+
+
+def _bits_stored(ds, arr: np.ndarray) -> int:
+    """BitsStored, else BitsAllocated, else the pixel array's own width."""
+    bits = ds.get("BitsStored") or ds.get("BitsAllocated")
+    return int(bits) if bits else arr.dtype.itemsize * 8
+
+
+def _stored_range_window(values: np.ndarray, ds, apply_modality_lut) -> np.ndarray:
+    """Shallow data without a VOI, shown as stored: the whole stored range (0..255 for
+    unsigned 8-bit), through the rescale, maps onto [0, 1], its lowest output black (so a
+    negative slope inverts, as the photometric interpretation reads the output values)."""
+    bits = int(ds.get("BitsStored") or 8)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    ends = apply_modality_lut(np.array([lo, hi], dtype=np.int16 if signed else np.uint16), ds)
+    black, white = sorted(float(v) for v in ends)
+    if black == white:  # a degenerate rescale: nothing to show
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values.astype(np.float64) - black) / (white - black), 0.0, 1.0)
 
 
 def _pydicom_luts():

@@ -153,6 +153,8 @@ def discover_split(split_dir: str | Path, split: str = "", patients: PatientMap 
     """All labelled images of one folder holding NORMAL/ and PNEUMONIA/; patient ids from
     the file names, or from `patients` (a --patients CSV) when given."""
     split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise MissingFileError(f"{split_dir}: {'not a folder' if split_dir.exists() else 'no such folder'}")
     class_dirs = _class_dirs(split_dir)
     if not class_dirs:
         raise MissingFileError(

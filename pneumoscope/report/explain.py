@@ -8,10 +8,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pneumoscope import CLASSES
-from pneumoscope.commands import expand_paths
+from pneumoscope.commands import expand_paths, require_image_files, require_some_readable
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.decode import ImageDecodeError
-from pneumoscope.errors import MissingFileError
 from pneumoscope.inference import Predictor
 from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
 from pneumoscope.rundir import atomic_write_bytes
@@ -34,22 +33,21 @@ def explain_images(run_dir: str | Path, images: list[str | Path], out: str | Pat
     """For each readable image (files, or folders searched for images): the Grad-CAM
     overlay written to OUT (default RUN_DIR/explain) and a dict with path, p_pneumonia,
     label (at the run's threshold, or `threshold_rule`'s), threshold and overlay path.
-    Unreadable files are named in a warning and skipped (an error with `strict`)."""
+    Unreadable files are named in a warning and skipped (an error with `strict`); none
+    readable, or no image among `images`, is a NothingScoredError."""
     predictor = Predictor.from_run(run_dir)
     threshold = predictor.threshold_for(threshold_rule)
     out = Path(out) if out else Path(run_dir) / "explain"
     files = expand_paths(images)
-    if not files:
-        raise MissingFileError(f"explain: no image files among {[str(p) for p in images]}")
+    require_image_files(files, images)
     loaded, failures = [], []
     for path in files:
         try:
             loaded.append((path, predictor.load(path)))
         except (ImageDecodeError, OSError) as err:
             failures.append((str(path), getattr(err, "problem", None) or str(err)))
+    require_some_readable(len(loaded), failures)
     report_failures(failures, strict)
-    if not loaded:
-        return []
     probs = predictor.predict_images(np.stack([image for _, image in loaded]))
     results = []
     names = _out_names([path for path, _ in loaded])

@@ -26,6 +26,7 @@ from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import (
     DecodedSet, decode_samples, decode_version, report_failures, require_both_classes,
 )
+from pneumoscope.data.decode import dicom_decode_contract
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient, split_fraction
@@ -76,8 +77,10 @@ def resolve_backbone(cfg: TrainConfig) -> str:
 
 
 def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, list]:
-    """Patient-grouped train/val split of DATA/train, written to manifest.csv (or read
-    back from it on --resume, so a resumed run sees the very same split)."""
+    """Patient-grouped train/val split of DATA/train (or read back from manifest.csv on
+    --resume, so a resumed run sees the very same split). Nothing is written here:
+    load_data writes the manifest once the model is built, so a run refused before
+    (a bad --weights) leaves no manifest behind."""
     if resume and (run / MANIFEST).exists():
         roles = read_manifest(run / MANIFEST)
         return roles["train"], roles["val"]
@@ -88,7 +91,6 @@ def prepare_split(cfg: TrainConfig, run: RunDir, resume: bool) -> tuple[list, li
     train_samples, val_samples = split_by_patient(samples, cfg.val_fraction,
                                                   cfg.seed if cfg.split_seed is None else cfg.split_seed, strata=strata)
     require_every_class(cfg.task, train_samples, val_samples, folder)
-    write_manifest(run / MANIFEST, {"train": train_samples, "val": val_samples})
     return train_samples, val_samples
 
 
@@ -560,4 +562,5 @@ def preprocessing_contract(cfg: TrainConfig) -> dict:
         "geometry": "stretch",  # aspect ratio not kept: the reference copy was stretched
         "image_size": cfg.image_size,
         "input": "gray01",  # float (B,1,S,S) = uint8 / 255; normalisation is inside the model
+        "dicom_decode": dicom_decode_contract(),  # how a DICOM's grey levels become the image
     }

@@ -31,14 +31,38 @@ def test_audit_finds_planted_duplicate_and_unreadable(small_data_root, tmp_path,
     assert "unreadable files: 1" in table and "person9999_bacteria_1.jpeg" in table
 
 
-def test_audit_reports_patients_shared_across_splits(small_data_root, tmp_path):
+def _another_film_of(root, patient: str, split: str):
+    """A different image (not a duplicate) named as `patient`'s, planted in `split`."""
+    target = root / split / "PNEUMONIA" / f"{patient}_virus_99999.jpeg"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(sorted((root / "train" / "NORMAL").glob("*.jpeg"))[3], target)
+    return target
+
+
+def test_audit_reports_a_patient_in_train_and_val(small_data_root, tmp_path):
+    # val/ of the Kermany release keeps train/'s person numbers: the same id is one child
     root = tmp_path / "copy"
     shutil.copytree(small_data_root, root)
-    first = sorted((root / "train" / "PNEUMONIA").glob("person*.jpeg"))[0]
-    patient = first.name.split("_")[0]
-    target = root / "test" / "PNEUMONIA" / f"{patient}_virus_99999.jpeg"
-    # a different image (not a duplicate) of the same patient in test
-    other = sorted((root / "train" / "NORMAL").glob("*.jpeg"))[3]
-    shutil.copy2(other, target)
+    patient = sorted((root / "train" / "PNEUMONIA").glob("person*.jpeg"))[0].name.split("_")[0]
+    _another_film_of(root, patient, "val")
+    (root / "val" / "NORMAL").mkdir()
     report = audit_root(root, show_progress=False)
-    assert report["patients_shared_across_splits"][patient] == ["test", "train"]
+    assert report["patients_shared_across_splits"][patient] == ["train", "val"]
+
+
+def test_audit_does_not_match_kermany_persons_of_train_and_test(small_data_root, tmp_path, capsys):
+    """The release numbers persons per split (person1 of train/ and of test/ are two
+    children): the same id in train/ and test/ is no shared patient; a copied film is
+    still found, by its content."""
+    root = tmp_path / "copy"
+    shutil.copytree(small_data_root, root)
+    patient = sorted((root / "train" / "PNEUMONIA").glob("person*.jpeg"))[0].name.split("_")[0]
+    _another_film_of(root, patient, "test")
+    copied = sorted((root / "train" / "NORMAL").glob("*.jpeg"))[0]
+    shutil.copy2(copied, root / "test" / "NORMAL" / copied.name)
+    report = audit_root(root, show_progress=False)
+    assert report["patients_shared_across_splits"] == {}
+    assert [f"test/NORMAL/{copied.name}", f"train/NORMAL/{copied.name}"] in report["duplicates"]
+    assert "within train+val and within test" in report["patients_compared"]
+    assert main(["-q", "audit", str(root)]) == 0
+    assert "patients shared across splits: 0 (compared within train+val" in capsys.readouterr().out

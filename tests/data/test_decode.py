@@ -460,6 +460,24 @@ def test_dicom_16bit_without_window(gray):
     _close(out, _robust_u8(gray))
 
 
+def test_dicom_8bit_without_window_is_shown_as_stored(gray):
+    """No VOI and at most 8 bits stored: the stored range is the window, so the pixels come
+    back as they are (a percentile window would stretch them), whatever the rescale."""
+    stored = gray.astype(np.uint8)
+    attrs = dict(BitsAllocated=8, BitsStored=8, HighBit=7)
+    np.testing.assert_array_equal(decode_gray(_dicom(stored, **attrs)), gray)
+    np.testing.assert_array_equal(decode_gray(_dicom(stored, RescaleSlope=2, RescaleIntercept=-50, **attrs)), gray)
+    # a negative slope turns the values over, so the picture is inverted
+    inverted = decode_gray(_dicom(stored, RescaleSlope=-1, RescaleIntercept=255, **attrs))
+    np.testing.assert_array_equal(inverted, 255 - gray)
+
+
+def test_dicom_signed_8bit_without_window_is_shown_as_stored(gray):
+    stored = (gray.astype(np.int16) - 128).astype(np.int8)
+    out = decode_gray(_dicom(stored, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=1))
+    np.testing.assert_array_equal(out, gray)
+
+
 def test_dicom_12bit_rescale_without_window(gray):
     stored = gray.astype(np.uint16) * 16
     data = _dicom(stored, BitsStored=12, HighBit=11, RescaleSlope=0.5, RescaleIntercept=-100)

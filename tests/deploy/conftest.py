@@ -31,7 +31,8 @@ FORMATS = ("jpeg", "png16", "dcm_mono2_16", "dcm_mono1_12")
 
 
 def dicom_bytes(stored: np.ndarray, **attrs) -> bytes:
-    """A Digital X-Ray DICOM file (with preamble and file meta) holding uint16 `stored`."""
+    """A Digital X-Ray DICOM file (with preamble and file meta) holding `stored`: uint8
+    as 8 bits allocated and stored, anything else as uint16."""
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
     ds.SOPInstanceUID = generate_uid()
@@ -39,10 +40,11 @@ def dicom_bytes(stored: np.ndarray, **attrs) -> bytes:
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    bits = 8 if stored.dtype == np.uint8 else 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     for key, value in attrs.items():
         setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
+    ds.PixelData = np.ascontiguousarray(stored, dtype="u1" if bits == 8 else "<u2").tobytes()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -169,6 +171,12 @@ def server_for():
 def encode():
     """encode_as(gray, fmt) -> (bytes, suffix): fmt in png16, dcm_mono2_16, dcm_mono1_12."""
     return encode_as
+
+
+@pytest.fixture(scope="session")
+def make_dicom():
+    """dicom_bytes(stored, **attrs) -> bytes of a DX DICOM holding `stored` (uint8: 8-bit)."""
+    return dicom_bytes
 
 
 @pytest.fixture(scope="session")

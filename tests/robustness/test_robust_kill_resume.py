@@ -184,6 +184,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(recipe_name, small_d
     got, want = load_file(run / BEST_MODEL), load_file(reference / BEST_MODEL)
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+    # bit for bit, header included (its metadata order was the writing process's hash order)
+    assert (run / BEST_MODEL).read_bytes() == (reference / BEST_MODEL).read_bytes()
     assert json.loads((run / THRESHOLD).read_text()) == json.loads((reference / THRESHOLD).read_text())
     summary, ref_summary = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     for key in ("best_epoch", "epochs_run", "val_roc_auc", "thresholds"):

@@ -65,8 +65,17 @@ async function analyse(file) {
   $("drop").classList.add("busy");
   const form = new FormData();
   form.append("file", file, file.name);
+  const token = $("token").value.trim();  // a server bound beyond localhost asks for one
+  const headers = token ? { Authorization: "Bearer " + token } : {};
   try {
-    const response = await fetch("/v1/predict?heatmap=true", { method: "POST", body: form });
+    const response = await fetch("/v1/predict?heatmap=true", { method: "POST", body: form, headers });
+    if (response.status === 401) {
+      $("result").hidden = true;
+      $("token-box").hidden = false;
+      $("token").focus();
+      setStatus("This server needs its access token: enter it below, then choose the file again.", true);
+      return;
+    }
     if (!response.ok) {
       $("result").hidden = true;
       setStatus("Could not analyse " + file.name + ": " + (await errorText(response)), true);

@@ -9,8 +9,9 @@ or scikit-learn; pneumoscope.evaluation chooses the thresholds.
 # can keep 0.97 there at a much higher specificity.
 SENSITIVITY_RULES = {"sensitivity85": 0.85, "sensitivity90": 0.90, "sensitivity93": 0.93, "sensitivity95": 0.95,
                      "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
-# The rule whose sensitivity and specificity moved least under the shortcut, stress and
-# resampling suites while keeping the shifted sensitivity >= 0.97, measured on the default
-# recipe's model trained on the full shared split (benchmarks/RESULTS.md, "Default recipe on
-# the full shared split"): sensitivity98 kept only 0.960 there, Youden's J moved a little more.
-DEFAULT_THRESHOLD_RULE = "sensitivity99"
+# The rule chosen on the site sample (benchmarks/RESULTS.md, "The site sample"): of the
+# validation rules, the one whose site-sample sensitivity reached 0.97 on every seed of the
+# default recipe at the highest site specificity (its value still comes from validation,
+# so it travels to other sites). sensitivity99, the default from 2026-12-03 to 2026-12-07,
+# cost 0.2 of site specificity for sensitivity the site did not need.
+DEFAULT_THRESHOLD_RULE = "sensitivity95"

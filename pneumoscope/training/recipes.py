@@ -25,13 +25,14 @@ RECIPES: dict[str, dict] = {
         "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 1, "trainable_stages": -1,
         "patience": 4, "augment": "medium", "dropout": 0.2, "label_smoothing": 0.0, "views": 0,
     },
-    # Tuned on the shared train split (benchmarks/RESULTS.md, "Recipe experiments" and
-    # "Three trainable stages"): blocks5 + blocks6 + head trained on a cached Lite0 trunk,
-    # clean + 2 "robust" views, 5 epochs; early stopping after 3 epochs without a better
-    # validation ROC AUC.
+    # Chosen on the site sample and validation together (benchmarks/RESULTS.md, "The site
+    # sample"): blocks6 + head trained on a cached Lite0 trunk at 128 px, clean + 2 "robust"
+    # views, 8 epochs; early stopping after 3 epochs without a better validation ROC AUC.
+    # 128 px rather than 224: over three seeds each, the site sample's ROC AUC rose
+    # 0.971 -> 0.983 -> 0.987 from 224 to 160 to 128 px while validation's fell 0.998 -> 0.996.
     "cpu-fast": {
-        "epochs": 5, "image_size": 224, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
-        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 3,
+        "epochs": 8, "image_size": 128, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
+        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 2,
         "patience": 3, "augment": "robust", "dropout": 0.2, "label_smoothing": 0.0, "views": 2,
     },
 }

@@ -25,7 +25,6 @@ from tqdm import tqdm
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.workers import decoded_batches, default_workers
 from pneumoscope.errors import DataError, MissingFileError, OptionError
-from pneumoscope.rundir import atomic_write_with
 from pneumoscope.tasks import bv_threshold_of, prediction_columns, prediction_rows
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ class CsvSink:
 def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None, *,
                     files_list: str | Path | None = None, resume: bool = False,
                     threshold_rule: str | None = None, strict: bool = False, engine: str | None = None,
-                    batch_size: int = DEFAULT_BATCH, workers: int | None = None, reduced: bool = False,
+                    batch_size: int | None = None, workers: int | None = None, reduced: bool = False,
                     device: str | None = None, onnx: str | Path | None = None,
                     show_progress: bool = True) -> PredictSummary:
     """Score every file of `paths` / `files_list` into the CSV `out` (stdout: None).
@@ -141,15 +140,19 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
     env = init_from_env(device or "auto")
     if env.world_size > 1 and out is None:
         raise OptionError("under torchrun, predict needs --out (rank 0 joins the ranks' rows into it)")
-    scorer = load_scorer(run_dir, engine, str(env.device), onnx=onnx)
+    # ranks on one machine share its cores: each takes its part for onnxruntime and decoding
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if workers is None and env.world_size > 1:
+        workers = min(cores, default_workers())
+    scorer = load_scorer(run_dir, engine, str(env.device), threads=cores if env.world_size > 1 else None, onnx=onnx)
     header = ["path", *prediction_columns(scorer.task), "label"]
     if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
         return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)
     target = part_path(Path(out), env.rank, env.world_size) if out is not None else None
     done = read_done(target, header) if resume else set()
     mine = [f for f in shard(files, env.rank, env.world_size) if f not in done]
-    summary = score_files(scorer, mine, target, header, threshold_rule, strict, batch_size, workers, reduced,
-                          append=resume, show_progress=show_progress and env.is_main)
+    summary = score_files(scorer, mine, target, header, threshold_rule, strict, batch_size or DEFAULT_BATCH,
+                          workers, reduced, append=resume, show_progress=show_progress and env.is_main)
     summary.resumed = len(done)
     if env.world_size > 1:
         join_parts(Path(out), env, header)
@@ -187,6 +190,8 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
 
 def join_parts(out: Path, env, header: list[str]) -> None:
     """Rank 0 writes the ranks' parts, in rank order, into `out` (atomically) and removes them."""
+    from pneumoscope.rundir import atomic_write_with
+
     env.barrier()
     if env.is_main:
         parts = [part_path(out, r, env.world_size) for r in range(env.world_size)]

@@ -67,8 +67,6 @@ def _add_engine(p) -> None:
 
 
 def _predict_options(p) -> None:
-    from pneumoscope.archive import DEFAULT_BATCH
-
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("paths", nargs="*", help="image files (JPEG, PNG, DICOM) or folders (searched recursively)")
     p.add_argument("--files", metavar="LIST_TXT", help="also score the files listed in LIST_TXT, one path a line")
@@ -81,7 +79,7 @@ def _predict_options(p) -> None:
     p.add_argument("--onnx", metavar="MODEL_ONNX",
                    help="run this ONNX export of RUN_DIR's model with onnxruntime instead of torch "
                         "(same decode; contract and thresholds from MODEL_ONNX.json)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="films per model call (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="films per model call (default 32)")
     p.add_argument("--workers", type=int, default=None,
                    help="decode processes (default: the cores, at most 4; 0: decode in this process)")
     p.add_argument("--reduced-decode", action="store_true",
@@ -306,7 +304,7 @@ def cmd_predict(args) -> int:
 
     if not args.paths and not args.files:
         raise OptionError("name image files or folders, or --files LIST_TXT")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}")
     summary = predict_archive(args.run_dir, args.paths, out=args.out, files_list=args.files, resume=args.resume,
                               threshold_rule=args.threshold_rule, strict=args.strict, engine=args.engine,

@@ -124,12 +124,13 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
                     files_list: str | Path | None = None, resume: bool = False,
                     threshold_rule: str | None = None, strict: bool = False, engine: str | None = None,
                     batch_size: int | None = None, workers: int | None = None, reduced: bool = False,
-                    device: str | None = None, onnx: str | Path | None = None,
+                    device: str | None = None, onnx: str | Path | None = None, int8: bool = False,
                     show_progress: bool = True) -> PredictSummary:
     """Score every file of `paths` / `files_list` into the CSV `out` (stdout: None).
     strict: an unreadable file stops the scoring (decoding goes on, so the error names
     every one) and a CSV this run started is removed. reduced: JPEG draft decoding
-    (data.decode.load_image). onnx: a user's export instead of the engine (load_scorer).
+    (data.decode.load_image). onnx: a user's export instead of the engine; int8: the engine
+    quantized where validation allows (both: scoring.load_scorer).
     Under torchrun: one shard per rank, joined by rank 0."""
     from pneumoscope.scoring import load_scorer
     from pneumoscope.training.distributed import init_from_env
@@ -144,7 +145,8 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if workers is None and env.world_size > 1:
         workers = min(cores, default_workers())
-    scorer = load_scorer(run_dir, engine, str(env.device), threads=cores if env.world_size > 1 else None, onnx=onnx)
+    scorer = load_scorer(run_dir, engine, str(env.device), threads=cores if env.world_size > 1 else None,
+                         onnx=onnx, int8=int8)
     header = ["path", *prediction_columns(scorer.task), "label"]
     if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
         return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)

@@ -59,10 +59,15 @@ def resolve_engine(engine: str | None, device: torch.device) -> str:
 
 
 def load_scorer(run_dir: str | Path, engine: str | None = None, device: str | None = None,
-                threads: int | None = None, onnx: str | Path | None = None):
+                threads: int | None = None, onnx: str | Path | None = None, int8: bool = False):
     """The run's predictor on the resolved engine (see fast_scorer). onnx: a user's own
-    export (`--onnx`), taken as it is (its contract was checked at export). Each has
+    export (`--onnx`), taken as it is (its contract was checked at export). int8: the
+    engine quantized (pneumoscope.quantize), where its validation ROC AUC holds. Each has
     `runtime` (torch or onnxruntime)."""
+    if int8:
+        if onnx:
+            raise OptionError("--int8 quantizes the run's own engine; it does not take --onnx")
+        return int8_scorer(run_dir, Predictor.from_run(run_dir, device=device), engine, threads)
     if onnx:
         from pneumoscope.onnx_predictor import OnnxPredictor
 
@@ -86,6 +91,23 @@ def fast_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None = 
             raise
         log.warning("no onnxruntime engine for %s (%s); scoring with torch", run_dir, str(err).splitlines()[0])
         return predictor
+
+
+def int8_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None, threads: int | None):
+    """The int8 engine where pneumoscope.quantize keeps it, else the fp32 one (a warning says why)."""
+    from pneumoscope.onnx_predictor import OnnxPredictor
+    from pneumoscope.quantize import int8_engine
+
+    if resolve_engine(engine, predictor.device) != "onnxruntime":
+        raise OptionError("--int8 runs on onnxruntime on a CPU (installed, fp32, not --engine torch)")
+    fp32 = fast_scorer(run_dir, predictor, "onnxruntime", threads)
+    with _locked(Path(run_dir) / f".{ENGINE_FILE}.lock"):
+        path = int8_engine(run_dir, fp32.onnx.path)
+    if path is None:
+        return fp32
+    int8 = OnnxPredictor.from_file(path, run_dir=run_dir, threads=threads, spinning=False)
+    int8.runtime = "onnxruntime int8"
+    return int8
 
 
 def cached_engine(run_dir: str | Path, predictor: Predictor, threads: int | None = None):

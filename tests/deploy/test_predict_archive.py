@@ -175,3 +175,27 @@ def test_torchrun_two_ranks_join_the_single_process_csv(run, films, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert joined.read_text() == single.read_text()
     assert not list(tmp_path.glob("joined.csv.rank*"))  # the parts are gone
+
+
+def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, capsys):
+    from pneumoscope.quantize import CHECK_FILE, INT8_FILE, MAX_AUC_DIFF
+    from pneumoscope.rundir import read_json
+
+    int8_csv, fp32_csv = tmp_path / "int8.csv", tmp_path / "fp32.csv"
+    assert main(["-q", "predict", str(run), *films, "--out", str(int8_csv), "--int8"]) == 0
+    said = capsys.readouterr().out
+    record = read_json(run / CHECK_FILE)
+    assert record["films"] > 0 and {"val_roc_auc_fp32", "val_roc_auc_int8", "max_abs_dp"} <= set(record)
+    assert record["kept"] == (abs(record["val_roc_auc_int8"] - record["val_roc_auc_fp32"]) <= MAX_AUC_DIFF)
+    assert main(["-q", "predict", str(run), *films, "--out", str(fp32_csv)]) == 0
+    capsys.readouterr()
+    if record["kept"]:
+        assert "[onnxruntime int8]" in said and (run / INT8_FILE).is_file()
+        assert read_json(run / f"{INT8_FILE}.json")["quantization"]["kept"] is True
+    else:  # refused: fp32 scored, and nothing of the int8 graph is left
+        assert "[onnxruntime]" in said and not (run / INT8_FILE).exists()
+        assert int8_csv.read_text() == fp32_csv.read_text()
+    stamp = (run / CHECK_FILE).stat().st_mtime_ns  # judged once per engine
+    assert main(["-q", "predict", str(run), films[0], "--int8"]) == 0
+    assert (run / CHECK_FILE).stat().st_mtime_ns == stamp
+    assert main(["-q", "predict", str(run), films[0], "--int8", "--engine", "torch"]) == 2

@@ -10,7 +10,9 @@ children (decode workers), sampled from /proc every 50 ms.
 
 * 224 px: the first --films JPEGs of --data (sorted), `--engine torch` (the old path's
   engine, streamed), the default (onnxruntime) with the engine export included (cold:
-  RUN_DIR/engine.onnx removed first) and cached (warm), and with --before-repo the CLI of
+  RUN_DIR/engine.onnx removed first) and cached (warm), `--int8` (its first run includes
+  the quantization and the validation check, whose verdict the JSON records; a refused
+  int8 engine scores in fp32), `--workers 0`, and with --before-repo the CLI of
   another checkout (e.g. `git worktree add /tmp/before main` before this issue's merge),
   run the same way: the before -> after figure.
 * Full-size originals: --originals of the films upsampled (bicubic) to 1,000-2,000 px a
@@ -213,12 +215,16 @@ def main() -> int:
             cases.append(case("before (--before-repo)", len(films), run_predict(run, before, Path(args.before_repo))))
         cases.append(case("--engine torch", len(films), run_predict(run, ["--files", listing, "--engine", "torch",
                                                                           "--out", str(tmp / "torch.csv")])))
-        for stale in (run / "engine.onnx", run / "engine.onnx.json"):
+        for stale in (run / "engine.onnx", run / "engine.onnx.json", run / "engine.int8.onnx",
+                      run / "engine.int8.onnx.json", run / "engine.int8.check.json"):
             stale.unlink(missing_ok=True)
         cases.append(case("default, engine exported (cold)", len(films),
                           run_predict(run, ["--files", listing, "--out", str(tmp / "cold.csv")])))
         cases.append(case("default, engine cached", len(films),
                           run_predict(run, ["--files", listing, "--out", str(tmp / "warm.csv")])))
+        cases.append(case("--int8 (fp32 where refused: see engine.int8.check.json)", len(films),
+                          run_predict(run, ["--files", listing, "--int8", "--out", str(tmp / "int8.csv")])))
+        cases[-1]["int8_check"] = json.loads((run / "engine.int8.check.json").read_text())
         cases.append(case("default, engine cached, --workers 0", len(films),
                           run_predict(run, ["--files", listing, "--workers", "0", "--out", str(tmp / "w0.csv")])))
         diff = max_diff(tmp / "torch.csv", tmp / "warm.csv")

@@ -28,17 +28,20 @@ class Model:
     calibrate) or None for the run's default."""
 
     def __init__(self, run_dir: str | Path, onnx: str | Path | None = None,
-                 threshold_rule: str | None = None, device: str | None = None):
+                 threshold_rule: str | None = None, device: str | None = None, engine: str | None = None):
+        from pneumoscope.scoring import load_scorer
+
         self.run_dir = Path(run_dir)
         self.onnx = onnx
         self.device = device
-        self.predictor = load_predictor(run_dir, onnx, device=device)
+        # the engine `pneumoscope predict` scores with (pneumoscope.scoring), so the numbers agree
+        self.predictor = load_scorer(run_dir, engine, device, onnx=onnx)
         self.threshold_rule = threshold_rule
         self.threshold = self.predictor.threshold_for(threshold_rule)  # an unknown rule fails here
-        self._torch = None if onnx else self.predictor
+        self._torch = None if onnx else getattr(self.predictor, "torch", self.predictor)
 
     def __repr__(self) -> str:
-        engine = f"onnx={self.onnx}" if self.onnx else "torch"
+        engine = f"onnx={self.onnx}" if self.onnx else self.predictor.runtime
         return f"pneumoscope.Model({str(self.run_dir)!r}, {engine}, threshold={self.threshold:.4f})"
 
     def predict(self, images, *, strict: bool = False, show_progress: bool = False) -> list[dict]:
@@ -76,10 +79,11 @@ def _sources(images) -> list:
 
 
 def load(run_dir: str | Path, onnx: str | Path | None = None, *, threshold_rule: str | None = None,
-         device: str | None = None) -> Model:
-    """The run in RUN_DIR (written by train), its torch model or, with onnx, that export
-    run by onnxruntime; device: cpu, cuda, cuda:N (default cuda when available)."""
-    return Model(run_dir, onnx, threshold_rule, device)
+         device: str | None = None, engine: str | None = None) -> Model:
+    """The run in RUN_DIR (written by train) on predict's engine (engine: auto, onnxruntime
+    or torch; pneumoscope.scoring) or, with onnx, that export run by onnxruntime; device:
+    cpu, cuda, cuda:N (default cuda when available)."""
+    return Model(run_dir, onnx, threshold_rule, device, engine)
 
 
 def train(data: str | Path | None = None, out: str | Path | None = None, *, config: str | Path | None = None,

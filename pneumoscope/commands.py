@@ -27,10 +27,14 @@ log = logging.getLogger(__name__)
 
 def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | None = None,
                  threshold_rule: str | None = None, strict: bool = False,
-                 n_boot: int = 1000, show_progress: bool = True, patients: str | Path | None = None) -> dict:
+                 n_boot: int = 1000, show_progress: bool = True, patients: str | Path | None = None,
+                 engine: str | None = None) -> dict:
     """Metrics of a run's model on one labelled folder, written to metrics.json.
-    patients: a CSV of file -> patient id (--patients), else ids from Kermany file names."""
-    predictor = Predictor.from_run(run_dir)
+    patients: a CSV of file -> patient id (--patients), else ids from Kermany file names.
+    engine: auto | onnxruntime | torch (pneumoscope.scoring)."""
+    from pneumoscope.scoring import load_scorer
+
+    predictor = load_scorer(run_dir, engine)
     samples = discover_split(split_dir, patients=load_patients(patients))
     data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
                           show_progress=show_progress)

@@ -154,13 +154,25 @@ def _task_contract(task: str) -> dict:
     }
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, task: str = BINARY) -> None:
-    """torch.onnx.export (dynamo exporter) with a dynamic batch axis, one self-contained file."""
+def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, task: str = BINARY,
+                  dynamo: bool = True) -> None:
+    """torch.onnx.export with a dynamic batch axis, one self-contained file. dynamo=False:
+    the TorchScript exporter, ~5x quicker (3 s against 14 s for EfficientNet-Lite0 on the
+    2-core VM), for the engine predict builds on the fly (pneumoscope.scoring); where a
+    later torch has dropped it, the dynamo one runs instead."""
     example = torch.rand(2, 1, size, size)
-    batch = torch.export.Dim("batch", min=1, max=4096)
     wrapper, names = ((_WithProbability, OUTPUT_NAMES) if task == BINARY
                       else (_WithProbabilities, THREE_CLASS_OUTPUT_NAMES))
     with _quiet_exporter():
+        if not dynamo:
+            try:
+                torch.onnx.export(wrapper(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
+                                  output_names=list(names), dynamic_axes={INPUT_NAME: {0: "batch"}},
+                                  opset_version=opset, dynamo=False)
+                return
+            except Exception as err:  # noqa: BLE001 - a torch without the TorchScript exporter
+                log.info("TorchScript export failed (%s); using the dynamo exporter", err)
+        batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(
             wrapper(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
             output_names=list(names), dynamic_shapes=({0: batch},), opset_version=opset,
@@ -200,14 +212,15 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, ta
 
 
 def export_onnx(run_dir: str | Path, out: str | Path | None = None,
-                opset: int = DEFAULT_OPSET) -> Path:
+                opset: int = DEFAULT_OPSET, dynamo: bool = True, predictor: Predictor | None = None) -> Path:
     """Export RUN_DIR's model to ``out`` (default RUN_DIR/model.onnx) plus its contract.
 
     Both files are written atomically; the graph is checked against torch (on a smooth
-    synthetic batch of 3, so a dynamic batch > 1 is exercised) before it is kept."""
+    synthetic batch of 3, so a dynamic batch > 1 is exercised) before it is kept.
+    dynamo: which exporter (see _export_graph); predictor: the run's, already loaded on the CPU."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "model.onnx"
-    predictor = Predictor.from_run(run_dir, device="cpu")
+    predictor = predictor or Predictor.from_run(run_dir, device="cpu")
     model, size = predictor.model.eval(), predictor.image_size
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -216,10 +229,11 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
     try:
         log.info("exporting %s (%s, %dx%d) to ONNX opset %d", run_dir, predictor.config.get("backbone"),
                  size, size, opset)
-        _export_graph(model, size, tmp, opset, predictor.task)
-        diff = check_parity(model, tmp, _probe_images(size), predictor.task)
+        _export_graph(model, size, tmp, opset, predictor.task, dynamo=dynamo)
+        diff = check_parity(model, tmp, probe_images(size), predictor.task)
         contract = build_contract(predictor, run_dir, out.name, opset)
         contract["export_check"] = {"max_abs_diff_p": diff, "images": "3 synthetic gradients"}
+        contract["exporter"] = "dynamo" if dynamo else "torchscript (dynamo where unavailable)"
         contract["model_sha256"] = file_sha256(tmp)  # ties the contract to this very file
         os.chmod(tmp, default_file_mode())  # mkstemp's 0600 is not what an export should keep
         os.replace(tmp, out)
@@ -229,7 +243,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
     return out
 
 
-def _probe_images(size: int) -> np.ndarray:
+def probe_images(size: int) -> np.ndarray:
     """Three smooth uint8 images (gradients and a blob): deterministic, image-like input."""
     yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
     blob = np.exp(-((xx - 0.4) ** 2 + (yy - 0.5) ** 2) / 0.05)

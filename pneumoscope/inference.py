@@ -137,6 +137,7 @@ class Predictor(OperatingPoint):
     thresholds: dict
     device: torch.device
     precision: str | None = None  # fp32 | bf16 | None: inference_precision(device)
+    runtime = "torch"  # what scores (pneumoscope.scoring names the engine in use)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None,

@@ -62,13 +62,14 @@ class OnnxPredictor(OperatingPoint):
     contract: dict
     session: object = field(repr=False)
     run_thresholds: dict | None = None  # the run's threshold.json, when a run_dir was given
+    runtime = "onnxruntime"
 
     @classmethod
     def from_file(cls, onnx_path: str | Path, run_dir: str | Path | None = None,
-                  threads: int | None = None) -> "OnnxPredictor":
+                  threads: int | None = None, spinning: bool = True) -> "OnnxPredictor":
         """Open `onnx_path` and its contract; with `run_dir`, refuse a model exported from
         other weights than the run's (a stale export after retraining) and take the
-        thresholds from the run's threshold.json."""
+        thresholds from the run's threshold.json. spinning: see open_session."""
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise MissingFileError(f"{onnx_path}: no such ONNX file")
@@ -80,7 +81,7 @@ class OnnxPredictor(OperatingPoint):
         if run_dir is not None:
             check_same_weights(contract, run_dir, onnx_path)
             run_thresholds = run_thresholds_for(contract, run_dir, onnx_path)
-        return cls(path=onnx_path, contract=contract, session=open_model_session(onnx_path, threads),
+        return cls(path=onnx_path, contract=contract, session=open_model_session(onnx_path, threads, spinning),
                    run_thresholds=run_thresholds)
 
     @property
@@ -114,11 +115,11 @@ class OnnxPredictor(OperatingPoint):
         return probs if len(probs) else np.empty((0, 3), np.float32)
 
 
-def open_model_session(onnx_path: Path, threads: int | None = None):
+def open_model_session(onnx_path: Path, threads: int | None = None, spinning: bool = True):
     """open_session, with a file onnxruntime cannot load (garbage whose contract was made to
     match it, a truncated copy) named in one line instead of onnxruntime's traceback."""
     try:
-        return open_session(onnx_path, threads)
+        return open_session(onnx_path, threads, spinning)
     except Exception as err:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, InvalidGraph, ...
         if not type(err).__module__.startswith("onnxruntime"):
             raise  # not the model file's fault: a bug, with its traceback

@@ -22,6 +22,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """A browser test is a slow one too: `pytest -m "not slow"` (the developer's loop) runs
+    without Chromium; CI runs everything."""
+    for item in items:
+        if item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Tests write the decode/activation cache to a temporary folder, not ~/.cache."""

@@ -56,7 +56,7 @@ def test_healthz(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"]["backbone"] == "efficientnet_lite0"
-    assert body["model"]["runtime"] == "torch"
+    assert body["model"]["runtime"] == "onnxruntime"  # the default engine on a CPU (pneumoscope.scoring)
 
 
 def test_openapi_without_swagger_ui(client):
@@ -187,6 +187,7 @@ def test_onnx_backed_server_agrees_with_torch(deploy_run, onnx_model, server_for
     assert body["label"] == torch_body["label"] and body["threshold"] == torch_body["threshold"]
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_cli_serve_in_a_subprocess(deploy_run):
     """`pneumoscope serve RUN_DIR --port P` starts, answers /healthz, and stops on SIGINT."""
     import signal

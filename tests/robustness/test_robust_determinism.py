@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
 
+pytestmark = pytest.mark.slow  # trains the same run twice in subprocesses
+
 OPTIONS = ["--epochs", "3", "--balance", "sampler", "--augment", "strong", "--seed", "11"]
 
 

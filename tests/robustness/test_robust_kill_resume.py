@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.rundir import BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
 
+pytestmark = pytest.mark.slow  # kills and resumes training subprocesses
+
 EPOCHS = 6
 # Short of the defaults only where a test must be small (size, batch, epochs, patience).
 OPTIONS = ["--epochs", str(EPOCHS), "--patience", "3", "--seed", "7"]

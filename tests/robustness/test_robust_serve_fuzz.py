@@ -247,6 +247,7 @@ def server(finished_run, cli_env, tmp_path_factory):
 # ----------------------------------------------------------------------------- the test
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_fuzz_then_load_no_5xx_bounded_memory(server, seeds, artifacts_dir):
     url, proc = server
     valid = {name: data for name, data in seeds.items()}
@@ -333,6 +334,7 @@ N_BIG = 8
 BIG_BURST_LIMIT_MIB = 900
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_burst_of_big_images_keeps_memory_bounded(server, artifacts_dir):
     """8 concurrent uploads of a 30 MP 16-bit PNG (each ~170 MB to decode): all answered,
     and the server's peak memory grows by far less than 8 decodes at once."""

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the whole job script (trains on the sample)
+
 REPO = Path(__file__).resolve().parents[2]
 
 STUB = """#!/usr/bin/env bash

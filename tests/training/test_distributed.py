@@ -62,6 +62,7 @@ def ddp_run(small_data_root, tmp_path_factory):
 # ----------------------------------------------------------------------------- the 2-process run
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_two_process_run_writes_one_run_directory(ddp_run):
     run, stdout = ddp_run
     names = {p.name for p in run.iterdir()}
@@ -72,6 +73,7 @@ def test_two_process_run_writes_one_run_directory(ddp_run):
     assert stdout.count("val ROC AUC") == 1  # rank 0 alone prints the summary
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_val_auc_is_computed_on_all_gathered_predictions(ddp_run):
     run, _ = ddp_run
     with open(run / VAL_PREDICTIONS) as f:
@@ -90,6 +92,7 @@ def test_val_auc_is_computed_on_all_gathered_predictions(ddp_run):
     assert summary["val_roc_auc"] == best["val_roc_auc"]
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_resume_under_torchrun_repeats_the_uninterrupted_run(ddp_run, small_data_root, tmp_path):
     full, _ = ddp_run
     run = tmp_path / "run"
@@ -106,6 +109,7 @@ def test_resume_under_torchrun_repeats_the_uninterrupted_run(ddp_run, small_data
     assert {p.name for p in run.iterdir()} == RUN_FILES
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_resume_with_another_world_size_is_refused(ddp_run, small_data_root, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0], run)
@@ -115,6 +119,7 @@ def test_resume_with_another_world_size_is_refused(ddp_run, small_data_root, tmp
     assert "--resume with 1 process(es); the run was trained with 2" in err
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_cpu_fast_recipe_under_torchrun_is_refused(small_data_root, tmp_path):
     out = tmp_path / "run"
     args = [a if a != "full" else "cpu-fast" for a in train_cmd(small_data_root, out)]
@@ -166,6 +171,7 @@ class RecordingFeed(BatchFeed):
         return super().__call__(idx)
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
     full = decode_samples(discover_split(small_data_root / "train", "train"), 32, show_progress=False)
     data = DecodedSet(full.images[:19], full.samples[:19], [])  # 19: no multiple of 2, so padding
@@ -191,6 +197,7 @@ def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
 # ----------------------------------------------------------------------------- three classes
 
 
+@pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_three_class_run_under_torchrun(small_data_root, tmp_path):
     """--task three-class with 2 gloo processes: the gathered (N, 3) validation
     probabilities make the three-class run files, on the three-class stratified split."""

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains four seeds and their ensemble
+
 REPO = Path(__file__).resolve().parents[2]
 TEST_SETTINGS = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "16",
                  "--val-fraction", "0.25", "--head-epochs", "0", "--epochs", "1"]

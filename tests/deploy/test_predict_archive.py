@@ -1,0 +1,202 @@
+"""predict over an archive: the onnxruntime engine by default (equal to torch within 1e-4),
+the CSV written batch by batch, --resume, --files, decode workers, torchrun shards.
+
+All on real films: the embedded sample (data/sample/) and the small run trained on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoscope.archive import predict_archive, shard
+from pneumoscope.cli import main
+from pneumoscope.scoring import ENGINE_FILE, CheckedOnnx, load_scorer
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def run(small_run_dir, tmp_path_factory) -> Path:
+    """A copy of the small run that the engine may be cached in."""
+    return Path(shutil.copytree(small_run_dir, tmp_path_factory.mktemp("archive") / "run"))
+
+
+@pytest.fixture(scope="module")
+def films() -> list[str]:
+    """60 real films of the sample (both classes, train and val)."""
+    files = sorted(str(p) for p in SAMPLE.rglob("*.jpeg"))
+    return files[:: max(1, len(files) // 60)][:60]
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def probabilities(rows: list[list[str]]) -> dict[str, float]:
+    return {r[0]: float(r[1]) for r in rows[1:]}
+
+
+def test_default_engine_is_onnxruntime_and_equals_torch(run, films, tmp_path, capsys):
+    onnx_csv, torch_csv = tmp_path / "onnx.csv", tmp_path / "torch.csv"
+    assert main(["-q", "predict", str(run), *films, "--out", str(onnx_csv)]) == 0
+    assert "[onnxruntime]" in capsys.readouterr().out
+    assert (run / ENGINE_FILE).is_file() and (run / f"{ENGINE_FILE}.json").is_file()
+    assert main(["-q", "predict", str(run), *films, "--out", str(torch_csv), "--engine", "torch"]) == 0
+    assert "[torch]" in capsys.readouterr().out
+    got, want = probabilities(read_rows(onnx_csv)), probabilities(read_rows(torch_csv))
+    assert list(got) == list(want) == films
+    # 1e-4 between the engines, plus the CSV's 6-decimal rounding
+    assert max(abs(got[f] - want[f]) for f in films) <= 1e-4 + 1e-6
+
+
+def test_engine_is_reused_and_rebuilt_when_it_no_longer_fits(run, films):
+    load_scorer(run)  # built (or already there)
+    stamp = (run / ENGINE_FILE).stat().st_mtime_ns
+    scorer = load_scorer(run)
+    assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_mtime_ns == stamp
+    (run / ENGINE_FILE).write_bytes(b"not the exported model")  # swapped: its SHA-256 no longer fits
+    scorer = load_scorer(run)
+    assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_size > 1000
+    images = np.stack([scorer.load(f) for f in films[:6]])
+    assert np.abs(scorer.predict_class_probs(images) - scorer.torch.predict_class_probs(images)).max() <= 1e-4
+
+
+def test_an_engine_that_disagrees_with_torch_is_dropped(run, films, caplog):
+    scorer = load_scorer(run)
+    onnx_probs = scorer.onnx.predict_class_probs
+    scorer.onnx.predict_class_probs = lambda images, show_progress=False: onnx_probs(images) * 0.9
+    images = np.stack([scorer.load(f) for f in films[:5]])
+    with caplog.at_level(logging.WARNING):
+        got = scorer.predict_class_probs(images)
+    assert scorer.runtime == "torch" and "differs from torch" in caplog.text
+    np.testing.assert_array_equal(got, scorer.torch.predict_class_probs(images))
+
+
+def test_torch_is_used_where_onnxruntime_is_not_asked_for(run, monkeypatch):
+    assert load_scorer(run, engine="torch").runtime == "torch"
+    monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "torch")
+    assert load_scorer(run).runtime == "torch"
+    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")  # torch's autocast: not what the export computes
+    monkeypatch.delenv("PNEUMOSCOPE_ENGINE")
+    assert load_scorer(run).runtime == "torch"
+
+
+def test_workers_and_batches_do_not_change_the_csv(run, films, tmp_path):
+    one = tmp_path / "one.csv"
+    many = tmp_path / "many.csv"
+    predict_archive(run, films, one, workers=0, batch_size=64, show_progress=False)
+    summary = predict_archive(run, films, many, workers=2, batch_size=7, show_progress=False)
+    assert summary.scored == len(films) and summary.engine == "onnxruntime"
+    assert many.read_text() == one.read_text()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_csv(run, films, tmp_path):
+    full = tmp_path / "full.csv"
+    predict_archive(run, films, full, batch_size=8, show_progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    killed = tmp_path / "killed.csv"
+    # a kill mid-write: 3 batches complete, the 4th cut in the middle of a row
+    killed.write_text("".join(lines[: 1 + 24]) + lines[25][:17])
+    summary = predict_archive(run, films, killed, resume=True, batch_size=8, show_progress=False)
+    assert (summary.resumed, summary.scored) == (24, len(films) - 24)
+    assert killed.read_text() == full.read_text()
+    again = predict_archive(run, films, killed, resume=True, show_progress=False)
+    assert (again.resumed, again.scored) == (len(films), 0) and killed.read_text() == full.read_text()
+
+
+def test_resume_refuses_another_table(run, films, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("path,score\nx.jpeg,0.5\n")
+    assert main(["-q", "predict", str(run), films[0], "--out", str(other), "--resume"]) == 2
+    assert "--resume found another table" in capsys.readouterr().err
+    assert other.read_text() == "path,score\nx.jpeg,0.5\n"
+
+
+def test_files_list_scores_the_listed_files(run, films, tmp_path):
+    listing = tmp_path / "films.txt"
+    listing.write_text("# the films of the archive\n" + "\n".join(films[:10]) + "\n\n" + "\n".join(films[10:]) + "\n")
+    by_list, by_name = tmp_path / "list.csv", tmp_path / "names.csv"
+    assert main(["-q", "predict", str(run), "--files", str(listing), "--out", str(by_list)]) == 0
+    assert main(["-q", "predict", str(run), *films, "--out", str(by_name)]) == 0
+    assert by_list.read_text() == by_name.read_text()
+
+
+def test_unreadable_files_are_named_and_skipped(run, films, tmp_path, caplog):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for f in films[:5]:
+        shutil.copy(f, folder)
+    (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    out = tmp_path / "p.csv"
+    with caplog.at_level(logging.WARNING):
+        assert main(["-q", "predict", str(run), str(folder), "--out", str(out), "--workers", "2",
+                     "--batch-size", "2"]) == 0
+    assert len(read_rows(out)) == 1 + 5
+    assert "broken.jpeg" in caplog.text
+
+
+@pytest.mark.parametrize("what", ["missing", "empty"])
+def test_nothing_to_score_is_one_line_and_exit_2(run, tmp_path, capsys, what):
+    target = tmp_path / "nowhere"
+    if what == "empty":
+        target.mkdir()
+    assert main(["-q", "predict", str(run), str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(target) in err[0]
+    assert err[0].startswith("pneumoscope predict: error: nothing scored: ")  # issue 28's one wording
+    assert ("No such file" in err[0]) if what == "missing" else ("no image files" in err[0])
+
+
+def test_shards_are_contiguous_and_cover_the_list_once():
+    files = [f"f{i}" for i in range(11)]
+    for world in (1, 2, 3, 4):
+        parts = [shard(files, r, world) for r in range(world)]
+        assert sum(parts, []) == files
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_join_the_single_process_csv(run, films, tmp_path):
+    single, joined = tmp_path / "single.csv", tmp_path / "joined.csv"
+    predict_archive(run, films, single, show_progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pneumoscope", "-q", "predict", str(run), *films, "--out", str(joined), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert joined.read_text() == single.read_text()
+    assert not list(tmp_path.glob("joined.csv.rank*"))  # the parts are gone
+
+
+def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, capsys):
+    from pneumoscope.quantize import CHECK_FILE, INT8_FILE, MAX_AUC_DIFF
+    from pneumoscope.rundir import read_json
+
+    int8_csv, fp32_csv = tmp_path / "int8.csv", tmp_path / "fp32.csv"
+    assert main(["-q", "predict", str(run), *films, "--out", str(int8_csv), "--int8"]) == 0
+    said = capsys.readouterr().out
+    record = read_json(run / CHECK_FILE)
+    assert record["films"] > 0 and {"val_roc_auc_fp32", "val_roc_auc_int8", "max_abs_dp"} <= set(record)
+    assert record["kept"] == (abs(record["val_roc_auc_int8"] - record["val_roc_auc_fp32"]) <= MAX_AUC_DIFF)
+    assert main(["-q", "predict", str(run), *films, "--out", str(fp32_csv)]) == 0
+    capsys.readouterr()
+    if record["kept"]:
+        assert "[onnxruntime int8]" in said and (run / INT8_FILE).is_file()
+        assert read_json(run / f"{INT8_FILE}.json")["quantization"]["kept"] is True
+    else:  # refused: fp32 scored, and nothing of the int8 graph is left
+        assert "[onnxruntime]" in said and not (run / INT8_FILE).exists()
+        assert int8_csv.read_text() == fp32_csv.read_text()
+    stamp = (run / CHECK_FILE).stat().st_mtime_ns  # judged once per engine
+    assert main(["-q", "predict", str(run), films[0], "--int8"]) == 0
+    assert (run / CHECK_FILE).stat().st_mtime_ns == stamp
+    assert main(["-q", "predict", str(run), films[0], "--int8", "--engine", "torch"]) == 2

@@ -17,7 +17,10 @@ For each run, one JSON row (appended to --out) and one line per threshold rule:
   (the site's own threshold, chosen on the sample: "oracle");
 * three-class runs: bacterial vs viral on the sample's pneumonia films (ROC AUC,
   accuracy, intervals);
-* train wall seconds and the CPU they ran on, from summary.json where train recorded it.
+* train wall seconds and the CPU they ran on, from summary.json where train recorded it;
+* the shift suites (benchmarks/shift_suite.py: validation films under synthetic marker,
+  stress and resampling shifts), each suite's mean and worst ROC AUC, where that script
+  has a row for the run in --shift-results: the guards beside the target.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/site.py RUN [RUN ...] \
         [--data ../shared/data/site_sample] [--out benchmarks/site_results.jsonl] [--table]
@@ -36,6 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pneumoscope.commands import score_predictions  # noqa: E402
 from pneumoscope.data.cache import decode_samples  # noqa: E402
@@ -47,6 +51,7 @@ from pneumoscope.rundir import read_json  # noqa: E402
 from pneumoscope.tasks import BINARY, p_pneumonia  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "site_sample"
+SHIFT_RESULTS = REPO / "benchmarks" / "shift_results.jsonl"  # benchmarks/shift_suite.py's rows
 LABEL = "site sample (selection, n={n}): optimistic"
 
 
@@ -68,6 +73,21 @@ def validation_rules(run_dir: Path, recorded: dict) -> dict:
     return {**recorded, **choose_thresholds((labels > 0).astype(int), p_val)["rules"]}
 
 
+def shift_guard(run_dir: Path, results: Path) -> dict | None:
+    """The run's latest row of benchmarks/shift_suite.py (the guards on validation films
+    under synthetic shifts), as suite -> mean and worst ROC AUC; None where it was not run."""
+    if not results.exists():
+        return None
+    from shift_suite import summarise
+
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    mine = [r for r in rows if Path(r["run"]).resolve() == Path(run_dir).resolve()]
+    if not mine:
+        return None
+    return {suite: {"auc": round(v["auc"], 4), "auc_min": round(v["auc_min"], 4)}
+            for suite, v in summarise(mine[-1]).items()}
+
+
 def site_pick(rows: dict, target: float) -> str | None:
     """The validation rule with the highest site specificity among those whose site
     sensitivity reaches `target` (ties: the higher sensitivity)."""
@@ -85,7 +105,7 @@ def oracle(y: np.ndarray, p: np.ndarray, target: float) -> dict:
             "accuracy_at_target": round(float(at_target["accuracy"]), 4), "best_accuracy": round(float(best), 4)}
 
 
-def score_run(run_dir: Path, data_dir: Path, n_boot: int, target: float) -> dict:
+def score_run(run_dir: Path, data_dir: Path, n_boot: int, target: float, shift_results: Path = SHIFT_RESULTS) -> dict:
     started = time.perf_counter()
     predictor = Predictor.from_run(run_dir)
     data = decode_samples(discover_split(data_dir), predictor.image_size, desc="decode site", show_progress=False)
@@ -106,6 +126,7 @@ def score_run(run_dir: Path, data_dir: Path, n_boot: int, target: float) -> dict
         "oracle_on_sample": oracle(data.labels, p, target),
         "val_roc_auc": summary.get("val_roc_auc"), "train_wall_seconds": summary.get("train_wall_seconds"),
         "train_cpu": summary.get("cpu"), "scored_seconds": round(time.perf_counter() - started, 1),
+        "shift_suites": shift_guard(run_dir, shift_results),
     }
     if predictor.task != BINARY:
         bv = metrics["bacterial_vs_viral"]
@@ -121,8 +142,8 @@ def _ci(span) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: one line per run (default rule and the site's pick)."""
     out = ["| run | val ROC AUC | site ROC AUC | default rule: acc / sens / spec | site pick (sens >= target): "
-           "rule, acc / sens / spec | oracle acc | bv AUC / acc | train wall |",
-           "|---|---:|---:|---|---|---:|---|---:|"]
+           "rule, acc / sens / spec | oracle acc | bv AUC / acc | shift suites: mean (worst) AUC | train wall |",
+           "|---|---:|---:|---|---|---:|---|---|---:|"]
     for r in rows:
         d, pick = r["at_default"], r.get("site_pick")
         p = r["rules"].get(pick) if pick else None
@@ -131,9 +152,10 @@ def table(rows: list[dict]) -> str:
         bv_text = f"{bv['roc_auc']:.3f} {_ci(bv['ci95'].get('roc_auc'))} / {bv['accuracy']:.3f}" if bv else ""
         wall = f"{r['train_wall_seconds']:.0f} s" if r.get("train_wall_seconds") else ""
         val = f"{r['val_roc_auc']:.4f}" if r.get("val_roc_auc") is not None else ""
+        shifts = "; ".join(f"{k} {v['auc']:.4f} ({v['auc_min']:.4f})" for k, v in (r.get("shift_suites") or {}).items())
         out.append(f"| {Path(r['run']).name} | {val} | {r['roc_auc']:.4f} {_ci(r['roc_auc_ci95'])} | "
                    f"{r['default_rule']}: {d['accuracy']:.3f} / {d['sensitivity']:.3f} / {d['specificity']:.3f} | "
-                   f"{pick_text} | {r['oracle_on_sample']['best_accuracy']:.3f} | {bv_text} | {wall} |")
+                   f"{pick_text} | {r['oracle_on_sample']['best_accuracy']:.3f} | {bv_text} | {shifts} | {wall} |")
     return "\n".join(out)
 
 
@@ -144,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the intervals")
     ap.add_argument("--site-target", type=float, default=0.97, help="site sensitivity a rule must keep")
     ap.add_argument("--out", type=Path, help="JSON lines file to append one row per run to")
+    ap.add_argument("--shift-results", type=Path, default=SHIFT_RESULTS,
+                    help="benchmarks/shift_suite.py's JSON lines: each run's latest row goes into the table")
     ap.add_argument("--table-only", type=Path, metavar="JSONL", help="print the table of a results file and exit")
     args = ap.parse_args(argv)
     if args.table_only:
@@ -156,7 +180,7 @@ def main(argv=None) -> int:
         ap.error(f"{args.data}: no such folder (the site sample: NORMAL/ and PNEUMONIA/)")
     rows = []
     for run in args.runs:
-        row = score_run(run, args.data, args.bootstrap, args.site_target)
+        row = score_run(run, args.data, args.bootstrap, args.site_target, args.shift_results)
         rows.append(row)
         if args.out:
             with args.out.open("a") as fh:

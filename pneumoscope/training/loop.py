@@ -387,7 +387,7 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     seeds.seed_global(cfg.seed, "init")  # the new head's initial weights
     model = prepare_model(build_model(cfg.backbone, weights=cfg.weights, dropout=cfg.dropout,
                                       n_classes=n_classes(cfg.task)), env.device)
-    # --recipe auto on a CPU: views and epochs cut to the time budget (training.budget)
+    # --recipe auto on a CPU: input size, views, epochs cut to the time budget (training.budget)
     budget = apply_budget(cfg, model, env.device, len(split[0]), len(split[1])) if saved is None else None
     train_set, val_set = load_data(cfg, run, env, requested, split, resumed=saved is not None,
                                    show_progress=show_progress, budget=budget)
@@ -549,6 +549,9 @@ def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dic
     }
     if cfg.task != BINARY:  # val_roc_auc above is then the macro one-vs-rest ROC AUC
         summary["task"] = cfg.task
+    budget = run.read_config().get("budget") if env.is_main else None
+    if budget:  # what --recipe auto cut to fit its time budget, beside the result it gave
+        summary["budget"] = budget
     if env.is_main:
         atomic_write_json(run / "summary.json", summary)
     env.barrier()

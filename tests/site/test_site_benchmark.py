@@ -61,3 +61,19 @@ def test_oracle_is_the_best_threshold_of_the_ranking(site_bench):
     got = bench.oracle(y, p, 0.75)
     assert got["best_accuracy"] == round(best, 4) == 0.75
     assert threshold_metrics(y, p, got["threshold_at_target"])["sensitivity"] >= 0.75
+
+
+def test_the_runs_latest_shift_suite_row_is_its_guard(base_run, tmp_path, site_bench):
+    def row(auc_marker, auc_zoom):
+        shift = {"rules": {}, "mean_abs_dp": 0.01}
+        return {"run": str(base_run), "clean": {"auc": 0.99, "rules": {}},
+                "shifts": {"marker": {**shift, "suite": "shortcut", "auc": auc_marker},
+                           "ring": {**shift, "suite": "shortcut", "auc": 0.97},
+                           "zoom": {**shift, "suite": "stress", "auc": auc_zoom}}}
+    results = tmp_path / "shift.jsonl"
+    other = {**row(0.5, 0.5), "run": str(tmp_path / "another_run")}
+    results.write_text("\n".join(json.dumps(r) for r in (row(0.90, 0.80), row(0.99, 0.95), other)) + "\n")
+    guard = site_bench.shift_guard(base_run, results)
+    assert guard == {"shortcut": {"auc": 0.98, "auc_min": 0.97}, "stress": {"auc": 0.95, "auc_min": 0.95}}
+    assert site_bench.shift_guard(base_run, tmp_path / "none.jsonl") is None
+    assert site_bench.shift_guard(tmp_path / "never_shifted", results) is None

@@ -23,7 +23,7 @@ For each run, one JSON row (appended to --out) and one line per threshold rule:
   has a row for the run in --shift-results: the guards beside the target.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/site.py RUN [RUN ...] \
-        [--data ../shared/data/site_sample] [--out benchmarks/site_results.jsonl] [--table]
+        [--data ../shared/data/site_sample] [--out benchmarks/site_results.jsonl]
     .venv/bin/python benchmarks/site.py --table-only benchmarks/site_results.jsonl
 """
 
@@ -81,7 +81,8 @@ def shift_guard(run_dir: Path, results: Path) -> dict | None:
     from shift_suite import summarise
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    mine = [r for r in rows if Path(r["run"]).resolve() == Path(run_dir).resolve()]
+    # shift_suite.py records the run as given; relative paths are the repository's (its README commands)
+    mine = [r for r in rows if (REPO / r["run"]).resolve() == Path(run_dir).resolve()]
     if not mine:
         return None
     return {suite: {"auc": round(v["auc"], 4), "auc_min": round(v["auc_min"], 4)}

@@ -19,7 +19,8 @@ def _describe(**env) -> dict:
 
 def test_avx2_caps_mean_no_native_bf16():
     capped = _describe(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-    assert capped["torch_capability"] == "AVX2" and capped["onednn_max_cpu_isa"] == "AVX2"
+    assert capped["onednn_max_cpu_isa"] == "AVX2"
+    assert capped["torch_capability"] in ("AVX2", "DEFAULT")  # AVX2 where the CPU has it
     assert capped["native_bf16"] is False
     onednn_only = _describe(ONEDNN_MAX_CPU_ISA="avx2")  # torch's own level stays, oneDNN is capped
     assert onednn_only["native_bf16"] is False
@@ -28,6 +29,9 @@ def test_avx2_caps_mean_no_native_bf16():
 def test_cpu_description_names_the_cpu_and_its_flags():
     described = _describe()
     assert described["model"] and described["threads"] >= 1
+    if not os.path.exists("/proc/cpuinfo"):  # not Linux: no flags to compare with
+        assert described["flags"] == []
+        return
     with open("/proc/cpuinfo", encoding="utf-8") as info:
         flags = next(line for line in info if line.startswith("flags")).split(":", 1)[1].split()
     assert described["flags"] == [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]

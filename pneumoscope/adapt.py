@@ -28,7 +28,6 @@ data, optimistic for the threshold, never a test result.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import time
@@ -39,7 +38,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope import CLASSES
 from pneumoscope.calibrate import (
     DEFAULT_TARGET_SENSITIVITY, SITE_RULE, read_site_sample, sample_record, site_metrics, site_threshold,
 )
@@ -51,13 +49,11 @@ from pneumoscope.onnx_contract import file_sha256
 from pneumoscope.rundir import (
     ADAPT, BEST_MODEL, MANIFEST, THRESHOLD, RunDir, RunDirError, atomic_write_json, read_json,
 )
+from pneumoscope.tasks import task_labels
 
-log = logging.getLogger(__name__)
-
-ADAPT_JSON = ADAPT
-# A fifth of each epoch: the site's 120 films are 2.7% of the shared train split as they
-# are, too few draws to move the model; at a half the train part would no longer hold
-# the model near what validation chose. Measured on the site sample (README, "adapt").
+# A fifth of each epoch: 120 site films are 2.7% of the shared train split as they are,
+# too few draws to move the model in two epochs; at a half the site's few patients would
+# outweigh the train part that keeps the model near what validation chose.
 DEFAULT_SITE_WEIGHT = 0.2
 DEFAULT_FOLDS = 5
 # From the source model's weights, not from ImageNet: a short schedule re-fits the top to
@@ -222,7 +218,7 @@ def adapt_run(run_dir: str | Path, site_dir: str | Path, out: str | Path, *,
     config = source.read_config()
     check_source(source, config)
     check_out(run_dir, out, overwrite)
-    cfg = adapt_config(config, out, epochs, device)
+    cfg = replace(adapt_config(config, out, epochs, device), strict=strict)  # --strict: the train part too
     from pneumoscope.training import loop
     from pneumoscope.training.distributed import init_from_env
 
@@ -231,33 +227,27 @@ def adapt_run(run_dir: str | Path, site_dir: str | Path, out: str | Path, *,
     site = read_site_sample(site_dir, cfg.image_size, strict, show_progress)  # too small: refused here
     roles = read_manifest(source / MANIFEST)
     check_train_files(source / MANIFEST, roles)
-    fold_of = patient_folds(site_task_labels(site, cfg.task), [s.patient for s in site.samples], folds, seed)
+    # three-class: the folds stratified on normal / bacterial / viral, read from the names as train does
+    fold_of = patient_folds(task_labels(site.samples, cfg.task), [s.patient for s in site.samples], folds, seed)
     staging = out.parent / f".{out.name}.adapting-{os.getpid()}"
     created_parent = not out.parent.exists()
     staging.mkdir(parents=True)
     try:
         record = _adapt_into(RunDir(staging), run_dir, site_dir, out, cfg, env, config, roles, site, fold_of,
                              dict(site_weight=site_weight, folds=folds, epochs=epochs, seed=seed,
-                                  target_sensitivity=target_sensitivity, n_boot=n_boot, strict=strict),
+                                  target_sensitivity=target_sensitivity, n_boot=n_boot),
                              show_progress, started)
         if out.exists():  # --overwrite (check_out refused it otherwise)
             shutil.rmtree(out)
         os.replace(staging, out)
-        update_model_card(out)  # after the move: the card names the run's own folder
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_parent:  # the folder NEW_RUN was to go in, if adapt made it and it is empty
             with contextlib.suppress(OSError):
                 out.parent.rmdir()
         raise
+    update_model_card(out)  # after the move: the card names the run's own folder
     return record
-
-
-def site_task_labels(site: DecodedSet, task: str) -> np.ndarray:
-    """The sample's labels in the run's task (three-class: from the file names, as train)."""
-    from pneumoscope.tasks import task_labels
-
-    return task_labels(site.samples, task)
 
 
 def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, config: dict, roles: dict,
@@ -271,7 +261,7 @@ def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, confi
                                 resumed=False, show_progress=show_progress)
     task_site = site if cfg.task == BINARY else replace(site, samples=relabel(site.samples, cfg.task))
     source_state = load_model_weights(RunDir(run_dir).best_model_path())
-    source_p = Predictor.from_run(run_dir, device=str(env.device)).predict_images(site.images)
+    source_p = Predictor.from_run(run_dir, device=str(env.device)).predict_images(site.images, show_progress)
     oof = np.full(len(site.samples), np.nan)
     for k in tqdm(range(opts["folds"]), desc="adapt cross-validation", unit="fold", disable=not show_progress):
         fold_run = RunDir(run.path / "folds" / f"fold{k + 1}")
@@ -353,7 +343,7 @@ def write_run_files(run: RunDir, out: Path, config: dict, roles: dict, train: De
     cv = record["cross_validation"]
     run.write_config({**config, "out": str(out), "adapted": {
         "source_run": record["source"]["run"], "source_model_sha256": record["source"]["model_sha256"],
-        "sample": record["sample"]["data"], "n": record["sample"]["n"], "record": ADAPT_JSON}})
+        "sample": record["sample"]["data"], "n": record["sample"]["n"], "record": ADAPT}})
     write_manifest(run / MANIFEST, {"train": roles["train"] + site.samples, "val": roles["val"]},
                    sha1=sha1_by_path(train, val, site))
     thresholds = read_json(run / THRESHOLD)
@@ -372,7 +362,7 @@ def write_run_files(run: RunDir, out: Path, config: dict, roles: dict, train: De
     thresholds["rules"][SITE_RULE] = chosen["site_threshold"]
     thresholds.update(default=SITE_RULE, threshold=chosen["site_threshold"])
     atomic_write_json(run / THRESHOLD, thresholds)
-    atomic_write_json(run / ADAPT_JSON, record)
+    atomic_write_json(run / ADAPT, record)
 
 
 def format_adapt(record: dict) -> str:

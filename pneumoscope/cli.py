@@ -388,15 +388,16 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from pneumoscope.adapt import ADAPT_JSON, format_adapt
+    from pneumoscope.adapt import format_adapt
     from pneumoscope.api import adapt
+    from pneumoscope.rundir import ADAPT
 
     out = adapt(args.run_dir, args.data, args.out, site_weight=args.site_weight, folds=args.folds,
                 epochs=args.epochs, target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
                 seed=args.seed, device=args.device, overwrite=args.overwrite, strict=args.strict,
                 show_progress=not args.quiet)
-    print(format_adapt(json.loads((out / ADAPT_JSON).read_text())))
-    print(f"written: {out} (default rule: site; {ADAPT_JSON} holds the cross-validation)")
+    print(format_adapt(json.loads((out / ADAPT).read_text())))
+    print(f"written: {out} (default rule: site; {ADAPT} holds the cross-validation)")
     return 0
 
 

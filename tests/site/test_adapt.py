@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.adapt import ADAPT_JSON, patient_folds, site_rows
+from pneumoscope.adapt import patient_folds, site_rows
 from pneumoscope.calibrate import SITE_RULE, site_threshold
 from pneumoscope.cli import main
 from pneumoscope.evaluation import SENSITIVITY_RULES
 from pneumoscope.onnx_contract import file_sha256
+from pneumoscope.rundir import ADAPT
 
 FOLDS = 3
 
@@ -38,7 +39,7 @@ def adapted(base_run, site_sample, tmp_path_factory):
 
 
 def _record(run: Path) -> dict:
-    return json.loads((run / ADAPT_JSON).read_text())
+    return json.loads((run / ADAPT).read_text())
 
 
 def _small_site(site_sample: Path, dest: Path, normal: int) -> Path:
@@ -194,3 +195,18 @@ def test_adapted_run_is_read_by_evaluate_predict_and_the_card(adapted, site_samp
 
     page = data_card(run, json.loads((run / "config.json").read_text()), [], 0, "x")
     assert "Adapted by pneumoscope adapt" in page and record["sample"]["data"] in page
+
+
+def test_three_class_run_is_adapted_with_the_subtypes_of_the_names(three_run, site_folder, tmp_path):
+    """A three-class run: the site films' classes from their names, as train reads them; the
+    new run keeps its three classes and both operating points (site, and bacterial vs viral)."""
+    out = tmp_path / "three_adapted"
+    assert main(["-q", "adapt", str(three_run), "--data", str(site_folder), "--out", str(out),
+                 "--folds", "2", "--epochs", "1", "--bootstrap", "0"]) == 0
+    config, thresholds = (json.loads((out / name).read_text()) for name in ("config.json", "threshold.json"))
+    assert config["task"] == "three-class" and thresholds["default"] == SITE_RULE
+    assert "bacterial_vs_viral" in thresholds
+    from pneumoscope.api import load
+
+    rows = load(out).predict(sorted((site_folder / "PNEUMONIA").glob("*.jpeg"))[:2])
+    assert {"p_bacterial", "p_viral"} <= set(rows[0])

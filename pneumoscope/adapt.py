@@ -229,6 +229,7 @@ def adapt_run(run_dir: str | Path, site_dir: str | Path, out: str | Path, *,
     check_train_files(source / MANIFEST, roles)
     # three-class: the folds stratified on normal / bacterial / viral, read from the names as train does
     fold_of = patient_folds(task_labels(site.samples, cfg.task), [s.patient for s in site.samples], folds, seed)
+    remove_stale_staging(out)
     staging = out.parent / f".{out.name}.adapting-{os.getpid()}"
     created_parent = not out.parent.exists()
     staging.mkdir(parents=True)
@@ -248,6 +249,25 @@ def adapt_run(run_dir: str | Path, site_dir: str | Path, out: str | Path, *,
         raise
     update_model_card(out)  # after the move: the card names the run's own folder
     return record
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of adapts into OUT that were killed (SIGKILL/SIGTERM skip the cleanup):
+    their process is gone, so nothing will finish them."""
+    for old in out.parent.glob(f".{out.name}.adapting-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, config: dict, roles: dict,

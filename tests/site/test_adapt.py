@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -114,6 +115,16 @@ def test_adapt_refuses_missing_train_files(base_run, site_sample, tmp_path, caps
 
 
 # ----------------------------------------------------------------------------- one adapt
+
+
+def test_a_killed_adapts_staging_folder_is_removed_by_the_next(tmp_path):
+    from pneumoscope.adapt import remove_stale_staging
+
+    dead, alive = tmp_path / ".new.adapting-999999999", tmp_path / f".new.adapting-{os.getpid()}"
+    for folder in (dead, alive):
+        (folder / "folds").mkdir(parents=True)
+    remove_stale_staging(tmp_path / "new")
+    assert not dead.exists() and alive.exists()  # a running adapt's folder stays
 
 
 def test_source_run_is_untouched(adapted, base_run):

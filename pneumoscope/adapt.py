@@ -28,6 +28,7 @@ data, optimistic for the threshold, never a test result.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -50,6 +51,8 @@ from pneumoscope.rundir import (
     ADAPT, BEST_MODEL, MANIFEST, THRESHOLD, RunDir, RunDirError, atomic_write_json, read_json,
 )
 from pneumoscope.tasks import task_labels
+
+log = logging.getLogger(__name__)
 
 # A fifth of each epoch: 120 site films are 2.7% of the shared train split as they are,
 # too few draws to move the model in two epochs; at a half the site's few patients would
@@ -290,6 +293,8 @@ def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, confi
                                     np.flatnonzero(fold_of != k), opts["site_weight"], val, show_progress)
         held = np.flatnonzero(fold_of == k)
         oof[held] = best_scores(model, fold_run, site.images[held], env.device)
+        log.info("fold %d/%d: %d films of %d patients held out and scored", k + 1, opts["folds"], len(held),
+                 len({site.samples[i].patient for i in held}))
         shutil.rmtree(fold_run.path)
     shutil.rmtree(run.path / "folds")
     cv = cross_validation_figures(site, fold_of, oof, source_p, opts)

@@ -120,3 +120,13 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
         raise
     trackers.close()
     return Path(cfg.out)
+
+
+def adapt(run_dir: str | Path, data: str | Path, out: str | Path, **options) -> Path:
+    """Adapt a run to a labelled site sample (`pneumoscope adapt`); returns the new run
+    directory. options: adapt.adapt_run's (site_weight, folds, epochs, target_sensitivity,
+    n_boot, seed, device, overwrite, strict, show_progress)."""
+    from pneumoscope.adapt import adapt_run
+
+    adapt_run(run_dir, data, out, **options)
+    return Path(out)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope import CLASSES
-from pneumoscope.data.cache import decode_samples
+from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, OptionError
@@ -71,6 +71,31 @@ def check_sample_size(labels: np.ndarray, data_name: str) -> None:
                     "will be wide)", data_name, counts.min(), ADVISED_PER_CLASS)
 
 
+def read_site_sample(site_dir: str | Path, image_size: int, strict: bool = False,
+                     show_progress: bool = True) -> DecodedSet:
+    """SITE_DIR/{NORMAL,PNEUMONIA} decoded at the run's size; SampleTooSmallError below
+    MIN_PER_CLASS readable films of a class (before any model work)."""
+    data = decode_samples(discover_split(site_dir), image_size, strict=strict, desc="decode site",
+                          show_progress=show_progress)
+    check_sample_size(data.labels, str(site_dir))
+    return data
+
+
+def sample_record(site_dir: str | Path, data: DecodedSet, run_dir: str | Path) -> dict:
+    """What threshold.json (and adapt.json) record of a site sample: folder, n per class,
+    patients, unreadable files, and each file's path, sha1, label and patient."""
+    patients = [s.patient for s in data.samples]
+    return {
+        "data": str(Path(site_dir).resolve()),
+        "n": {c: int(n) for c, n in zip(CLASSES, np.bincount(data.labels, minlength=len(CLASSES)))},
+        "patients": len(set(patients)),
+        "patients_seen_by_run": _patients_seen(run_dir, patients),
+        "unreadable": [{"path": p, "problem": why} for p, why in data.failures],
+        "files": [{"path": str(s.path), "sha1": key, "label": CLASSES[s.label], "patient": s.patient}
+                  for s, key in zip(data.samples, data.keys)],
+    }
+
+
 def site_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, patients: list[str],
                  n_boot: int, seed: int = 0) -> dict:
     """evaluate_predictions at `threshold`, the intervals resampling patients."""
@@ -87,11 +112,8 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
         raise OptionError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     run = RunDir(run_dir)
     predictor = Predictor.from_run(run_dir)
-    samples = discover_split(site_dir)
-    data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
-                          show_progress=show_progress)
+    data = read_site_sample(site_dir, predictor.image_size, strict, show_progress)
     labels = data.labels
-    check_sample_size(labels, str(site_dir))
     probs = predictor.predict_images(data.images, show_progress=show_progress)
     patients = [s.patient for s in data.samples]
 
@@ -104,15 +126,7 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
         "target_sensitivity": target_sensitivity,
         "threshold": threshold,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "sample": {
-            "data": str(Path(site_dir).resolve()),
-            "n": {c: int(n) for c, n in zip(CLASSES, np.bincount(labels, minlength=len(CLASSES)))},
-            "patients": len(set(patients)),
-            "patients_seen_by_run": _patients_seen(run_dir, patients),
-            "unreadable": [{"path": p, "problem": why} for p, why in data.failures],
-            "files": [{"path": str(s.path), "sha1": key, "label": CLASSES[s.label], "patient": s.patient}
-                      for s, key in zip(data.samples, data.keys)],
-        },
+        "sample": sample_record(site_dir, data, run_dir),
         "metrics": site_metrics(labels, probs, threshold, patients, n_boot),
         "previous_default": {
             "rule": previous_rule, "threshold": float(thresholds["rules"][previous_rule]),

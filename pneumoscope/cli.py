@@ -198,6 +198,32 @@ def _calibrate_options(p) -> None:
     p.set_defaults(func=cmd_calibrate)
 
 
+def _adapt_options(p) -> None:
+    from pneumoscope.adapt import DEFAULT_EPOCHS, DEFAULT_FOLDS, DEFAULT_SITE_WEIGHT
+    from pneumoscope.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
+
+    p.add_argument("run_dir", help="run directory written by train (read only; left untouched)")
+    p.add_argument("--data", required=True, metavar="SITE_DIR",
+                   help=f"the site's labelled sample: SITE_DIR/NORMAL and SITE_DIR/PNEUMONIA, at least "
+                        f"{MIN_PER_CLASS} images each (40-100 advised)")
+    p.add_argument("--out", required=True, metavar="NEW_RUN", help="the adapted run directory to write")
+    p.add_argument("--site-weight", type=float, default=DEFAULT_SITE_WEIGHT,
+                   help="share of each epoch's draws that are site films (repeated) (default %(default)s)")
+    p.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                   help="cross-validation folds on the sample, grouped by patient (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
+                   help="epochs of each re-training, from the run's weights (default %(default)s)")
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
+                   help="the site threshold: the highest whose sensitivity on the pooled out-of-fold scores "
+                        "reaches this (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (default %(default)s)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: as the run asked, auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in NEW_RUN")
+    _add_strict(p)
+    p.set_defaults(func=cmd_adapt)
+
+
 def _drift_options(p) -> None:
     p.add_argument("run_dir", help="run directory written by train (validation images from manifest.csv)")
     p.add_argument("--data", required=True, metavar="FOLDER",
@@ -241,6 +267,8 @@ VERBS = {
     "explain": (_explain_options, "Grad-CAM heatmap overlay PNG and p(pneumonia) per image"),
     "calibrate": (_calibrate_options, "re-choose the operating threshold on a labelled sample of a "
                                       "new site (rule `site`, made the run's default)"),
+    "adapt": (_adapt_options, "re-train a run on its train part plus a labelled site sample into a new run "
+                              "(cross-validated gain on the sample, site threshold)"),
     "drift": (_drift_options, "how far an unlabelled folder of images is from the run's validation "
                               "images (domain AUC, score distributions, outliers)"),
     "data": (_data_options, "get the data: download the full Kermany set"),
@@ -409,6 +437,20 @@ def cmd_calibrate(args) -> int:
     print(format_site(site))
     print(f"written: {Path(args.run_dir) / 'threshold.json'} (default rule: site; "
           "--threshold-rule youden picks the validation one)")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from pneumoscope.adapt import format_adapt
+    from pneumoscope.api import adapt
+    from pneumoscope.rundir import ADAPT
+
+    out = adapt(args.run_dir, args.data, args.out, site_weight=args.site_weight, folds=args.folds,
+                epochs=args.epochs, target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
+                seed=args.seed, device=args.device, overwrite=args.overwrite, strict=args.strict,
+                show_progress=not args.quiet)
+    print(format_adapt(json.loads((out / ADAPT).read_text())))
+    print(f"written: {out} (default rule: site; {ADAPT} holds the cross-validation)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """RUN_DIR/MODEL_CARD.md (Mitchell et al. 2019): what the model is for and where it fails.
 
-`train` writes it; `evaluate` (which records each evaluated folder in RUN_DIR/
+`train` and `adapt` write it; `evaluate` (which records each evaluated folder in RUN_DIR/
 evaluations.json) and `calibrate` write it again. Every figure in it is read from the run
 directory's own files, so the card is rebuilt, never edited.
 """
@@ -17,7 +17,8 @@ import numpy as np
 from pneumoscope import CLASSES, __version__
 from pneumoscope.tasks import BV_RULE, KEYS, THREE_CLASS, bv_threshold_of, task_of
 from pneumoscope.rundir import (
-    CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDirError, atomic_write_json, atomic_write_text, read_json,
+    ADAPT, CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDirError, atomic_write_json, atomic_write_text,
+    read_json,
 )
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ def render_model_card(run_dir: str | Path) -> str:
     sections = [
         f"# Model card: {run.name}\n\n"
         f"Written by pneumoscope {__version__} on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the "
-        "files of this run directory (`train` writes it, `evaluate` and `calibrate` update it).",
+        "files of this run directory (`train` and `adapt` write it, `evaluate` and `calibrate` update it).",
         _intended_use(config), _data(run, config), _model(config, summary),
-        _validation(run, thresholds, config), _evaluations(run), _site(thresholds),
+        _adaptation(run), _validation(run, thresholds, config), _evaluations(run), _site(thresholds),
         _limitations(), _reproduce(run, config),
     ]
     return "\n\n".join(s.strip() for s in sections if s) + "\n"
@@ -211,11 +212,55 @@ def _evaluations(run: Path) -> str:
     return "\n".join(lines)
 
 
+def read_adaptation(run_dir: str | Path) -> dict | None:
+    """RUN_DIR/adapt.json, written by `pneumoscope adapt`; None for a run trained otherwise."""
+    path = Path(run_dir) / ADAPT
+    return read_json(path) if path.exists() else None
+
+
+def adaptation_summary(record: dict) -> str:
+    """One paragraph (Markdown code spans) on what a run was adapted from and on, with the
+    cross-validated figures of the source and the adapted model on the sample."""
+    cv, sample = record["cross_validation"], record["sample"]
+    src, ada = cv["source"], cv["adapted_oof"]
+
+    def at_site(fig: dict) -> str:
+        m = fig["metrics"]
+        return ", ".join(f"{k} {_fmt(m, k)}" for k in ("accuracy", "sensitivity", "specificity"))
+
+    return (f"Adapted by `pneumoscope adapt` from the run `{record['source']['run']}` (model sha256 "
+            f"{record['source']['model_sha256'][:12]}...) on {sum(sample['n'].values())} site films of "
+            f"`{sample['data']}` ({', '.join(f'{n} {c}' for c, n in sample['n'].items())}, {sample['patients']} "
+            f"patients), {record['adapted_at']}: re-trained from the source weights on the source's train part "
+            f"plus these films ({record['site_weight']['actual_share']:g} of each epoch), "
+            f"{record['schedule']['epochs']} epoch(s). {cv['folds']}-fold cross-validation on the sample, grouped "
+            f"by patient: ROC AUC {_fmt(src['metrics'], 'roc_auc')} for the source model, "
+            f"{_fmt(ada['metrics'], 'roc_auc')} adapted (out-of-fold). At the site threshold for sensitivity >= "
+            f"{cv['target_sensitivity']:g}, chosen on the same scores: source {at_site(src)}; adapted "
+            f"{at_site(ada)}. Selection data (the sample chose the threshold), not test results.")
+
+
+def _adaptation(run: Path) -> str:
+    record = read_adaptation(run)
+    if record is None:
+        return ""
+    return ("## Adaptation to a site\n\n" + adaptation_summary(record)
+            + f" Every file of the sample (path, sha1, label, patient, fold, scores) is in `{ADAPT}`; "
+              "`manifest.csv` lists the site films in the train part.")
+
+
 def _site(thresholds: dict) -> str:
     site = thresholds.get("site")
     if not site:
         return ""
     n = site["sample"]["n"]
+    if site.get("chosen_by") == "adapt":
+        return (f"## Site operating point\n\n`pneumoscope adapt` set the default rule `site`: threshold "
+                f"{site['threshold']:.4f} for sensitivity >= {site['target_sensitivity']:g} on the pooled "
+                f"out-of-fold scores of `{site['sample']['data']}` ({n.get('NORMAL', 0)} NORMAL, "
+                f"{n.get('PNEUMONIA', 0)} PNEUMONIA films, {site['sample']['patients']} patients); there: "
+                f"sensitivity {_fmt(site['metrics'], 'sensitivity')}, specificity "
+                f"{_fmt(site['metrics'], 'specificity')} (optimistic: chosen on the same scores).")
     return (f"## Site calibration\n\n`pneumoscope calibrate` on `{site['sample']['data']}` "
             f"({n.get('NORMAL', 0)} NORMAL, {n.get('PNEUMONIA', 0)} PNEUMONIA films, "
             f"{site['sample']['patients']} patients, {site['calibrated_at']}) set the default rule `site`: "
@@ -246,6 +291,14 @@ def _limitations() -> str:
 
 
 def _reproduce(run: Path, config: dict) -> str:
+    record = read_adaptation(run)
+    if record is not None:  # the source run's own card says how it was trained
+        cv, weight = record["cross_validation"], record["site_weight"]["share_of_each_epoch"]
+        return (f"## How to reproduce\n\n```bash\npneumoscope adapt {record['source']['run']} --data "
+                f"{record['sample']['data']} --out NEW_RUN_DIR --site-weight {weight:g} --folds {cv['folds']} "
+                f"--epochs {record['schedule']['epochs']} --seed {cv['seed']} --target-sensitivity "
+                f"{cv['target_sensitivity']:g}\n```\n\nThe source run, its train files and the sample "
+                "must be as recorded (sha256 and sha1 above and in `adapt.json`).")
     return (f"## How to reproduce\n\n```bash\npneumoscope train --config {run / CONFIG} --out NEW_RUN_DIR\n"
             f"```\n\nThe same data (`{config['data']}`), seed and options give the same split "
             "(`manifest.csv` lists every file with its sha1) and, on the same machine and versions, "

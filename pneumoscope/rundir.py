@@ -7,6 +7,7 @@
     model_best.safetensors  the selected model's weights (safetensors, no code)
     threshold.json    operating thresholds chosen on validation
     val_predictions.csv  the validation probabilities of the best model
+    adapt.json        only in a run written by `pneumoscope adapt`: what it was adapted from and on
 
 Every file is written atomically (temporary file, flush, fsync, rename), so a kill
 never leaves a half-written file that a later run trusts.
@@ -39,6 +40,7 @@ LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_MODEL = "model_best.safetensors"
 THRESHOLD = "threshold.json"
 VAL_PREDICTIONS = "val_predictions.csv"
+ADAPT = "adapt.json"  # `pneumoscope adapt`: the source, the site sample, the cross-validation
 
 
 class RunDirError(UserError, RuntimeError):

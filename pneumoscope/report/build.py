@@ -32,6 +32,7 @@ from pneumoscope.data.discover import Sample, discover_split, kermany_named
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, MissingFileError, OptionError
 from pneumoscope.inference import Predictor
+from pneumoscope.model_card import adaptation_summary, read_adaptation
 from pneumoscope.report import figures, html
 from pneumoscope.report.calibration import reliability
 from pneumoscope.report.embeddings import embed_and_predict, save_embeddings, tsne_2d, umap_2d
@@ -287,7 +288,7 @@ def _page(run_dir, predictor: Predictor, data, data_name, metrics, rel, pngs, em
     t = metrics["threshold"]
     sections = [
         ("metrics", "Metrics at the operating threshold", html.grid(
-            _metrics_body(metrics, data_name),
+            _metrics_body(metrics, data_name, adapted=read_adaptation(run_dir) is not None),
             fig("confusion", "Confusion matrix",
                 f"Counts at threshold {t:.3f}; percentages of each true class.", anchor="confusion"))),
         ("curves", "ROC, precision-recall and calibration", html.grid(
@@ -344,9 +345,11 @@ def _outcome_counts(confusion: dict) -> str:
     return ", ".join(f"{name} ({confusion[key]})" for key, name in names)
 
 
-def _metrics_body(metrics: dict, data_name: str) -> str:
-    where = ("site sample of <code>pneumoscope calibrate</code>" if metrics["threshold_rule"] == "site"
-             else "run's validation split")
+def _metrics_body(metrics: dict, data_name: str, adapted: bool = False) -> str:
+    where = "run's validation split"
+    if metrics["threshold_rule"] == "site":
+        where = ("out-of-fold scores of the site sample of <code>pneumoscope adapt</code>" if adapted
+                 else "site sample of <code>pneumoscope calibrate</code>")
     intro = (f"<p class=note>{metrics['n']} images of {escape(data_name)}. Threshold "
              f"{metrics['threshold']:.4f} (rule <b>{escape(metrics['threshold_rule'])}</b>, chosen on the "
              f"{where}). Intervals: 95%, bootstrap over the {metrics.get('n_patients', metrics['n'])} "
@@ -403,6 +406,9 @@ def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str)
                          f"{config.get('preprocessing', {}).get('geometry', 'stretch')} (aspect ratio not kept)")),
         _selection_row(summary),
     ]
+    record = read_adaptation(run_dir)
+    if record is not None:  # the card's paragraph, without its Markdown code marks
+        model.append(("Adapted", escape(adaptation_summary(record).replace("`", ""))))
     counts = _class_counts(samples)
     reported = [
         ("Folder", f"<code>{escape(data_name)}</code>"),

@@ -33,11 +33,13 @@ class ImageInputs:
 
 
 def make_inputs(cfg, model, train_set, val_set, device, *, feed, replicas, predict, precision,
-                show_progress=True):
+                show_progress=True, train_parts=None):
     """The inputs of cfg.recipe (cpu-fast: computes or loads the cached trunk first).
-    precision: the step's, as resolved for the full recipe (cpu-fast resolves its own)."""
+    precision: the step's, as resolved for the full recipe (cpu-fast resolves its own).
+    train_parts: cpu-fast, train_set's parts, each cached apart (trunk.CachedTrunk)."""
     if cfg.recipe != "cpu-fast":
         return ImageInputs(feed, replicas, predict, precision)
     from pneumoscope.training.trunk import cached_trunk_for
 
-    return cached_trunk_for(cfg, model, train_set, val_set, device, show_progress=show_progress)
+    return cached_trunk_for(cfg, model, train_set, val_set, device, show_progress=show_progress,
+                            train_parts=train_parts)

@@ -19,7 +19,7 @@ from pneumoscope.training.config import TrainConfig
 # Keys a run's own config.json holds beside the options; replaying that file ignores them
 # (the new run writes its own). "requested" is read: see config_file_options.
 RUN_RECORD_KEYS = frozenset({"preprocessing", "distributed", "format_version", "pneumoscope_version",
-                             "requested", "decode_version", "val_fraction_actual", "budget"})
+                             "requested", "decode_version", "val_fraction_actual", "budget", "adapted"})
 
 # (group title, [(flags, add_argument keywords)]); dest is the TrainConfig field.
 _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [

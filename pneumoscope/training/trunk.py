@@ -253,11 +253,16 @@ class CachedTrunk:
 
     net: what the step calls; feed(epoch): idx -> (activations, labels) of that epoch;
     step_cfg: the config the step sees (no augmentation on the fly: the views carry it);
-    predict_val(model): class probabilities (N, C) of the validation images from their clean view."""
+    predict_val(model): class probabilities (N, C) of the validation images from their clean view.
+
+    train_parts: the train set as [(role, DecodedSet, rows or None)], e.g. a run's train part
+    and a site sample whose films repeat (`adapt`): each part's activations are computed (or
+    found in the cache) once under its own key, then its rows taken; `train` must hold the
+    same images in that order (its labels are the epoch's)."""
 
     def __init__(self, model, k: int, train: DecodedSet, val: DecodedSet, *, augment: AugmentConfig | None,
                  views: int, seed: int, precision: str, device: torch.device, cache_dir=None,
-                 show_progress: bool = True, engine: str = "torch"):
+                 show_progress: bool = True, engine: str = "torch", train_parts: list | None = None):
         if not 1 <= k < model.n_stages:
             raise ValueError(f"the cached trunk needs 1 <= frozen stages < {model.n_stages}, got {k} "
                              "(set --trainable-stages, or use --recipe full)")
@@ -290,10 +295,17 @@ class CachedTrunk:
                 trunk, data.images, augment=aug, gen=view_generator(seed, v) if aug else None,
                 precision=precision, device=device, desc=desc, show_progress=show_progress, engine=run_trunk))
 
+        parts = train_parts or [("train", train, None)]
+
+        def train_view(v: int | None) -> np.ndarray:
+            arrays = [view(data, role, v) if rows is None else view(data, role, v)[rows]
+                      for role, data, rows in parts]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
         self.val_acts = view(val, "val", None)
-        self.train_views = [view(train, "train", None)]
+        self.train_views = [train_view(None)]
         if augment is not None:
-            self.train_views += [view(train, "train", v) for v in range(views)]
+            self.train_views += [train_view(v) for v in range(views)]
         self.train_labels = torch.as_tensor(train.labels, dtype=torch.int64)
 
     def net(self) -> nn.Module:
@@ -342,8 +354,9 @@ def keys_digest(data: DecodedSet) -> str:
 
 
 def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: torch.device,
-                     show_progress: bool = True) -> CachedTrunk:
-    """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached."""
+                     show_progress: bool = True, train_parts: list | None = None) -> CachedTrunk:
+    """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached
+    (train_parts: as CachedTrunk's)."""
     if cfg.trainable_stages < 1:
         raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
                           f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
@@ -351,7 +364,8 @@ def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: tor
     inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
                          views=cfg.views, seed=cfg.seed, precision=precision, device=device,
                          cache_dir=cfg.cache_dir or None, show_progress=show_progress,
-                         engine=resolve_trunk_engine(cfg.trunk_engine, device, precision))
+                         engine=resolve_trunk_engine(cfg.trunk_engine, device, precision),
+                         train_parts=train_parts)
     # The top's step: --precision, where auto means what the trunk pass uses (bf16 on CPUs
     # with native bf16: about 2x faster there, same validation AUC; benchmarks/RESULTS.md).
     inputs.precision = resolve_precision(cfg.precision, device)

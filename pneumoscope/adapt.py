@@ -298,11 +298,12 @@ def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, confi
         shutil.rmtree(fold_run.path)
     shutil.rmtree(run.path / "folds")
     cv = cross_validation_figures(site, fold_of, oof, source_p, opts)
+    final_started = time.perf_counter()  # summary.json's train_wall_seconds: the final model's training
     model, state, rows = train_adapted(cfg, run, env, source_state, train, task_site,
                                        np.arange(len(site.samples)), opts["site_weight"], val, show_progress)
     unique = DecodedSet(images=site.images[:0], samples=train.samples + task_site.samples,
                         failures=train.failures + site.failures)
-    summary = loop.write_summary(run, cfg, env, model, state, unique, val)
+    summary = loop.write_summary(run, cfg, env, model, state, unique, val, final_started)
     record = adaptation_record(run_dir, site_dir, out, site, fold_of, oof, source_p, cv, opts, rows, summary)
     record["seconds"] = round(time.perf_counter() - started, 1)
     write_run_files(run, out, config, roles, train, val, site, record)

@@ -135,7 +135,6 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
 
     if resume and out is None:
         raise OptionError("--resume needs --out (the CSV to go on with)")
-    files = list_files(paths, files_list)
     env = init_from_env(device or "auto")
     if env.world_size > 1 and out is None:
         raise OptionError("under torchrun, predict needs --out (rank 0 joins the ranks' rows into it)")
@@ -145,6 +144,7 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
         workers = min(cores, default_workers())
     scorer = load_scorer(run_dir, engine, str(env.device), threads=cores if env.world_size > 1 else None,
                          onnx=onnx, int8=int8)
+    files = list_files(paths, files_list)  # after the run: a broken run is named first, whatever the paths
     header = ["path", *prediction_columns(scorer.task), "label"]
     if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
         return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)
@@ -166,12 +166,14 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
     threshold = scorer.threshold_for(threshold_rule)
     bv_threshold = bv_threshold_of(scorer.thresholds)
     summary = PredictSummary()
+    readable = 0  # films that decoded, scored or not (--strict stops scoring at the first failure)
     sink = CsvSink(target, header, append)
     bar = tqdm(total=len(files), desc="predict", unit="film", disable=not show_progress)
     try:
         for kept, images, failures in decoded_batches(files, scorer.image_size, batch_size,
                                                        default_workers() if workers is None else workers, reduced):
             summary.failures += failures
+            readable += len(kept)
             if len(kept) and not (strict and summary.failures):
                 probs = scorer.predict_class_probs(images)
                 rows = prediction_rows(scorer.task, probs, threshold, bv_threshold)
@@ -182,7 +184,7 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
         bar.close()
         sink.close()
     summary.engine = scorer.runtime
-    nothing = summary.scored == 0 and not append  # every file unreadable: an error, not an empty CSV
+    nothing = readable == 0 and not append  # every file unreadable: an error, not an empty CSV
     if (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:

@@ -32,7 +32,6 @@ from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation import evaluate_predictions, sensitivity_threshold
-from pneumoscope.inference import Predictor
 from pneumoscope.model_card import update_model_card
 from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
 
@@ -110,8 +109,12 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     threshold.json as the default rule `site`, and return the `site` block written."""
     if not 0.0 < target_sensitivity <= 1.0:
         raise OptionError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+    from pneumoscope.scoring import load_scorer
+
     run = RunDir(run_dir)
-    predictor = Predictor.from_run(run_dir)
+    # the engine evaluate, predict and serve score with: the threshold is one of the sample's
+    # own scores, so another engine's last-digit difference could put that film below it
+    predictor = load_scorer(run_dir)
     data = read_site_sample(site_dir, predictor.image_size, strict, show_progress)
     labels = data.labels
     probs = predictor.predict_images(data.images, show_progress=show_progress)

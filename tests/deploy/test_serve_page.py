@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE
+
 pytestmark = pytest.mark.browser
 
 
@@ -34,8 +36,9 @@ def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_da
     assert page.inner_text("#prob") == f"{100 * api['p_pneumonia']:.1f}%"
     assert page.inner_text("#label") == api["label"]
     assert f"{api['threshold']:.3f}" in page.inner_text("#threshold-line")
-    assert api["threshold_rule"] == "sensitivity99"  # the default rule, named in words on the page
-    assert "(99% sensitivity on validation)" in page.inner_text("#threshold-line")
+    assert api["threshold_rule"] == DEFAULT_THRESHOLD_RULE  # the default rule, named in words on the page
+    target = DEFAULT_THRESHOLD_RULE.removeprefix("sensitivity")
+    assert f"({target}% sensitivity on validation)" in page.inner_text("#threshold-line")
     assert page.is_hidden("#classes")  # the three-class table is for three-class runs only
     assert page.inner_text("#file-name") == xray.name
     assert page.eval_on_selector("#heatmap-img", "im => im.naturalWidth") == 64

@@ -218,7 +218,11 @@ def predict_paths(run_dir: str | Path, paths: list[str | Path], out: str | Path 
                   show_progress: bool = True, onnx: str | Path | None = None) -> list[dict]:
     """p(pneumonia) and label for every readable image among `paths` (folders searched);
     CSV at `out` when given. onnx: see load_predictor."""
-    predictor = load_predictor(run_dir, onnx)  # a broken run is named first, whatever the paths
+    from pneumoscope.scoring import load_scorer
+
+    # the engine `pneumoscope predict` scores with (onnxruntime where it applies), so a notebook
+    # gets the CLI's numbers to the last digit; a broken run is named first, whatever the paths
+    predictor = load_scorer(run_dir, onnx=onnx)
     files = expand_paths(paths)
     require_image_files(files, paths)
     rows = predict_sources(predictor, files, threshold_rule, strict, show_progress)

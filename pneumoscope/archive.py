@@ -152,7 +152,8 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
     done = read_done(target, header) if resume else set()
     mine = [f for f in shard(files, env.rank, env.world_size) if f not in done]
     summary = score_files(scorer, mine, target, header, threshold_rule, strict, batch_size or DEFAULT_BATCH,
-                          workers, reduced, append=resume, show_progress=show_progress and env.is_main)
+                          workers, reduced, append=resume, show_progress=show_progress and env.is_main,
+                          whole=env.world_size == 1)
     summary.resumed = len(done)
     if env.world_size > 1:
         join_parts(Path(out), env, header)
@@ -161,8 +162,10 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
 
 def score_files(scorer, files: list[str], target: Path | None, header: list[str], threshold_rule: str | None,
                 strict: bool, batch_size: int, workers: int | None, reduced: bool, append: bool,
-                show_progress: bool) -> PredictSummary:
-    """The loop: decoded batches in, rows out; see predict_archive."""
+                show_progress: bool, whole: bool = True) -> PredictSummary:
+    """The loop: decoded batches in, rows out; see predict_archive. whole: these are all the
+    files (not one torchrun rank's shard), so none readable is the run's "nothing scored";
+    a rank must not stop alone while the others wait to join."""
     threshold = scorer.threshold_for(threshold_rule)
     bv_threshold = bv_threshold_of(scorer.thresholds)
     summary = PredictSummary()
@@ -184,7 +187,7 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
         bar.close()
         sink.close()
     summary.engine = scorer.runtime
-    nothing = readable == 0 and not append  # every file unreadable: an error, not an empty CSV
+    nothing = whole and readable == 0 and not append  # every file unreadable: an error, not an empty CSV
     if (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:
@@ -206,6 +209,8 @@ def join_parts(out: Path, env, header: list[str]) -> None:
         def write(handle):
             handle.write((",".join(header) + "\n").encode("utf-8"))
             for part in parts:
+                if not part.exists():  # a rank with no readable film (or none at all) wrote none
+                    continue
                 with open(part, "rb") as f:
                     f.readline()  # the part's header
                     while block := f.read(1 << 20):
@@ -213,5 +218,5 @@ def join_parts(out: Path, env, header: list[str]) -> None:
 
         atomic_write_with(out, write)
         for part in parts:
-            part.unlink()
+            part.unlink(missing_ok=True)
     env.barrier()

@@ -381,7 +381,9 @@ def cmd_serve(args) -> int:
     print(f"access: {'token required (Authorization: Bearer ...)' if token else 'no token: loopback only'}; "
           f"rate limit: {f'{args.rate_limit} requests a minute per client' if args.rate_limit else 'none'}; "
           "uploads are read in memory, never written to disk")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # proxy_headers off: uvicorn would otherwise take a loopback caller's X-Forwarded-For as its
+    # address, and the rate limit (and the access log) would key on what the caller wrote
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=False)
     return 0
 
 

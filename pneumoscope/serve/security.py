@@ -88,8 +88,12 @@ def _this_machine() -> set[str]:
 def host_name(header: str) -> str:
     """The name part of a Host header: 'Example.org:8000' -> 'example.org', '[::1]:80' -> '::1'."""
     header = header.strip().lower()
-    if header.startswith("["):  # IPv6 literal
-        return header[1 : header.find("]")] if "]" in header else header
+    if header.startswith("["):  # IPv6 literal: '[addr]' or '[addr]:port', nothing else after it
+        end = header.find("]")
+        rest = header[end + 1 :] if end > 0 else None
+        if rest is None or not (rest == "" or (rest.startswith(":") and rest[1:].isdigit())):
+            return header  # not a Host a browser sends ('[::1].evil.example'): matches no allowed name
+        return header[1:end]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -151,15 +155,20 @@ class TokenBuckets:
         """0 when the request may go, else the seconds until it could."""
         now = time.monotonic()
         with self.lock:
+            if client not in self.buckets and len(self.buckets) >= 10_000:
+                self._forget_full(now)  # memory bounded under many clients, each sending once
             tokens, at = self.buckets.get(client, (self.capacity, now))
             tokens = min(self.capacity, tokens + (now - at) * self.rate)
             if tokens >= 1.0:
                 self.buckets[client] = (tokens - 1.0, now)
                 return 0.0
             self.buckets[client] = (tokens, now)
-            if len(self.buckets) > 10_000:  # forget full buckets: memory bounded under many clients
-                self.buckets = {c: v for c, v in self.buckets.items() if v[0] < self.capacity}
             return (1.0 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets that have refilled: a client seen again starts full anyway."""
+        self.buckets = {c: (tokens, at) for c, (tokens, at) in self.buckets.items()
+                        if tokens + (now - at) * self.rate < self.capacity}
 
 
 class RateLimit:

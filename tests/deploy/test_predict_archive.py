@@ -200,3 +200,19 @@ def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, caps
     assert main(["-q", "predict", str(run), films[0], "--int8"]) == 0
     assert (run / CHECK_FILE).stat().st_mtime_ns == stamp
     assert main(["-q", "predict", str(run), films[0], "--int8", "--engine", "torch"]) == 2
+
+
+def test_join_skips_a_rank_that_wrote_no_part(tmp_path):
+    """A rank whose shard held no readable film (or no film: more ranks than films) writes
+    no part; rank 0 joins the others instead of failing while they wait."""
+    from types import SimpleNamespace
+
+    from pneumoscope.archive import join_parts, part_path
+
+    out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
+    env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None)
+    for rank, rows in ((0, ["a.jpeg,0.1,NORMAL\n"]), (2, ["c.jpeg,0.9,PNEUMONIA\n"])):
+        part_path(out, rank, 3).write_text(",".join(header) + "\n" + "".join(rows))
+    join_parts(out, env, header)
+    assert out.read_text().splitlines() == [",".join(header), "a.jpeg,0.1,NORMAL", "c.jpeg,0.9,PNEUMONIA"]
+    assert not any(part_path(out, r, 3).exists() for r in range(3))

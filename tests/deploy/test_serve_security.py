@@ -235,3 +235,37 @@ def test_the_page_asks_for_the_token(guarded_page, deploy_run, server_for, xray)
         page.wait_for_selector("#result", state="visible", timeout=120_000)
         assert page.inner_text("#label") in ("NORMAL", "PNEUMONIA")
         assert page.outside == []
+
+
+def test_host_name_takes_only_what_a_browser_sends():
+    from pneumoscope.serve.security import host_name
+
+    assert host_name("[::1]:8000") == "::1" and host_name("[::1]") == "::1"
+    assert host_name("Example.org:8000") == "example.org"
+    for forged in ("[::1].evil.example", "[::1]evil", "[::1]:80x", "[::1"):
+        assert host_name(forged) not in ("::1", "127.0.0.1", "localhost"), forged
+
+
+def test_rate_limit_memory_stays_bounded_under_many_clients():
+    from pneumoscope.serve.security import TokenBuckets
+
+    buckets = TokenBuckets(120)
+    for i in range(30_000):  # each client once: none is ever refused
+        assert buckets.take(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}") == 0.0
+    assert len(buckets.buckets) <= 10_001
+    for _ in range(120):  # a busy client keeps its state through the pruning
+        buckets.take("192.0.2.1")
+    assert buckets.take("192.0.2.1") > 0
+
+
+def test_serve_ignores_forwarded_for_headers(monkeypatch, deploy_run):
+    """`pneumoscope serve` runs uvicorn without proxy headers, so a caller's X-Forwarded-For
+    cannot choose the address the rate limit counts (uvicorn trusts it from loopback otherwise)."""
+    import uvicorn
+
+    from pneumoscope.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    assert main(["serve", str(deploy_run), "--port", "0"]) == 0
+    assert seen.get("proxy_headers") is False

@@ -53,8 +53,9 @@ _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
         (("--trainable-stages",), dict(type=int, help="after the head epochs, how many top backbone stages "
                                                       "are unfrozen (-1: all)")),
         (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust", "age", "lungs"],
-                              help="augmentation preset (affine, brightness, contrast, gamma; lungs adds film "
-                                   "markers, border blanking, erasing, resampling and JPEG jitter; no flips)")),
+                              help="augmentation preset (affine, brightness, contrast, gamma; age widens robust's zoom "
+                                   "and aspect ratio; lungs adds film markers, border blanking, erasing, "
+                                   "resampling and JPEG jitter; no flips)")),
         (("--views",), dict(type=int, help="cpu-fast: augmented views of each training image through the "
                                            "frozen trunk")),
         (("--task",), dict(choices=["binary", "three-class"],

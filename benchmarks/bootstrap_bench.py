@@ -15,8 +15,8 @@ import platform
 import time
 
 from pneumoscope.data.manifest import read_manifest
-from pneumoscope.evaluation import CI_METRICS, _point_metrics, bootstrap_ci
-from pneumoscope.model_card import read_val_predictions
+from pneumoscope.evaluation.metrics import CI_METRICS, _point_metrics, bootstrap_ci
+from pneumoscope.report.model_card import read_val_predictions
 from pneumoscope.rundir import MANIFEST, THRESHOLD
 
 

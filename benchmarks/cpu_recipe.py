@@ -66,7 +66,7 @@ def part_recipe(args) -> dict:
 
 def _val_auc_of(run: Path, probs_of) -> float:
     from pneumoscope.data.manifest import read_manifest
-    from pneumoscope.evaluation import ranking_metrics
+    from pneumoscope.evaluation.metrics import ranking_metrics
 
     val = read_manifest(run / "manifest.csv")["val"]
     labels = [s.label for s in val]

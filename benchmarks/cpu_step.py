@@ -38,8 +38,8 @@ from pneumoscope.data.augment import PRESETS  # noqa: E402
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.discover import discover_split  # noqa: E402
 from pneumoscope.models import build_model  # noqa: E402
-from pneumoscope.onnx_predictor import open_session  # noqa: E402
-from pneumoscope.precision import autocast, native_bf16  # noqa: E402
+from pneumoscope.models.onnx_session import open_session
+from pneumoscope.models.precision import autocast, native_bf16  # noqa: E402
 from pneumoscope.training.recipes import RECIPES  # noqa: E402
 from pneumoscope.training.trunk import (FrozenTrunk, TopNet, activations_to_input,  # noqa: E402
                                         trunk_activations, view_generator)

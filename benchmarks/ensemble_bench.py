@@ -38,10 +38,10 @@ from recipe_sweep import HARD, STRESS, stressed_probs  # noqa: E402
 
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
-from pneumoscope.evaluation import (  # noqa: E402
+from pneumoscope.evaluation.metrics import (  # noqa: E402
     DEFAULT_THRESHOLD_RULE, choose_thresholds, ranking_metrics, threshold_metrics,
 )
-from pneumoscope.inference import Predictor, predict_probs  # noqa: E402
+from pneumoscope.inference import Predictor  # noqa: E402
 from pneumoscope.models.ensemble import IDENTITY, TTA_PRESETS, View  # noqa: E402
 
 

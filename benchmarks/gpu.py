@@ -29,10 +29,10 @@ import torch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.models import build_model
-from pneumoscope.precision import PRECISIONS
+from pneumoscope.models.precision import PRECISIONS
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas
-from pneumoscope.training.loop import class_weights, make_optimizer, make_scheduler, train_one_epoch
+from pneumoscope.training.loop import Optimization, class_weights, make_optimizer, make_scheduler, train_one_epoch
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +112,8 @@ def end_to_end_rates(args, cfg, net, optimizer, scheduler, data, device, precisi
     env = DistEnv(device=device)
     rates = []
     for epoch in range(args.epochs):
-        row = train_one_epoch(net, optimizer, scheduler, data, cfg, epoch, device, loss_weights,
-                              show_progress=False, env=env, feed=feed, precision=precision)
+        row = train_one_epoch(net, Optimization(optimizer, scheduler, loss_weights), data, cfg, epoch, env,
+                              feed=feed, precision=precision, show_progress=False)
         rates.append(row["train_images_per_s"])
         print(f"  epoch {epoch + 1}: {row['train_images_per_s']:.0f} images/s (loss {row['train_loss']:.4f})")
     return rates

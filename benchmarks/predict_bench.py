@@ -133,7 +133,7 @@ def breakdown(run: Path, films: list[Path], batch: int) -> dict:
     start = time.perf_counter()
     from pneumoscope.data.workers import decode_batch
     from pneumoscope.inference import predict_class_probs
-    from pneumoscope.scoring import load_scorer
+    from pneumoscope.deploy.scoring import load_scorer
 
     scorer = load_scorer(run)  # the engine is cached by now
     startup = time.perf_counter() - start

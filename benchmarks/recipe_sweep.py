@@ -35,11 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
-from pneumoscope.evaluation import ranking_metrics, threshold_metrics  # noqa: E402
-from pneumoscope.inference import Predictor, images_to_input  # noqa: E402
+from pneumoscope.evaluation.metrics import ranking_metrics, threshold_metrics  # noqa: E402
+from pneumoscope.inference import Predictor
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import PNEUMONIA_INDEX  # noqa: E402
-from pneumoscope.training import TrainConfig, train  # noqa: E402
-from pneumoscope.precision import resolve_precision  # noqa: E402
+from pneumoscope.training import TrainConfig, fit  # noqa: E402
+from pneumoscope.models.precision import resolve_precision  # noqa: E402
 from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine  # noqa: E402
 from pneumoscope.training.trunk import (  # noqa: E402
     ActivationStore, FrozenTrunk, activations_to_input, keys_digest, trunk_activations, trunk_digest,
@@ -181,7 +182,7 @@ def score_run(run: Path, stress: bool) -> dict:
 
 def score_ensemble(runs: list[Path]) -> dict:
     """The stress scores of the runs' mean probability (what an ensemble of them would do)."""
-    from pneumoscope.evaluation import choose_thresholds
+    from pneumoscope.evaluation.metrics import choose_thresholds
 
     predictors = [Predictor.from_run(run, device="cpu") for run in runs]
     val = read_manifest(runs[0] / "manifest.csv")["val"]
@@ -258,7 +259,7 @@ def run_experiment(name: str, options: dict, args) -> dict:
         shutil.rmtree(out)
     cfg = TrainConfig(data=args.data, out=str(out), **{"recipe": "cpu-fast", **options})
     start = time.perf_counter()
-    summary = train(cfg, show_progress=False)
+    summary = fit(cfg, show_progress=False)
     wall = time.perf_counter() - start
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {"name": name, "options": options, "wall_s": round(wall, 1), "best_epoch": summary["best_epoch"],

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pneumoscope.inference import Predictor, predict_probs
-from pneumoscope.onnx_predictor import OnnxPredictor
+from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 from pneumoscope.serve import create_app
 from pneumoscope.serve.background import BackgroundServer
 from pneumoscope.serve.engine import InferenceEngine
@@ -135,7 +135,7 @@ def main() -> int:
     run = Path(args.run_dir)
     onnx_path = Path(args.onnx) if args.onnx else run / "model.onnx"
     if not onnx_path.exists():
-        from pneumoscope.export import export_onnx
+        from pneumoscope.deploy.export import export_onnx
 
         print(f"exporting {run} -> {onnx_path}", file=sys.stderr)
         export_onnx(run, onnx_path)

@@ -46,9 +46,10 @@ from pneumoscope.data.augment import paste_marker  # noqa: E402
 from pneumoscope.data.cache import DecodedSet, decode_samples  # noqa: E402
 from pneumoscope.data.decode import resize_to_model  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
-from pneumoscope.evaluation import choose_thresholds, ranking_metrics, threshold_metrics  # noqa: E402
-from pneumoscope.inference import images_to_input, load_trained_model  # noqa: E402
-from pneumoscope.precision import resolve_precision  # noqa: E402
+from pneumoscope.evaluation.metrics import choose_thresholds, ranking_metrics, threshold_metrics  # noqa: E402
+from pneumoscope.inference import load_trained_model
+from pneumoscope.models.classifier import images_to_input
+from pneumoscope.models.precision import resolve_precision  # noqa: E402
 from pneumoscope.rundir import RunDir  # noqa: E402
 
 SUITE_VERSION = 1  # part of the activation cache key: bump when a shift's definition changes

@@ -41,12 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from pneumoscope.commands import score_predictions  # noqa: E402
+from pneumoscope.report.evaluate import score_predictions
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.discover import discover_split  # noqa: E402
-from pneumoscope.evaluation import choose_thresholds, sensitivity_threshold, threshold_metrics  # noqa: E402
+from pneumoscope.evaluation.metrics import choose_thresholds, sensitivity_threshold, threshold_metrics  # noqa: E402
 from pneumoscope.inference import Predictor  # noqa: E402
-from pneumoscope.model_card import read_val_predictions  # noqa: E402
+from pneumoscope.report.model_card import read_val_predictions  # noqa: E402
 from pneumoscope.rundir import read_json  # noqa: E402
 from pneumoscope.tasks import BINARY, p_pneumonia  # noqa: E402
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.data.discover import patient_id
-from pneumoscope.evaluation import evaluate_predictions
+from pneumoscope.evaluation.metrics import evaluate_predictions
 from pneumoscope.tasks import BINARY, THREE_CLASS, bv_threshold_of
-from pneumoscope.three_class import evaluate_three_class
+from pneumoscope.evaluation.three_class import evaluate_three_class
 
 
 def timed(cmd: list[str]) -> dict:
@@ -69,7 +69,7 @@ def train_on_split_of(data: str, out: Path, other: Path) -> dict:
     cfg = TrainConfig(data=data, out=str(run), task=BINARY, cache_dir=str(out / f"cache_{THREE_CLASS}"))
     loop.prepare_split = same_split  # benchmark only: the split of the three-class run
     start = time.perf_counter()
-    loop.train(cfg, show_progress=False)
+    loop.fit(cfg, show_progress=False)
     return {"run": str(run), "wall_s": round(time.perf_counter() - start, 1),
             "note": f"split and warm cache of {other}"}
 

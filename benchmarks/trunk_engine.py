@@ -28,7 +28,7 @@ from pneumoscope.data.discover import discover_split  # noqa: E402
 from pneumoscope.models import build_model  # noqa: E402
 from pneumoscope.training.recipes import RECIPES  # noqa: E402
 from pneumoscope.training.trunk import TRUNK_BATCH, FrozenTrunk, trunk_activations  # noqa: E402
-from pneumoscope.precision import native_bf16  # noqa: E402
+from pneumoscope.models.precision import native_bf16  # noqa: E402
 from pneumoscope.training.trunk_engine import build_engine  # noqa: E402
 
 

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.commands import decode_sources, expand_paths, load_predictor, predict_sources
+from pneumoscope.commands import predict_sources
+from pneumoscope.inference import decode_sources
+from pneumoscope.data.sources import expand_paths
+from pneumoscope.deploy.scoring import load_predictor
 from pneumoscope.data.cache import report_failures
 from pneumoscope.errors import OptionError
 
@@ -29,12 +32,12 @@ class Model:
 
     def __init__(self, run_dir: str | Path, onnx: str | Path | None = None,
                  threshold_rule: str | None = None, device: str | None = None, engine: str | None = None):
-        from pneumoscope.scoring import load_scorer
+        from pneumoscope.deploy.scoring import load_scorer
 
         self.run_dir = Path(run_dir)
         self.onnx = onnx
         self.device = device
-        # the engine `pneumoscope predict` scores with (pneumoscope.scoring), so the numbers agree
+        # the engine `pneumoscope predict` scores with (pneumoscope.deploy.scoring), so the numbers agree
         self.predictor = load_scorer(run_dir, engine, device, onnx=onnx)
         self.threshold_rule = threshold_rule
         self.threshold = self.predictor.threshold_for(threshold_rule)  # an unknown rule fails here
@@ -81,7 +84,7 @@ def _sources(images) -> list:
 def load(run_dir: str | Path, onnx: str | Path | None = None, *, threshold_rule: str | None = None,
          device: str | None = None, engine: str | None = None) -> Model:
     """The run in RUN_DIR (written by train) on predict's engine (engine: auto, onnxruntime
-    or torch; pneumoscope.scoring) or, with onnx, that export run by onnxruntime; device:
+    or torch; pneumoscope.deploy.scoring) or, with onnx, that export run by onnxruntime; device:
     cpu, cuda, cuda:N (default cuda when available)."""
     return Model(run_dir, onnx, threshold_rule, device, engine)
 
@@ -94,9 +97,9 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     ...). config: a JSON or YAML file of options (a run's config.json replays it); data,
     out and options given here override it. resume / overwrite: as --resume / --overwrite."""
     from pneumoscope.training.config import TrainConfig
-    from pneumoscope.training.loop import train as run_training
+    from pneumoscope.training.loop import fit
     from pneumoscope.training.options import checked_options, merge_options
-    from pneumoscope.training.trackers import open_trackers
+    from pneumoscope.report.trackers import open_trackers
 
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - names)
@@ -108,10 +111,10 @@ def train(data: str | Path | None = None, out: str | Path | None = None, *, conf
     main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes and logs
     trackers = open_trackers(cfg, enabled=main)  # they write nothing before the first epoch
     try:
-        summary = run_training(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress,
+        summary = fit(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress,
                                on_epoch=trackers.log_epoch)
         if summary is not None and main:
-            from pneumoscope.model_card import update_model_card
+            from pneumoscope.report.model_card import update_model_card
 
             update_model_card(cfg.out)
             trackers.finish()
@@ -126,7 +129,7 @@ def adapt(run_dir: str | Path, data: str | Path, out: str | Path, **options) -> 
     """Adapt a run to a labelled site sample (`pneumoscope adapt`); returns the new run
     directory. options: adapt.adapt_run's (site_weight, folds, epochs, target_sensitivity,
     n_boot, seed, device, overwrite, strict, show_progress)."""
-    from pneumoscope.adapt import adapt_run
+    from pneumoscope.site.adapt import adapt_run
 
     adapt_run(run_dir, data, out, **options)
     return Path(out)

@@ -13,7 +13,7 @@ from pneumoscope.errors import UserError
 
 
 def _add_threshold_rule(p) -> None:
-    from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+    from pneumoscope.evaluation.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
     # Not argparse choices: the rules are the run's (site exists after calibrate); an
     # unknown one is refused by OperatingPoint.threshold_for, naming the run's rules.
@@ -130,7 +130,7 @@ def _serve_options(p) -> None:
 
 
 def _export_options(p) -> None:
-    from pneumoscope.onnx_contract import DEFAULT_OPSET
+    from pneumoscope.deploy.onnx_contract import DEFAULT_OPSET
 
     p.add_argument("run_dir", help="run directory written by train")
     p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx", help="export format (default %(default)s)")
@@ -184,7 +184,7 @@ def _explain_options(p) -> None:
 
 
 def _calibrate_options(p) -> None:
-    from pneumoscope.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
+    from pneumoscope.site.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
 
     p.add_argument("run_dir", help="run directory written by train (its threshold.json is updated)")
     p.add_argument("--data", required=True, metavar="SITE_DIR",
@@ -199,8 +199,8 @@ def _calibrate_options(p) -> None:
 
 
 def _adapt_options(p) -> None:
-    from pneumoscope.adapt import DEFAULT_EPOCHS, DEFAULT_FOLDS, DEFAULT_SITE_WEIGHT
-    from pneumoscope.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
+    from pneumoscope.site.adapt import DEFAULT_EPOCHS, DEFAULT_FOLDS, DEFAULT_SITE_WEIGHT
+    from pneumoscope.site.calibrate import DEFAULT_TARGET_SENSITIVITY, MIN_PER_CLASS
 
     p.add_argument("run_dir", help="run directory written by train (read only; left untouched)")
     p.add_argument("--data", required=True, metavar="SITE_DIR",
@@ -315,7 +315,7 @@ def cmd_audit(args) -> int:
 
 def cmd_train(args) -> int:
     from pneumoscope.api import train
-    from pneumoscope.rundir import read_json
+    from pneumoscope.rundir import SUMMARY, read_json
     from pneumoscope.tasks import val_auc_name
     from pneumoscope.training.distributed import is_main_process
     from pneumoscope.training.options import given_options
@@ -324,7 +324,7 @@ def cmd_train(args) -> int:
                 overwrite=getattr(args, "overwrite", False), show_progress=not args.quiet, **given_options(args))
     if not is_main_process():  # under torchrun rank 0 speaks for all
         return 0
-    summary = read_json(run / "summary.json")
+    summary = read_json(run / SUMMARY)
     t = summary["thresholds"]
     print(f"run: {run}\nbackbone: {summary['backbone']}  best epoch {summary['best_epoch']}"
           f"/{summary['epochs_run']}  val {val_auc_name(summary)} {summary['val_roc_auc']:.4f}")
@@ -335,7 +335,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pneumoscope.commands import evaluate_run, format_evaluation
+    from pneumoscope.report.evaluate import evaluate_run, format_evaluation
 
     metrics = evaluate_run(args.run_dir, args.data, out=args.out, threshold_rule=args.threshold_rule,
                            strict=args.strict, n_boot=args.bootstrap, show_progress=not args.quiet,
@@ -346,7 +346,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pneumoscope.archive import predict_archive
+    from pneumoscope.deploy.archive import predict_archive
     from pneumoscope.errors import OptionError
 
     if not args.paths and not args.files:
@@ -389,7 +389,7 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from pneumoscope.commands import export_run
-    from pneumoscope.onnx_contract import contract_path
+    from pneumoscope.deploy.onnx_contract import contract_path
 
     out = export_run(args.run_dir, args.fmt, out=args.out, opset=args.opset)
     print(f"written: {out}\ncontract: {contract_path(out)}")
@@ -397,7 +397,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from pneumoscope.ensemble import build_ensemble
+    from pneumoscope.training.ensembling import build_ensemble
     from pneumoscope.tasks import val_auc_name
 
     summary = build_ensemble(args.run_dirs, args.out, tta=args.tta, show_progress=not args.quiet)
@@ -432,7 +432,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from pneumoscope.calibrate import calibrate_run, format_site
+    from pneumoscope.site.calibrate import calibrate_run, format_site
 
     site = calibrate_run(args.run_dir, args.data, target_sensitivity=args.target_sensitivity,
                          n_boot=args.bootstrap, strict=args.strict, show_progress=not args.quiet)
@@ -443,7 +443,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_adapt(args) -> int:
-    from pneumoscope.adapt import format_adapt
+    from pneumoscope.site.adapt import format_adapt
     from pneumoscope.api import adapt
     from pneumoscope.rundir import ADAPT
 
@@ -457,9 +457,10 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_drift(args) -> int:
-    from pneumoscope.drift import drift_run, format_drift
+    from pneumoscope.rundir import DRIFT
+    from pneumoscope.site.drift import drift_run, format_drift
 
-    out = Path(args.out) if args.out else Path(args.run_dir) / "drift.json"
+    out = Path(args.out) if args.out else Path(args.run_dir) / DRIFT
     result = drift_run(args.run_dir, args.data, out=out, threshold_rule=args.threshold_rule,
                        seed=args.seed, strict=args.strict, show_progress=not args.quiet)
     print(format_drift(result))

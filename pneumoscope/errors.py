@@ -27,3 +27,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DataError(UserError, ValueError):
     """Input data the command cannot use (unreadable contents, too few images, a bad CSV)."""
+
+
+class NothingScoredError(DataError):
+    """predict or explain could score no image: an empty result must not pass for one in
+    a pipeline (exit 2, one line)."""

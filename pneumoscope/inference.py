@@ -14,20 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pneumoscope.data.decode import load_image
+from pneumoscope.data.decode import ImageDecodeError, load_image
+from pneumoscope.data.sources import array_png
 from pneumoscope.errors import OptionError
 from pneumoscope.models import build_model
-from pneumoscope.precision import autocast, resolve_precision
+from pneumoscope.models.precision import autocast, resolve_precision
 from pneumoscope.rundir import THRESHOLD, RunDir, RunDirError, load_model_weights
 from pneumoscope.tasks import bv_threshold_of, n_classes, p_pneumonia, task_of
-
-
-def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B,S,S) or (B,1,S,S) -> float (B,1,S,S) in [0,1]: the model's input contract."""
-    x = torch.as_tensor(images)
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return x.float().div_(255.0)
+from pneumoscope.models.classifier import images_to_input
 
 
 def inference_precision(device: str | torch.device) -> str:
@@ -35,7 +29,7 @@ def inference_precision(device: str | torch.device) -> str:
     ONNX export give the same probabilities (to 1e-4) on every machine.
 
     PNEUMOSCOPE_PRECISION=bf16 (or auto: bf16 where the hardware runs it natively, see
-    pneumoscope.precision) trades that for speed: about 2x for ResNet50 on a CPU with
+    pneumoscope.models.precision) trades that for speed: about 2x for ResNet50 on a CPU with
     AVX512-BF16 / AMX with the same validation ROC AUC, but single probabilities move by
     up to ~0.1 (benchmarks/RESULTS.md)."""
     forced = os.environ.get("PNEUMOSCOPE_PRECISION", "fp32").lower()
@@ -137,7 +131,7 @@ class Predictor(OperatingPoint):
     thresholds: dict
     device: torch.device
     precision: str | None = None  # fp32 | bf16 | None: inference_precision(device)
-    runtime = "torch"  # what scores (pneumoscope.scoring names the engine in use)
+    runtime = "torch"  # what scores (pneumoscope.deploy.scoring names the engine in use)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None,
@@ -168,3 +162,20 @@ class Predictor(OperatingPoint):
         """p(pneumonia) of every image (both tasks)."""
         return predict_probs(self.model, images, device=self.device, show_progress=show_progress,
                              precision=self.precision)
+
+
+def decode_sources(predictor, sources: list) -> tuple[list, list[np.ndarray], list[tuple[str, str]]]:
+    """(kept sources, their model-size images, failures) of image paths or uint8 arrays
+    (an array goes through the same decode as a file, as a lossless PNG)."""
+    kept, images, failures = [], [], []
+    for source in sources:
+        try:
+            if isinstance(source, np.ndarray):
+                images.append(predictor.load(array_png(source), name="array"))
+            else:
+                images.append(predictor.load(source))
+            kept.append(source)
+        except (ImageDecodeError, OSError) as err:
+            failures.append((str(source) if not isinstance(source, np.ndarray) else "array",
+                             getattr(err, "problem", None) or str(err)))
+    return kept, images, failures

@@ -8,6 +8,7 @@
     threshold.json    operating thresholds chosen on validation
     val_predictions.csv  the validation probabilities of the best model
     adapt.json        only in a run written by `pneumoscope adapt`: what it was adapted from and on
+    summary.json      the finished run: best epoch, its validation metrics, wall time, CPU
 
 Every file is written atomically (temporary file, flush, fsync, rename), so a kill
 never leaves a half-written file that a later run trusts.
@@ -15,12 +16,9 @@ never leaves a half-written file that a later run trusts.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ from safetensors.torch import save as safetensors_save
 
 from pneumoscope import __version__
 from pneumoscope.errors import UserError
-from pneumoscope.umask import default_file_mode
+from pneumoscope.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -41,48 +39,17 @@ BEST_MODEL = "model_best.safetensors"
 THRESHOLD = "threshold.json"
 VAL_PREDICTIONS = "val_predictions.csv"
 ADAPT = "adapt.json"  # `pneumoscope adapt`: the source, the site sample, the cross-validation
+SUMMARY = "summary.json"  # the finished run: best epoch, validation metrics, wall time, CPU
+# What later verbs write into a run directory (never read back by training):
+EVALUATION = "metrics.json"  # evaluate's default output (report writes one in its folder)
+DRIFT = "drift.json"
+MODEL_CARD = "MODEL_CARD.md"
+EVALUATIONS = "evaluations.json"  # every evaluated folder, for the model card
+ONNX_MODEL = "model.onnx"  # export's default output (its contract: model.onnx.json)
 
 
 class RunDirError(UserError, RuntimeError):
     """A run directory that is missing, incomplete or of an incompatible version."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write_with(path, lambda handle: handle.write(data))
-
-
-def atomic_write_with(path: str | Path, write) -> None:
-    """write(handle) into a temporary file beside path, flush, fsync, rename over path
-    (with the mode a plain open() would have given it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def read_json(path: str | Path):

@@ -25,7 +25,8 @@ from pneumoscope.errors import DataError, OptionError
 
 BINARY, THREE_CLASS = "binary", "three-class"
 TASKS = (BINARY, THREE_CLASS)
-CLASS_NAMES = {BINARY: ("NORMAL", "PNEUMONIA"), THREE_CLASS: ("NORMAL", "BACTERIAL", "VIRAL")}
+CLASSES = ("NORMAL", "PNEUMONIA")  # the class folders; a film's binary label is its index
+CLASS_NAMES = {BINARY: CLASSES, THREE_CLASS: ("NORMAL", "BACTERIAL", "VIRAL")}
 KEYS = ("normal", "bacterial", "viral")  # metrics.json / CSV names of the three classes
 BV_RULE = ("youden on p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_viral), "
            "over the validation pneumonia films (bacterial = positive)")
@@ -174,7 +175,7 @@ def prediction_rows(task: str, probs: np.ndarray, threshold: float, bv_threshold
 def choose_task_thresholds(task: str, y: np.ndarray, probs: np.ndarray) -> dict:
     """threshold.json: the binary rules on p(pneumonia) (both tasks), plus for three-class
     the bacterial/viral threshold (BV_RULE), all on validation only."""
-    from pneumoscope.evaluation import choose_thresholds, youden_threshold
+    from pneumoscope.evaluation.metrics import choose_thresholds, youden_threshold
 
     y = np.asarray(y)
     thresholds = choose_thresholds((y > 0).astype(int), p_pneumonia(probs))

@@ -89,11 +89,11 @@ def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 
 def train_small_run(data_root: Path, out: Path, image_size: int = 64, epochs: int = 2) -> Path:
     """A real run (efficientnet_lite0 with its ImageNet weights) trained on DATA_ROOT's
     train/ at a small size, for the tests that need a trained model."""
-    from pneumoscope.training import TrainConfig, train
+    from pneumoscope.training import TrainConfig, fit
 
     cfg = TrainConfig(data=str(data_root), out=str(out), backbone="efficientnet_lite0",
                       image_size=image_size, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=epochs)
-    train(cfg, show_progress=False)
+    fit(cfg, show_progress=False)
     return out
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.calibrate import SampleTooSmallError
+from pneumoscope.site.calibrate import SampleTooSmallError
 from pneumoscope.data.cache import UnreadableImagesError
 from pneumoscope.data.decode import ImageDecodeError
 from pneumoscope.data.download import DownloadError

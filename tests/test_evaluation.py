@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from pneumoscope.evaluation import (
+from pneumoscope.evaluation.metrics import (
     DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES, choose_thresholds, evaluate_predictions, sensitivity_threshold,
     youden_threshold,
 )
@@ -103,7 +103,7 @@ def test_copies_of_a_patients_image_do_not_narrow_the_interval():
 
 
 def test_patient_with_films_of_both_classes_is_drawn_as_pneumonia():
-    from pneumoscope.evaluation import patient_strata
+    from pneumoscope.evaluation.metrics import patient_strata
 
     y = np.array([0, 1, 0, 0, 1])
     strata, _, _ = patient_strata(y, ["a", "a", "b", "c", "d"])  # a: one normal, one pneumonia film
@@ -128,7 +128,7 @@ def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
     """The bootstrap scores each resample in numpy (_resample_metrics): the same numbers as
     the sklearn path (_point_metrics) on resamples with ties, float32 scores, one class
     missing and thresholds between and on the scores."""
-    from pneumoscope.evaluation import CI_METRICS, _draw_images, _point_metrics, _resample_metrics, patient_strata
+    from pneumoscope.evaluation.metrics import CI_METRICS, _draw_images, _point_metrics, _resample_metrics, patient_strata
 
     rng = np.random.default_rng(0)
     cases = [(Y, P), (Y, np.round(P, 1)), (Y, P.astype(np.float32).astype(float)), (np.ones(6, int), P[:6])]

@@ -9,7 +9,8 @@ import torch
 
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
-from pneumoscope.inference import images_to_input, inference_precision, predict_probs
+from pneumoscope.inference import inference_precision, predict_probs
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import PNEUMONIA_INDEX, build_model
 
 

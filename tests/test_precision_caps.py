@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-CODE = "import json; from pneumoscope.precision import cpu_description; print(json.dumps(cpu_description()))"
+CODE = "import json; from pneumoscope.models.precision import cpu_description; print(json.dumps(cpu_description()))"
 
 
 def _describe(**env) -> dict:

@@ -16,9 +16,9 @@ import torch
 
 from pneumoscope.cli import main
 from pneumoscope.data.audit import audit_root
-from pneumoscope.onnx_contract import CONTRACT_FORMAT, CONTRACT_VERSION, write_contract
+from pneumoscope.deploy.onnx_contract import CONTRACT_FORMAT, CONTRACT_VERSION, write_contract
 from pneumoscope.rundir import BEST_MODEL, MANIFEST, save_model_weights
-from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE
+from pneumoscope.evaluation.threshold_rules import DEFAULT_THRESHOLD_RULE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ from pneumoscope.tasks import (
     predicted_classes, subtype_of,
     task_labels,
 )
-from pneumoscope.evaluation import bootstrap_ci as evaluation_ci
-from pneumoscope.three_class import BV_CI_METHOD, bootstrap_ci, evaluate_three_class
+from pneumoscope.evaluation.metrics import bootstrap_ci as evaluation_ci
+from pneumoscope.evaluation.three_class import BV_CI_METHOD, bootstrap_ci, evaluate_three_class
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -241,8 +241,8 @@ def test_three_class_metrics_equal_scikit_learn():
 
 def test_numpy_bootstrap_equals_the_scikit_learn_path():
     # the former path: every resample scored by point_metrics (scikit-learn), same patient draws
-    from pneumoscope.evaluation import _draw_images, patient_strata
-    from pneumoscope.three_class import _flat, point_metrics
+    from pneumoscope.evaluation.metrics import _draw_images, patient_strata
+    from pneumoscope.evaluation.three_class import _flat, point_metrics
 
     rng = np.random.default_rng(7)
     y = np.repeat([0, 1, 2, 1, 0, 2], 15)
@@ -314,7 +314,7 @@ def test_run_files(three_run):
 
 
 def test_evaluate_writes_three_class_metrics(three_run, tmp_path):
-    from pneumoscope.commands import evaluate_run
+    from pneumoscope.report.evaluate import evaluate_run
 
     m = evaluate_run(three_run, SAMPLE / "train", out=tmp_path / "metrics.json", n_boot=50, show_progress=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -382,7 +382,7 @@ def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_p
 def test_onnx_export_parity(three_run, tmp_path):
     from pneumoscope.commands import export_run
     from pneumoscope.inference import Predictor
-    from pneumoscope.onnx_predictor import OnnxPredictor
+    from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
     onnx = export_run(three_run, out=tmp_path / "model.onnx")
     contract = json.loads((tmp_path / "model.onnx.json").read_text())
@@ -492,7 +492,7 @@ def test_report_has_the_three_class_section(three_run, site_folder, tmp_path):
 
 
 def test_calibrate_rechooses_the_binary_threshold_on_p_pneumonia(three_run, site_folder, tmp_path, capsys):
-    from pneumoscope.calibrate import site_threshold
+    from pneumoscope.site.calibrate import site_threshold
     from pneumoscope.cli import main
     from pneumoscope.commands import predict_paths
 

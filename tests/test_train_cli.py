@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from pneumoscope.cli import main
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.inference import Predictor
-from pneumoscope.training import TrainConfig, train
+from pneumoscope.training import TrainConfig, fit
 from pneumoscope.data.cache import decode_version
-from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, atomic_write_json
+from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
+from pneumoscope.fsio import atomic_write_json
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "0"]
 
@@ -71,7 +72,7 @@ def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root)
     args = train_args(small_data_root, run, "--epochs", "2")
     cfg = TrainConfig(data=str(small_data_root), out=str(run), backbone="efficientnet_lite0",
                       image_size=64, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2)
-    assert train(cfg, show_progress=False, stop_after_epochs=1) is None
+    assert fit(cfg, show_progress=False, stop_after_epochs=1) is None
     assert not (run / THRESHOLD).exists()
     before = read_metrics(run)
     assert [r["epoch"] for r in before] == [0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pneumoscope import CLASSES
+from pneumoscope.tasks import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray, open_problem
 from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
 from pneumoscope.errors import MissingFileError

@@ -181,7 +181,7 @@ def report_failures(failures: list[tuple[str, str]], strict: bool) -> None:
 def require_both_classes(sets: dict[str, DecodedSet]) -> None:
     """Stop before any epoch when unreadable files took a whole class out of a split:
     without both classes there is no loss balance, ROC AUC or threshold to choose."""
-    from pneumoscope import CLASSES
+    from pneumoscope.tasks import CLASSES
 
     for role, data in sets.items():
         counts = np.bincount(data.labels, minlength=len(CLASSES))

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pneumoscope import CLASSES
+from pneumoscope.tasks import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES
 from pneumoscope.errors import DataError, MissingFileError
 

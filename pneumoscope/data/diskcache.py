@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.rundir import atomic_write_with
+from pneumoscope.fsio import atomic_write_with
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from pneumoscope.errors import UserError
-from pneumoscope.umask import default_dir_mode
+from pneumoscope.fsio import default_dir_mode
 
 # Mendeley Data record rscbjbr9sj v2, file ChestXRay2017.zip (public, no login). The record
 # publishes no checksum and none could be verified here, so none is pinned: pass --sha256

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from pneumoscope.data.discover import Sample, real_path
-from pneumoscope.rundir import atomic_write_csv
+from pneumoscope.fsio import atomic_write_csv
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ are dropped.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,6 +31,14 @@ from .registry import BackboneSpec, get_spec
 
 PNEUMONIA_INDEX = 1
 """Column of the logits / softmax that is p(pneumonia); column 0 is normal."""
+
+
+def images_to_input(images: np.ndarray | Tensor) -> Tensor:
+    """uint8 (B,S,S) or (B,1,S,S) -> float (B,1,S,S) in [0,1]: the model's input contract."""
+    x = torch.as_tensor(images)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return x.float().div_(255.0)
 
 
 class Classifier(nn.Module):

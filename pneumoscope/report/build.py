@@ -25,19 +25,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope import CLASSES, __version__
-from pneumoscope.commands import check_leakage, score_predictions, write_evaluation
+from pneumoscope import __version__
+
+from pneumoscope.tasks import CLASSES
+from pneumoscope.report.evaluate import check_leakage, score_predictions, write_evaluation
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import Sample, discover_split, kermany_named
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, MissingFileError, OptionError
 from pneumoscope.inference import Predictor
-from pneumoscope.model_card import adaptation_summary, read_adaptation
+from pneumoscope.report.model_card import adaptation_summary, read_adaptation
 from pneumoscope.report import figures, html
-from pneumoscope.report.calibration import reliability
+from pneumoscope.report.reliability import reliability
 from pneumoscope.report.embeddings import embed_and_predict, save_embeddings, tsne_2d, umap_2d
 from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
-from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from pneumoscope.rundir import DRIFT, EVALUATION, MANIFEST, SUMMARY, RunDir, read_json
+from pneumoscope.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pneumoscope.tasks import CLASS_NAMES, THREE_CLASS, p_pneumonia, predicted_classes, task_labels, val_auc_name
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
     three = metrics if metrics.get("task") == THREE_CLASS else None
     if three:  # the pneumonia-vs-normal part of the page reads the binary block
         three["binary"]["leakage"] = metrics["leakage"]
-    write_evaluation(out / "metrics.json", metrics, data, class_probs)
+    write_evaluation(out / EVALUATION, metrics, data, class_probs)
     metrics = three["binary"] if three else metrics
     threshold = metrics["threshold"]
     wrong = (probs >= threshold).astype(int) != labels
@@ -157,12 +160,12 @@ def build_report(run_dir: str | Path, split_dir: str | Path | None = None, out: 
     rel = reliability(labels, probs)
     drift_result = None
     if drift is not None:
-        from pneumoscope.drift import compute_drift
+        from pneumoscope.site.drift import compute_drift
 
         with steps("drift", own_bar=True):
             drift_result = compute_drift(predictor, run_dir, drift, threshold_rule, seed=seed, strict=strict,
                                          show_progress=show_progress)
-        atomic_write_json(out / "drift.json", drift_result)
+        atomic_write_json(out / DRIFT, drift_result)
     with steps("figures"):
         pngs = _figures(run_dir, labels, probs, metrics, rel, tsne, umap_points, wrong, gallery)
         if three:
@@ -398,7 +401,7 @@ def data_card(run_dir, config: dict, samples, n_unreadable: int, data_name: str)
     if manifest.exists():
         for role, part in read_manifest(manifest).items():
             sets.append((f"Run's {role} part ({len({s.patient for s in part})} patients)", _class_counts(part)))
-    summary_path = Path(run_dir) / "summary.json"
+    summary_path = Path(run_dir) / SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else {}
     model = [
         ("Backbone", escape(f"{config['backbone']} (weights: {config.get('weights', '?')})")),

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pneumoscope import CLASSES
-from pneumoscope.inference import images_to_input, inference_precision
+from pneumoscope.tasks import CLASSES
+from pneumoscope.inference import inference_precision
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.classifier import Classifier
-from pneumoscope.precision import autocast
-from pneumoscope.rundir import atomic_write_bytes, atomic_write_csv
+from pneumoscope.models.precision import autocast
+from pneumoscope.fsio import atomic_write_bytes, atomic_write_csv
 from pneumoscope.tasks import p_pneumonia
 
 

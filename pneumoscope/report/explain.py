@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope import CLASSES
-from pneumoscope.commands import expand_paths, require_image_files, require_some_readable
+from pneumoscope.tasks import CLASSES
+from pneumoscope.data.sources import expand_paths, require_image_files, require_some_readable
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.decode import ImageDecodeError
 from pneumoscope.inference import Predictor
-from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
-from pneumoscope.rundir import atomic_write_bytes
+from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap
+from pneumoscope.data.sources import png_bytes
+from pneumoscope.fsio import atomic_write_bytes
 
 
 def _out_names(paths: list[Path]) -> list[str]:

@@ -13,8 +13,8 @@ from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from pneumoscope import CLASSES
-from pneumoscope.report.calibration import Reliability
+from pneumoscope.tasks import CLASSES
+from pneumoscope.report.reliability import Reliability
 
 # Colour-blind safe (Okabe-Ito): NORMAL blue, PNEUMONIA orange, operating point red;
 # misclassified images are ringed in black.

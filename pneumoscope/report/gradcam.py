@@ -5,7 +5,6 @@ Public interface (the report, `explain` and the web app use it):
 - ``gradcam_heatmap(model, image) -> float32 (S, S) in [0, 1]``
   (``gradcam_heatmaps`` for a batch (N, S, S) in one pass)
 - ``overlay_heatmap(image, heatmap, alpha=0.4) -> uint8 (S, S, 3)``
-- ``png_bytes(rgb) -> bytes``
 
 The model is only used through ``forward(x) -> (B, C) logits`` (C = 2 or 3) and ``gradcam_layer()``
 (the last conv stage), or, for an ensemble, ``for_gradcam()`` (its members on the
@@ -21,18 +20,16 @@ neither disturbed nor mixed into the heatmap.
 
 from __future__ import annotations
 
-import io
 import threading
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
-from pneumoscope.inference import images_to_input
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.classifier import PNEUMONIA_INDEX
 
 _LOCK = threading.Lock()
@@ -150,10 +147,3 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) 
     colour = _COLORMAP(np.clip(heatmap, 0.0, 1.0))[..., :3].astype(np.float32)
     blended = (1.0 - alpha) * gray + alpha * colour
     return np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
-
-
-def png_bytes(rgb: np.ndarray) -> bytes:
-    """PNG encoding of an RGB uint8 (H, W, 3) or gray uint8 (H, W) array."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from pneumoscope.evaluation import CI_METRICS
+from pneumoscope.evaluation.metrics import CI_METRICS
 
 METRIC_NAMES = {
     "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",

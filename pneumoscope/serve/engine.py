@@ -4,7 +4,7 @@ Requests run in worker threads (never on the event loop). Decoding runs in paral
 (at most DECODE_SLOTS at once, to bound memory); the decoded films go to one scoring
 thread (Batcher) that scores every film waiting when it is free in one batch: requests
 that arrive together share a model call, and a lone request waits for no one. Scoring
-takes the fast path of predict (pneumoscope.scoring: onnxruntime where it applies, the
+takes the fast path of predict (pneumoscope.deploy.scoring: onnxruntime where it applies, the
 run's cached export checked against torch; --engine torch forces torch). Grad-CAM runs
 on the torch model under its own module lock (pneumoscope.report.gradcam).
 """
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.inference import Predictor
-from pneumoscope.scoring import fast_scorer
-from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap, png_bytes
+from pneumoscope.deploy.scoring import fast_scorer
+from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap
+from pneumoscope.data.sources import png_bytes
 from pneumoscope.tasks import BINARY, KEYS, bv_threshold_of, p_pneumonia, prediction_rows
 
 
@@ -75,7 +76,7 @@ class InferenceEngine:
         # probability comes from onnxruntime.
         self.torch = Predictor.from_run(run_dir, device=device)
         if onnx_path:
-            from pneumoscope.onnx_predictor import OnnxPredictor
+            from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
             self.scorer = OnnxPredictor.from_file(onnx_path, run_dir=run_dir)
         else:

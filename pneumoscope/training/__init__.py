@@ -1,15 +1,17 @@
 """Training: configuration, the loop, checkpoints and resume.
 
-`train` loads lazily: the CLI parser reads TrainConfig without importing torch."""
+`fit` (training.loop.fit: a TrainConfig in, a finished run directory out; the public
+`pneumoscope.api.train` wraps it) loads lazily: the CLI parser reads TrainConfig
+without importing torch."""
 
 from pneumoscope.training.config import TrainConfig
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "fit"]
 
 
 def __getattr__(name: str):
-    if name == "train":
-        from pneumoscope.training.loop import train
+    if name == "fit":
+        from pneumoscope.training.loop import fit
 
-        return train
+        return fit
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

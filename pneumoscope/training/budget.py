@@ -97,7 +97,7 @@ def _seconds_per_image(fn, batch: int, repeats: int = 3) -> float:
 def probe(cfg, model, device: torch.device) -> tuple[float, float]:
     """(trunk, top) seconds per image on this CPU, as the run will compute them, timed on
     a copy of the model."""
-    from pneumoscope.precision import autocast, resolve_precision
+    from pneumoscope.models.precision import autocast, resolve_precision
     from pneumoscope.training.trunk import FrozenTrunk, TopNet
     from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_precision
 

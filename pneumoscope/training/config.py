@@ -44,7 +44,7 @@ class TrainConfig:
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
     # Scale-out and the GPU fast path (README "Scaling out"); none of them changes the recipe.
-    precision: str = "auto"  # auto | bf16 | fp32: pneumoscope.precision (bf16 where native: CUDA; CPU too in cpu-fast)
+    precision: str = "auto"  # auto | bf16 | fp32: pneumoscope.models.precision (bf16 where native: CUDA; CPU too in cpu-fast)
     compile: bool = False  # torch.compile the training step's model
     scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
     log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (training.trackers)
@@ -71,4 +71,5 @@ RESUME_KEYS = (
 )
 # What the run resolved from auto (config.json records these values, not "auto"); a
 # --resume that would resolve any of them otherwise is refused, naming it.
-RESOLVED_KEYS = ("recipe", "backbone", "device", "precision", "trunk_precision", "trunk_engine", "decode_version")
+RESOLVED_FIELDS = ("backbone", "device", "precision", "trunk_precision", "trunk_engine")  # TrainConfig fields
+RESOLVED_KEYS = ("recipe", *RESOLVED_FIELDS, "decode_version")

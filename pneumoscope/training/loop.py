@@ -1,6 +1,6 @@
 """The training loop: plain and explicit, in the manner of torchvision's references.
 
-train() is a sequence of named steps: open the run directory, resolve what will run,
+fit() is a sequence of named steps: open the run directory, resolve what will run,
 load the data, build the optimizer, run the epochs, finish. Every random draw of an
 epoch (order, augmentation, dropout) comes from its own stream of (seed, epoch)
 (training.seeds), so `--resume` after a kill repeats exactly what the uninterrupted run
@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,30 +25,32 @@ from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import (
     DecodedSet, decode_samples, decode_version, report_failures, require_both_classes,
 )
-from pneumoscope.data.decode import dicom_decode_contract
+from pneumoscope.data.dicom import dicom_decode_contract
 from pneumoscope.data.discover import discover_split, load_patients
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.data.split import split_by_patient, split_fraction
 from pneumoscope.errors import OptionError
-from pneumoscope.evaluation import ranking_metrics
+from pneumoscope.evaluation.metrics import ranking_metrics
 from pneumoscope.inference import predict_class_probs
 from pneumoscope.models import build_model, get_spec
 from pneumoscope.models.registry import imagenet_weights_available
-from pneumoscope.precision import cpu_description, resolve_precision
+from pneumoscope.models.precision import cpu_description, resolve_precision
 from pneumoscope.rundir import (
-    BEST_MODEL, CONFIG, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError,
-    atomic_write_csv, atomic_write_json, load_model_weights, load_training_state,
-    save_model_weights, save_training_state,
+    BEST_MODEL, LAST_CHECKPOINT, MANIFEST, SUMMARY, RunDir, load_model_weights, save_model_weights,
 )
+from pneumoscope.fsio import atomic_write_json
 from pneumoscope.tasks import (
-    BINARY, choose_task_thresholds, n_classes, p_pneumonia, prediction_columns, relabel, require_every_class,
+    BINARY, choose_task_thresholds, n_classes, p_pneumonia, relabel, require_every_class,
     task_labels,
 )
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
 from pneumoscope.training import seeds
 from pneumoscope.training.budget import apply_budget
-from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
+from pneumoscope.training.config import RESOLVED_FIELDS, TrainConfig
+from pneumoscope.training.outputs import (
+    check_resumable, open_run, save_checkpoint, saved_trunk_engine, write_selection,
+)
 from pneumoscope.training.distributed import DistEnv, Replicas, init_from_env, shard_order
 from pneumoscope.training.inputs import make_inputs
 
@@ -165,13 +166,39 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 # ----------------------------------------------------------------------------- epochs
 
 
-def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainConfig, epoch: int,
-                    device, loss_weights, show_progress: bool = True, *, env: DistEnv | None = None,
-                    feed: BatchFeed | None = None, precision: str = "fp32") -> dict:
-    """model: what the step calls (the Classifier, or its DDP / compiled wrapper).
+@dataclass
+class Optimization:
+    """What a training step updates the model with."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_weights: torch.Tensor | None = None  # the loss's class weights (--balance loss)
+
+
+@dataclass
+class Training:
+    """What the epochs of one run share: built by fit() (and by adapt, on its own data)."""
+
+    cfg: TrainConfig
+    run: RunDir
+    env: DistEnv
+    model: torch.nn.Module  # the Classifier (inputs.net() is what the step calls)
+    inputs: object  # training.inputs: images, or the cached trunk's activations
+    opt: Optimization
+    state: dict  # early stopping: epoch, best_auc, best_loss, best_epoch, bad_epochs, stopped
+    train_set: DecodedSet
+    val_set: DecodedSet
+    show_progress: bool = True
+
+
+def train_one_epoch(model, opt: Optimization, data: DecodedSet, cfg: TrainConfig, epoch: int,
+                    env: DistEnv | None = None, *, feed: BatchFeed | None = None, precision: str = "fp32",
+                    show_progress: bool = True) -> dict:
+    """One pass over the epoch's order. model: what the step calls (the Classifier, or its
+    DDP / compiled wrapper); env: this process's rank and device (default: one CPU process);
     feed: the batch source (BatchFeed; built from data when not given)."""
-    env = env or DistEnv(device=torch.device(device))
-    feed = feed or BatchFeed(data.images, data.labels, torch.device(device))
+    env = env or DistEnv()
+    feed = feed or BatchFeed(data.images, data.labels, env.device)
     model.train()
     # Each rank its own dropout and augmentation streams; one epoch order for all.
     seeds.seed_global(cfg.seed, "dropout", epoch, env.rank)
@@ -188,9 +215,8 @@ def train_one_epoch(model, optimizer, scheduler, data: DecodedSet, cfg: TrainCon
     for b in bar:
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         x, y = feed(idx)
-        loss = train_step(model, optimizer, scheduler, augment_batch(x, augment, aug_gen), y,
-                                   loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
-                                   precision=precision)
+        loss = train_step(model, opt.optimizer, opt.scheduler, augment_batch(x, augment, aug_gen), y,
+                          loss_weights=opt.loss_weights, label_smoothing=cfg.label_smoothing, precision=precision)
         total_loss += loss.double() * len(idx)
         seen += len(idx)
         if show_progress and (b % 10 == 0 or b == n_batches - 1):
@@ -245,43 +271,7 @@ def is_better(metrics: dict, state: dict) -> bool:
     return abs(auc - best) <= 1e-4 and metrics["val_loss"] < state["best_loss"]
 
 
-# ----------------------------------------------------------------------------- the run directory
-
-RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "trunk_engine", "device")  # TrainConfig fields resolve_config sets
-RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, "summary.json")
-# What the other verbs write into RUN_DIR by default: they describe the model --overwrite replaces.
-# (An MLflow store, RUN_DIR/mlruns, stays: it keeps each run apart and the new one is added.)
-DERIVED_FILES = ("metrics.json", "metrics_predictions.csv", "metrics_*.json", "metrics_*_predictions.csv",
-                 "drift.json", "model.onnx", "model.onnx.json", "MODEL_CARD.md", "evaluations.json")
-DERIVED_DIRS = ("report", "explain", "tensorboard")
-# What a run leaves once an epoch has ended: a folder with any of them holds a run's results.
-RESULT_FILES = (METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json")
-
-
-def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
-    """Make RUN_DIR ready for a run: a new one is refused in a folder holding another run's
-    results unless --overwrite (which removes that run's files first); nothing is written
-    before that check, so a refused call leaves the folder as it was. A run killed before
-    its first epoch ended (config and manifest only) is simply started over."""
-    if resume and overwrite:
-        raise RunDirError(f"{run.path}: --resume continues the run and --overwrite replaces it: give one")
-    results = [name for name in RESULT_FILES if (run / name).exists()]
-    if results and not resume and not overwrite:
-        raise RunDirError(f"{run.path}: holds a training run ({', '.join(results)}); --resume continues it, "
-                          "--overwrite replaces it, or choose another --out")
-    run.path.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in RUN_FILES:
-            (run / name).unlink(missing_ok=True)
-        for pattern in DERIVED_FILES:
-            for path in run.path.glob(pattern):
-                path.unlink(missing_ok=True)
-        for name in DERIVED_DIRS:
-            shutil.rmtree(run / name, ignore_errors=True)
-    if resume or overwrite:  # even with no checkpoint yet: a kill may have come mid-write
-        for stale in run.remove_stale_temp_files():  # half-written by a killed run; never read
-            log.info("removed %s (an interrupted write)", stale.name)
-
+# ----------------------------------------------------------------------------- settings
 
 def resolve_settings(cfg: TrainConfig, device: torch.device, saved: dict | None = None) -> dict:
     """What will actually run where the options say auto (config.json records these, and
@@ -295,35 +285,6 @@ def resolve_settings(cfg: TrainConfig, device: torch.device, saved: dict | None 
         step, trunk, engine = step_precision(cfg.precision, device), None, None
     return {"recipe": cfg.recipe, "backbone": cfg.backbone, "device": device.type, "precision": step,
             "trunk_precision": trunk, "trunk_engine": engine, "decode_version": decode_version()}
-
-
-def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict | None:
-    """The saved training state, or None when there is nothing to resume. cfg holds the
-    resolved settings (resolve_settings) by now; every RESUME_KEYS and RESOLVED_KEYS
-    value must match the saved run's."""
-    if not (run / LAST_CHECKPOINT).exists():
-        return None
-    saved = {"task": BINARY, **run.read_config()}  # runs from before --task are binary
-    saved["trunk_engine"] = saved_trunk_engine(saved)
-    saved_world = saved.get("distributed", {}).get("world_size", 1)
-    if saved_world != world_size:  # the epoch order and the effective batch depend on it
-        raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
-                          f"trained with {saved_world} (start it the same way)")
-    now = {**cfg.to_dict(), "decode_version": decode_version()}
-    changed = [k for k in dict.fromkeys(RESUME_KEYS + RESOLVED_KEYS) if saved.get(k) != now.get(k)]
-    if changed:
-        raise RunDirError(
-            f"{run.path}: --resume with options that differ from the saved run: "
-            + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        )
-    return load_training_state(run / LAST_CHECKPOINT)
-
-
-def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> None:
-    save_training_state(run / LAST_CHECKPOINT, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), **state,
-    })
 
 
 # ----------------------------------------------------------------------------- finish
@@ -342,24 +303,8 @@ def finalize(run: RunDir, cfg: TrainConfig, model, val: DecodedSet, device, env:
     return choose_task_thresholds(cfg.task, val.labels, probs)
 
 
-def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> dict:
-    """threshold.json (rules chosen on the validation class probabilities (N, C), labels
-    val.labels of the task) and val_predictions.csv; training and `pneumoscope ensemble`
-    both end here."""
-    probs = np.asarray(probs)
-    thresholds = choose_task_thresholds(task, val.labels, probs)
-    atomic_write_json(run / THRESHOLD, thresholds)
-    columns = prediction_columns(task)
-    values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
-    # repr: the shortest text that reads back as the same float64, so a threshold (one film's
-    # probability) compares equal to its row; 9 significant digits could read back below it
-    atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
-                     [[str(s.path), s.label, *(repr(float(v)) for v in row)] for s, row in zip(val.samples, values)])
-    return thresholds
-
-
-def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
-          stop_after_epochs: int | None = None, overwrite: bool = False, on_epoch=None) -> dict | None:
+def fit(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
+        stop_after_epochs: int | None = None, overwrite: bool = False, on_epoch=None) -> dict | None:
     """Train a model into cfg.out; returns the summary that is also written to summary.json.
 
     on_epoch: called with each finished epoch's metrics row on rank 0 (the trackers).
@@ -391,26 +336,18 @@ def train(cfg: TrainConfig, resume: bool = False, show_progress: bool = True,
     budget = apply_budget(cfg, model, env.device, len(split[0]), len(split[1])) if saved is None else None
     train_set, val_set = load_data(cfg, run, env, requested, split, resumed=saved is not None,
                                    show_progress=show_progress, budget=budget)
-    optimizer, scheduler, loss_weights = build_optimization(cfg, model, train_set, env)
-    state = restore(saved, run, env, model, optimizer, scheduler)
+    opt = build_optimization(cfg, model, train_set, env)
+    state = restore(saved, run, env, model, opt)
     # What an epoch reads, per recipe (training.inputs): images, or cached trunk activations.
     inputs = make_inputs(cfg, model, train_set, val_set, env.device,
                          feed=BatchFeed(train_set.images, train_set.labels, env.device),  # images to the GPU once
                          replicas=Replicas(model, env, compile_model=cfg.compile), precision=cfg.precision,
                          predict=lambda m: predict_all(m, val_set.images, env.device, env),
                          show_progress=show_progress)
-    finished = run_epochs(cfg, run, env, model, inputs, optimizer, scheduler, loss_weights, state,
-                          train_set, val_set, show_progress, stop_after_epochs, on_epoch)
-    if not finished:
+    training = Training(cfg, run, env, model, inputs, opt, state, train_set, val_set, show_progress)
+    if not run_epochs(training, stop_after_epochs, on_epoch):
         return None
-    return write_summary(run, cfg, env, model, state, train_set, val_set, started)
-
-
-def saved_trunk_engine(saved: dict) -> str | None:
-    """A saved config's trunk engine; runs from before --trunk-engine ran it in torch."""
-    if "trunk_engine" in saved:
-        return saved["trunk_engine"]
-    return "torch" if saved.get("recipe") == "cpu-fast" else None
+    return write_summary(training, started)
 
 
 def start_run(run: RunDir, cfg: TrainConfig, env: DistEnv, resume: bool, overwrite: bool) -> dict | None:
@@ -432,7 +369,7 @@ def resolve_config(cfg: TrainConfig, env: DistEnv, saved: dict | None) -> None:
         if name in getattr(cfg, "recipe_filled", ()):  # a resumed auto run keeps what its budget chose
             setattr(cfg, name, value)
     settings = resolve_settings(cfg, env.device, saved)
-    for name in ("precision", "trunk_precision", "trunk_engine", "device"):
+    for name in RESOLVED_FIELDS:  # the backbone: as resolved above
         setattr(cfg, name, settings[name])
 
 
@@ -461,17 +398,17 @@ def load_data(cfg: TrainConfig, run: RunDir, env: DistEnv, requested: dict, spli
     return train_set, val_set
 
 
-def build_optimization(cfg: TrainConfig, model, train_set: DecodedSet, env: DistEnv):
-    """(optimizer, scheduler, class weights of the loss or None)."""
+def build_optimization(cfg: TrainConfig, model, train_set: DecodedSet, env: DistEnv) -> Optimization:
+    """The optimizer, its schedule and the loss's class weights (None unless --balance loss)."""
     # --batch-size is per process; --scale-lr applies the linear rule to the effective batch.
     optimizer = make_optimizer(model, replace(cfg, lr=cfg.lr * env.world_size) if cfg.scale_lr else cfg)
     steps = math.ceil(len(train_set.samples) / env.world_size) // cfg.batch_size or 1
     scheduler = make_scheduler(optimizer, cfg, steps)
     loss_weights = class_weights(train_set.labels, n_classes(cfg.task)).to(env.device) if cfg.balance == "loss" else None
-    return optimizer, scheduler, loss_weights
+    return Optimization(optimizer, scheduler, loss_weights)
 
 
-def restore(saved: dict | None, run: RunDir, env: DistEnv, model, optimizer, scheduler) -> dict:
+def restore(saved: dict | None, run: RunDir, env: DistEnv, model, opt: Optimization) -> dict:
     """The early-stopping state: fresh, or the checkpoint's (model, optimizer and
     scheduler loaded from it)."""
     state = {"epoch": -1, "best_auc": -1.0, "best_loss": float("inf"), "best_epoch": -1,
@@ -479,66 +416,66 @@ def restore(saved: dict | None, run: RunDir, env: DistEnv, model, optimizer, sch
     if not saved:
         return state
     model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    opt.optimizer.load_state_dict(saved["optimizer"])
+    opt.scheduler.load_state_dict(saved["scheduler"])
     if env.is_main:
         run.truncate_metrics(saved["epoch"])
     log.info("resuming after epoch %d", saved["epoch"] + 1)
     return {k: saved[k] for k in state}
 
 
-def run_epochs(cfg, run: RunDir, env: DistEnv, model, inputs, optimizer, scheduler, loss_weights,
-               state: dict, train_set, val_set, show_progress: bool, stop_after_epochs: int | None,
-               on_epoch=None) -> bool:
+def run_epochs(t: Training, stop_after_epochs: int | None = None, on_epoch=None) -> bool:
     """Train, validate and checkpoint epoch after epoch until the last or an early stop;
-    False when stop_after_epochs ended it first (an interrupted run)."""
+    False when stop_after_epochs ended it first (an interrupted run). on_epoch: called with
+    each finished epoch's metrics row on rank 0 (the trackers)."""
+    cfg, state = t.cfg, t.state
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         if state["stopped"]:
             break
-        model.freeze_stages(frozen_stages_at(epoch, model.n_stages, cfg))
+        t.model.freeze_stages(frozen_stages_at(epoch, t.model.n_stages, cfg))
         started = time.perf_counter()
-        row = {"epoch": epoch, **train_one_epoch(inputs.net(), optimizer, scheduler, train_set, inputs.step_cfg(cfg),
-                                                  epoch, env.device, loss_weights, show_progress, env=env,
-                                                  feed=inputs.feed(epoch), precision=inputs.precision)}
-        metrics, _ = validate(model, val_set, env.device, env, predict=inputs.predict_val)
-        row.update(metrics, lr=scheduler.get_last_lr()[0], frozen_stages=model.frozen_stages,
+        row = {"epoch": epoch, **train_one_epoch(t.inputs.net(), t.opt, t.train_set, t.inputs.step_cfg(cfg), epoch,
+                                                  t.env, feed=t.inputs.feed(epoch), precision=t.inputs.precision,
+                                                  show_progress=t.show_progress)}
+        metrics, _ = validate(t.model, t.val_set, t.env.device, t.env, predict=t.inputs.predict_val)
+        row.update(metrics, lr=t.opt.scheduler.get_last_lr()[0], frozen_stages=t.model.frozen_stages,
                    seconds=round(time.perf_counter() - started, 2))
-        end_epoch(cfg, run, env, model, optimizer, scheduler, state, epoch, metrics, row)
-        if on_epoch and env.is_main:
+        end_epoch(t, epoch, metrics, row)
+        if on_epoch and t.env.is_main:
             on_epoch(row)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
             return False
     return True
 
 
-def end_epoch(cfg, run: RunDir, env: DistEnv, model, optimizer, scheduler, state: dict, epoch: int,
-              metrics: dict, row: dict) -> None:
+def end_epoch(t: Training, epoch: int, metrics: dict, row: dict) -> None:
     """Early-stopping bookkeeping, the best model, the epoch's metrics line and checkpoint."""
+    state, env = t.state, t.env
     if is_better(metrics, state):
         state.update(best_auc=metrics["val_roc_auc"], best_loss=metrics["val_loss"], best_epoch=epoch, bad_epochs=0)
         if env.is_main:
-            save_model_weights(run / BEST_MODEL, model.state_dict(), {"backbone": cfg.backbone, "epoch": epoch})
+            save_model_weights(t.run / BEST_MODEL, t.model.state_dict(), {"backbone": t.cfg.backbone, "epoch": epoch})
     else:
         state["bad_epochs"] += 1
     state["epoch"] = epoch
-    state["stopped"] = state["bad_epochs"] >= cfg.patience
+    state["stopped"] = state["bad_epochs"] >= t.cfg.patience
     row["best_epoch"] = state["best_epoch"]
     if env.is_main:
-        run.append_metrics(row)
-        save_checkpoint(run, model, optimizer, scheduler, state)
+        t.run.append_metrics(row)
+        save_checkpoint(t.run, t.model, t.opt.optimizer, t.opt.scheduler, state)
     env.barrier()  # no rank runs ahead of the epoch's checkpoint
     log.info("epoch %d  loss %.4f  val_auc %.4f  val_loss %.4f  %.0fs%s", epoch + 1, row["train_loss"],
              row["val_roc_auc"], row["val_loss"], row["seconds"], "  *" if state["best_epoch"] == epoch else "")
     if state["stopped"]:
-        log.info("early stop: no better val ROC AUC for %d epochs", cfg.patience)
+        log.info("early stop: no better val ROC AUC for %d epochs", t.cfg.patience)
 
 
-def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dict,
-                  train_set: DecodedSet, val_set: DecodedSet, started: float) -> dict:
+def write_summary(t: Training, started: float) -> dict:
     """The best model's thresholds and validation predictions (finalize), summary.json.
-    started: perf_counter() at train()'s start; train_wall_seconds is this session's part
+    started: perf_counter() at fit()'s start; train_wall_seconds is this session's part
     (a resumed run's earlier sessions are not in it), on the CPU named beside it."""
-    thresholds = finalize(run, cfg, model, val_set, env.device, env)
+    run, cfg, env, state, train_set, val_set = t.run, t.cfg, t.env, t.state, t.train_set, t.val_set
+    thresholds = finalize(run, cfg, t.model, val_set, env.device, env)
     summary = {
         "backbone": cfg.backbone, "best_epoch": state["best_epoch"] + 1,
         "epochs_run": state["epoch"] + 1, "early_stopped": state["stopped"], "val_roc_auc": state["best_auc"],
@@ -553,7 +490,7 @@ def write_summary(run: RunDir, cfg: TrainConfig, env: DistEnv, model, state: dic
     if budget:  # what --recipe auto cut to fit its time budget, beside the result it gave
         summary["budget"] = budget
     if env.is_main:
-        atomic_write_json(run / "summary.json", summary)
+        atomic_write_json(run / SUMMARY, summary)
     env.barrier()
     return summary
 

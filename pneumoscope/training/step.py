@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.precision import autocast, resolve_precision
+from pneumoscope.models.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
 from pneumoscope.errors import OptionError
-from pneumoscope.inference import images_to_input
-from pneumoscope.precision import autocast, resolve_precision
+from pneumoscope.models.classifier import images_to_input
+from pneumoscope.models.precision import autocast, resolve_precision
 from pneumoscope.training import seeds
 from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine, resolve_trunk_precision
 

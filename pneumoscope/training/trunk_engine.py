@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pneumoscope.errors import OptionError, UserError
-from pneumoscope.precision import resolve_precision
+from pneumoscope.models.precision import resolve_precision
 
 TRUNK_ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
@@ -89,7 +89,7 @@ class OnnxTrunk:
     engine that disagrees stops the run before a single activation is stored."""
 
     def __init__(self, trunk: torch.nn.Module, threads: int | None = None):
-        from pneumoscope.onnx_predictor import open_session
+        from pneumoscope.models.onnx_session import open_session
 
         self.trunk = trunk
         try:

@@ -17,7 +17,7 @@ from pneumoscope.errors import OptionError
 from pneumoscope.rundir import RunDirError
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.options import config_file_options, given_options, merge_options
-from pneumoscope.training.trackers import MissingExtraError, open_trackers, parse_log
+from pneumoscope.report.trackers import MissingExtraError, open_trackers, parse_log
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -152,7 +152,7 @@ def test_one_array_is_one_image_whatever_its_channels():
 
 def test_model_card_claims_the_kermany_source_only_for_its_files():
     from pneumoscope.data.discover import Sample
-    from pneumoscope.model_card import _source_lines
+    from pneumoscope.report.model_card import _source_lines
 
     config = {"data": "/data/site"}
     kermany = {"train": [Sample(Path("person1_bacteria_1.jpeg"), 1, "person1", "train"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
-from pneumoscope.inference import images_to_input
+from pneumoscope.models.classifier import images_to_input
 
 S, N = 128, 64
 ONLY = dict(scale=0.0, rotate_deg=0.0, translate=0.0, brightness=0.0, contrast=0.0, gamma=0.0)

@@ -224,8 +224,8 @@ def test_download_path_does_not_import_torch():
 
 
 def test_umask_helper_reads_the_mask_without_torch():
-    """download and rundir share pneumoscope.umask; it must stay importable without torch."""
-    code = ("import os, sys; os.umask(0o027); from pneumoscope import umask; "
+    """download and rundir share pneumoscope.fsio; it must stay importable without torch."""
+    code = ("import os, sys; os.umask(0o027); from pneumoscope import fsio as umask; "
             "print(oct(umask.current_umask()), oct(umask.default_file_mode()), oct(umask.default_dir_mode()), "
             "oct(os.umask(0o027)), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

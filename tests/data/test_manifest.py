@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.commands import evaluate_run
+from pneumoscope.report.evaluate import evaluate_run
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, shared_with_manifest, write_manifest

@@ -10,7 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pneumoscope.data.decode import decode_gray, dicom_decode_contract
+from pneumoscope.data.decode import decode_gray
+from pneumoscope.data.dicom import dicom_decode_contract
 from pneumoscope.inference import Predictor
 
 # A 12-bit film with a VOI window (centre, width) against its 8-bit JPEG:

@@ -10,12 +10,13 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE
 from pneumoscope.cli import main
 from pneumoscope.data.decode import load_image
 from pneumoscope.inference import Predictor
 from pneumoscope.models import PNEUMONIA_INDEX
-from pneumoscope.onnx_predictor import OnnxPredictor, open_session
+from pneumoscope.deploy.onnx_predictor import OnnxPredictor
+from pneumoscope.models.onnx_session import open_session
 
 
 @pytest.fixture(scope="module")

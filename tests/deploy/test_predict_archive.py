@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.archive import predict_archive, shard
+from pneumoscope.deploy.archive import predict_archive, shard
 from pneumoscope.cli import main
-from pneumoscope.scoring import ENGINE_FILE, CheckedOnnx, load_scorer
+from pneumoscope.deploy.scoring import ENGINE_FILE, CheckedOnnx, load_scorer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
@@ -179,7 +179,7 @@ def test_torchrun_two_ranks_join_the_single_process_csv(run, films, tmp_path):
 
 
 def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, capsys):
-    from pneumoscope.quantize import CHECK_FILE, INT8_FILE, MAX_AUC_DIFF
+    from pneumoscope.deploy.quantize import CHECK_FILE, INT8_FILE, MAX_AUC_DIFF
     from pneumoscope.rundir import read_json
 
     int8_csv, fp32_csv = tmp_path / "int8.csv", tmp_path / "fp32.csv"
@@ -207,7 +207,7 @@ def test_join_skips_a_rank_that_wrote_no_part(tmp_path):
     no part; rank 0 joins the others instead of failing while they wait."""
     from types import SimpleNamespace
 
-    from pneumoscope.archive import join_parts, part_path
+    from pneumoscope.deploy.archive import join_parts, part_path
 
     out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
     env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE
+from pneumoscope.evaluation.threshold_rules import DEFAULT_THRESHOLD_RULE
 
 pytestmark = pytest.mark.browser
 

@@ -15,11 +15,11 @@ from pneumoscope.data.decode import load_image
 
 
 def _member(data_root: Path, out: Path, seed: int) -> Path:
-    from pneumoscope.training import TrainConfig, train
+    from pneumoscope.training import TrainConfig, fit
 
     cfg = TrainConfig(data=str(data_root), out=str(out), backbone="efficientnet_lite0", image_size=64,
                       batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2, seed=seed, split_seed=0)
-    train(cfg, show_progress=False)
+    fit(cfg, show_progress=False)
     return out
 
 

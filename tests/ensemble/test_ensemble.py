@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from pneumoscope.cli import main
 from pneumoscope.data.manifest import read_manifest
-from pneumoscope.inference import Predictor, images_to_input, predict_probs
+from pneumoscope.inference import Predictor, predict_probs
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.ensemble import TTA_PRESETS
-from pneumoscope.onnx_predictor import OnnxPredictor
+from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 from pneumoscope.serve import create_app
 from pneumoscope.serve.background import BackgroundServer
 

@@ -92,7 +92,7 @@ def test_evaluate_and_predict_read_a_three_class_ensemble(three_ens_dir, sample_
 
 def test_onnx_export_of_a_three_class_ensemble(three_ens_dir, real_images, tmp_path):
     from pneumoscope.commands import export_run
-    from pneumoscope.onnx_predictor import OnnxPredictor
+    from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
     onnx = export_run(three_ens_dir, out=tmp_path / "ens.onnx")
     contract = json.loads((tmp_path / "ens.onnx.json").read_text())
@@ -174,7 +174,7 @@ def test_serve_answers_with_a_three_class_ensemble(three_ens_dir, sample_data):
 def test_calibrate_and_drift_read_a_three_class_ensemble(three_ens_dir, site_folder, tmp_path, capsys):
     import shutil
 
-    from pneumoscope.calibrate import site_threshold
+    from pneumoscope.site.calibrate import site_threshold
     from pneumoscope.data.discover import discover_split
     from pneumoscope.tasks import p_pneumonia
 

@@ -8,7 +8,7 @@ import torch
 
 from pneumoscope.inference import Predictor
 from pneumoscope.report.build import pick_examples
-from pneumoscope.report.calibration import reliability
+from pneumoscope.report.reliability import reliability
 from pneumoscope.report.embeddings import embed_and_predict, extract_embeddings, tsne_2d, umap_2d
 from pneumoscope.report.gradcam import gradcam_heatmap
 

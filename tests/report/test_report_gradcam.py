@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pneumoscope.inference import Predictor
-from pneumoscope.report.gradcam import gradcam_heatmap, gradcam_heatmaps, overlay_heatmap, png_bytes
+from pneumoscope.report.gradcam import gradcam_heatmap, gradcam_heatmaps, overlay_heatmap
+from pneumoscope.data.sources import png_bytes
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pneumoscope.cli import main
-from pneumoscope.commands import evaluate_run
+from pneumoscope.report.evaluate import evaluate_run
 
 SECTIONS = ("metrics", "confusion", "curves", "calibration", "training", "embeddings", "gradcam", "data-card")
 FIGURES = ("roc", "pr", "confusion", "reliability", "training", "tsne", "umap", "gradcam_gallery")

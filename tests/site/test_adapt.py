@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.adapt import patient_folds, site_rows
-from pneumoscope.calibrate import SITE_RULE, site_threshold
+from pneumoscope.site.adapt import patient_folds, site_rows
+from pneumoscope.site.calibrate import SITE_RULE, site_threshold
 from pneumoscope.cli import main
-from pneumoscope.evaluation import SENSITIVITY_RULES
-from pneumoscope.onnx_contract import file_sha256
+from pneumoscope.evaluation.metrics import SENSITIVITY_RULES
+from pneumoscope.fsio import file_sha256
 from pneumoscope.rundir import ADAPT
 
 FOLDS = 3
@@ -118,7 +118,7 @@ def test_adapt_refuses_missing_train_files(base_run, site_sample, tmp_path, caps
 
 
 def test_a_killed_adapts_staging_folder_is_removed_by_the_next(tmp_path):
-    from pneumoscope.adapt import remove_stale_staging
+    from pneumoscope.site.adapt import remove_stale_staging
 
     dead, alive = tmp_path / ".new.adapting-999999999", tmp_path / f".new.adapting-{os.getpid()}"
     for folder in (dead, alive):

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.calibrate import MIN_PER_CLASS, SITE_RULE, site_threshold
+from pneumoscope.site.calibrate import MIN_PER_CLASS, SITE_RULE, site_threshold
 from pneumoscope.cli import main
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
 
 def _thresholds(run: Path) -> dict:
@@ -144,8 +144,8 @@ def test_consumers_use_the_site_rule_and_youden_still_picks_the_old_one(fresh_ru
 
 
 def test_onnx_exported_before_calibration_gets_the_site_thresholds(fresh_run, site_sample, tmp_path, caplog):
-    from pneumoscope.onnx_contract import read_contract
-    from pneumoscope.onnx_predictor import OnnxPredictor
+    from pneumoscope.deploy.onnx_contract import read_contract
+    from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
     assert main(["-q", "export", str(fresh_run)]) == 0  # inside the run: refreshed by calibrate
     outside = tmp_path / "elsewhere" / "model.onnx"  # what `export --out` there writes: the same two files

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE
 from pneumoscope.cli import main
-from pneumoscope.drift import MIN_IMAGES, nearest_distances, verdict_for
+from pneumoscope.site.drift import MIN_IMAGES, nearest_distances, verdict_for
 
 
 @pytest.fixture(scope="session")

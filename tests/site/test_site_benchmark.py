@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.commands import evaluate_run
-from pneumoscope.evaluation import SENSITIVITY_RULES, choose_thresholds, threshold_metrics
-from pneumoscope.model_card import read_val_predictions
+from pneumoscope.report.evaluate import evaluate_run
+from pneumoscope.evaluation.metrics import SENSITIVITY_RULES, choose_thresholds, threshold_metrics
+from pneumoscope.report.model_card import read_val_predictions
 
 
 def test_site_pick_is_the_most_specific_rule_that_keeps_the_target(site_bench):

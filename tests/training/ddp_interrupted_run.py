@@ -6,10 +6,10 @@ import os
 import sys
 
 from pneumoscope.cli import build_parser
-from pneumoscope.training import TrainConfig, train
+from pneumoscope.training import TrainConfig, fit
 from pneumoscope.training.options import given_options
 
 args = build_parser().parse_args(sys.argv[1:])  # options not given are absent (the CLI's rule)
 cfg = TrainConfig(**given_options(args))
-train(cfg, resume=getattr(args, "resume", False), show_progress=False,
+fit(cfg, resume=getattr(args, "resume", False), show_progress=False,
       stop_after_epochs=int(os.environ["STOP_AFTER_EPOCHS"]))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pneumoscope.training import TrainConfig, train
+from pneumoscope.training import TrainConfig, fit
 from pneumoscope.training.budget import MIN_EPOCHS, MIN_VIEWS, estimate_seconds, fit_to_budget
 from pneumoscope.training.recipes import RECIPES
 
@@ -51,7 +51,7 @@ def test_recipe_filled_names_only_what_the_recipe_set(tmp_path):
 def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(small_data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "1")  # no CPU trains anything in a second
     out = tmp_path / "run"
-    assert train(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), show_progress=False,
+    assert fit(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), show_progress=False,
                  stop_after_epochs=1) is None  # an interrupted run
     config = json.loads((out / "config.json").read_text())
     budget = config["budget"]
@@ -61,7 +61,7 @@ def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(small_data_root, 
     assert budget["trunk_ms_per_image"] > 0 and budget["top_ms_per_image"] > 0 and budget["probe_seconds"] > 0
     # --resume (another budget now) keeps the cut the run started with
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "100000")
-    summary = train(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), resume=True, show_progress=False)
+    summary = fit(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), resume=True, show_progress=False)
     assert summary["epochs_run"] <= MIN_EPOCHS and summary["budget"] == budget
     assert json.loads((out / "config.json").read_text())["budget"] == budget
 
@@ -69,12 +69,12 @@ def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(small_data_root, 
 def test_given_options_and_named_recipes_are_never_cut(small_data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "1")
     out = tmp_path / "given"
-    train(TrainConfig(data=str(small_data_root), out=str(out), views=1, epochs=2, image_size=64, **SMALL),
+    fit(TrainConfig(data=str(small_data_root), out=str(out), views=1, epochs=2, image_size=64, **SMALL),
           show_progress=False, stop_after_epochs=1)
     config = json.loads((out / "config.json").read_text())
     assert "budget" not in config and (config["views"], config["epochs"], config["image_size"]) == (1, 2, 64)
     named = tmp_path / "named"
-    train(TrainConfig(data=str(small_data_root), out=str(named), recipe="cpu-fast", image_size=64, **SMALL),
+    fit(TrainConfig(data=str(small_data_root), out=str(named), recipe="cpu-fast", image_size=64, **SMALL),
           show_progress=False, stop_after_epochs=1)
     config = json.loads((named / "config.json").read_text())
     assert "budget" not in config and config["views"] == CPU_FAST["views"]

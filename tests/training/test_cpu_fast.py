@@ -15,15 +15,16 @@ from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
 from pneumoscope.errors import UserError
-from pneumoscope.evaluation import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
-from pneumoscope.inference import Predictor, images_to_input, predict_probs
+from pneumoscope.inference import Predictor, predict_probs
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import build_model
 from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
-from pneumoscope.training import TrainConfig, train
+from pneumoscope.training import TrainConfig, fit
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
 from pneumoscope.training import trunk_engine
 from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
@@ -205,9 +206,9 @@ def test_cpu_top_runs_its_5x5_depthwise_convs_in_fp32_inside_a_bf16_step():
 
 
 def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path, monkeypatch):
-    import pneumoscope.onnx_predictor as onnx_predictor
+    import pneumoscope.models.onnx_session as onnx_session
 
-    real_open = onnx_predictor.open_session
+    real_open = onnx_session.open_session
 
     class Skewed:  # an onnxruntime session whose output is off by 0.5
         def __init__(self, *args, **kwargs):
@@ -217,7 +218,7 @@ def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path
         def run(self, *args):
             return [out + 0.5 for out in self.session.run(*args)]
 
-    monkeypatch.setattr(onnx_predictor, "open_session", Skewed)
+    monkeypatch.setattr(onnx_session, "open_session", Skewed)
     with pytest.raises(trunk_engine.TrunkEngineError, match="differs from torch's; run with --trunk-engine torch"):
         cached(model, sets, tmp_path / "cache", engine="onnxruntime")
     assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing of it was stored
@@ -264,20 +265,20 @@ def test_a_refused_engine_leaves_the_run_it_would_overwrite(small_data_root, tmp
     cfg = TrainConfig(data=str(small_data_root), out=str(out), **{**FAST, "trunk_precision": "bf16"},
                       trunk_engine="onnxruntime")
     with pytest.raises(ValueError, match="fp32 trunk pass on a CPU"):
-        train(cfg, show_progress=False, overwrite=True)
+        fit(cfg, show_progress=False, overwrite=True)
     assert {p.name: p.read_text() for p in out.iterdir()} == kept
 
 
 def test_a_run_from_before_trunk_engine_resumes_in_torch(small_data_root, tmp_path):
     out = tmp_path / "run"
     options = dict(data=str(small_data_root), out=str(out), **FAST)
-    assert train(TrainConfig(**options, trunk_engine="torch"), show_progress=False, stop_after_epochs=1) is None
+    assert fit(TrainConfig(**options, trunk_engine="torch"), show_progress=False, stop_after_epochs=1) is None
     config = json.loads((out / "config.json").read_text())
     del config["trunk_engine"], config["requested"]["trunk_engine"]  # as runs before --trunk-engine wrote it
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trunk_engine 'torch' -> 'onnxruntime'"):
-        train(TrainConfig(**options, trunk_engine="onnxruntime"), resume=True, show_progress=False)
-    assert train(TrainConfig(**options), resume=True, show_progress=False)["epochs_run"] == 2
+        fit(TrainConfig(**options, trunk_engine="onnxruntime"), resume=True, show_progress=False)
+    assert fit(TrainConfig(**options), resume=True, show_progress=False)["epochs_run"] == 2
 
 
 def test_bf16_trunk_stays_close(model, sets, tmp_path):
@@ -363,7 +364,7 @@ def test_recipe_resolution():
 @pytest.fixture(scope="module")
 def fast_run(small_data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu_fast") / "run"
-    summary = train(TrainConfig(data=str(small_data_root), out=str(out), **FAST), show_progress=False)
+    summary = fit(TrainConfig(data=str(small_data_root), out=str(out), **FAST), show_progress=False)
     return out, summary
 
 
@@ -406,9 +407,9 @@ def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path)
     full_run, _ = fast_run
     out = tmp_path / "run"
     cfg = TrainConfig(data=str(small_data_root), out=str(out), **FAST)
-    assert train(cfg, show_progress=False, stop_after_epochs=1) is None
+    assert fit(cfg, show_progress=False, stop_after_epochs=1) is None
     assert not (out / THRESHOLD).exists()
-    train(TrainConfig(data=str(small_data_root), out=str(out), **FAST), resume=True, show_progress=False)
+    fit(TrainConfig(data=str(small_data_root), out=str(out), **FAST), resume=True, show_progress=False)
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     full = [json.loads(line) for line in (full_run / METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]

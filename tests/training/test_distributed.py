@@ -25,7 +25,7 @@ from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, T
 from pneumoscope.training import TrainConfig
 from pneumoscope.training.distributed import DistEnv, shard_order
 from pneumoscope.training.step import BatchFeed
-from pneumoscope.training.loop import epoch_order, make_optimizer, make_scheduler, train_one_epoch
+from pneumoscope.training.loop import Optimization, epoch_order, make_optimizer, make_scheduler, train_one_epoch
 
 HERE = Path(__file__).resolve().parent
 TRAIN_ARGS = ["--recipe", "full", "--backbone", "efficientnet_lite0", "--image-size", "64",
@@ -184,8 +184,9 @@ def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
         model = build_model("efficientnet_lite0", weights="none")
         optimizer = make_optimizer(model, cfg)
         feed = RecordingFeed(data.images, data.labels, torch.device("cpu"))
-        train_one_epoch(model, optimizer, make_scheduler(optimizer, cfg, 4), data, cfg, epoch, "cpu", None,
-                        show_progress=False, env=DistEnv(rank=rank, world_size=world), feed=feed)
+        opt = Optimization(optimizer, make_scheduler(optimizer, cfg, 4))
+        train_one_epoch(model, opt, data, cfg, epoch, DistEnv(rank=rank, world_size=world), feed=feed,
+                        show_progress=False)
         shard = shard_order(order, rank, world)
         assert feed.seen == list(shard[: len(shard) // cfg.batch_size * cfg.batch_size])
         trained.extend(feed.seen)

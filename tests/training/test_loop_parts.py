@@ -19,10 +19,11 @@ from pneumoscope.inference import predict_probs
 from pneumoscope.models import build_model
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.discover import Sample
-from pneumoscope.evaluation import SENSITIVITY_RULES
+from pneumoscope.evaluation.metrics import SENSITIVITY_RULES
 from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, THRESHOLD, VAL_PREDICTIONS, RunDir, read_json
-from pneumoscope.training import TrainConfig, seeds, train
+from pneumoscope.training import TrainConfig, seeds, fit
 from pneumoscope.training.recipes import RECIPES
+from pneumoscope.training.outputs import write_selection
 
 SMALL = dict(backbone="efficientnet_lite0", image_size=64, batch_size=8, val_fraction=0.25, views=1,
              trunk_precision="fp32", device="cpu")
@@ -46,7 +47,7 @@ def test_early_stopping_stops_and_keeps_the_best_epochs_weights(small_data_root,
 
     monkeypatch.setattr(loop, "validate", scripted)
     out = tmp_path / "run"
-    summary = train(TrainConfig(data=str(small_data_root), out=str(out), epochs=6, patience=2, **SMALL),
+    summary = fit(TrainConfig(data=str(small_data_root), out=str(out), epochs=6, patience=2, **SMALL),
                     show_progress=False)
     assert len(snapshots) == 4 and summary["epochs_run"] == 4 and summary["early_stopped"]
     assert summary["best_epoch"] == 2
@@ -80,7 +81,7 @@ def test_validation_predictions_read_back_to_the_thresholds_they_chose(tmp_path)
     p = np.clip(rng.normal(0.3 + 0.4 * labels, 0.2), 0, 1).astype(np.float32)
     samples = [Sample(tmp_path / f"f{i}.png", int(y), f"p{i}") for i, y in enumerate(labels)]
     val = DecodedSet(images=np.zeros((len(p), 1, 1), np.uint8), samples=samples, failures=[])
-    rules = loop.write_selection(RunDir(tmp_path), val, np.column_stack([1 - p, p]))["rules"]
+    rules = write_selection(RunDir(tmp_path), val, np.column_stack([1 - p, p]))["rules"]
     assert read_json(tmp_path / THRESHOLD)["rules"] == rules
     with open(tmp_path / VAL_PREDICTIONS) as f:
         read_back = np.array([float(r["p_pneumonia"]) for r in csv.DictReader(f)])

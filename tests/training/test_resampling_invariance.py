@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pneumoscope.inference import Predictor
-from pneumoscope.training import TrainConfig, train
+from pneumoscope.training import TrainConfig, fit
 
 SIZE = 224  # the contract's size: resampling leaves its trace at full resolution
 # Measured on this test's run (cpu-fast, lungs, the default top of three trainable
@@ -36,7 +36,7 @@ def run(tmp_path_factory, small_data_root) -> Path:
                       image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=3, views=1, augment="lungs",
                       trunk_precision="fp32", precision="fp32",
                       trainable_stages=3)  # the default top, which the tolerances were measured with
-    train(cfg, show_progress=False)
+    fit(cfg, show_progress=False)
     return out
 
 

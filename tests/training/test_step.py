@@ -13,7 +13,7 @@ import torch
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
-from pneumoscope.inference import images_to_input
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import build_model
 from pneumoscope.training import TrainConfig, step
 from pneumoscope.training.loop import make_optimizer, make_scheduler

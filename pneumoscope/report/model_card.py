@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope import CLASSES, __version__
+from pneumoscope import __version__
+
+from pneumoscope.tasks import CLASSES
 from pneumoscope.tasks import BV_RULE, KEYS, THREE_CLASS, bv_threshold_of, task_of
 from pneumoscope.rundir import (
-    ADAPT, CONFIG, MANIFEST, THRESHOLD, VAL_PREDICTIONS, RunDirError, atomic_write_json, atomic_write_text,
-    read_json,
+    ADAPT, CONFIG, EVALUATIONS, MANIFEST, MODEL_CARD, SUMMARY, THRESHOLD, VAL_PREDICTIONS, RunDirError, read_json,
 )
+from pneumoscope.fsio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD = "MODEL_CARD.md"
-EVALUATIONS = "evaluations.json"
 CARD_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "f1")
 SOURCE = ("Kermany, Zhang, Goldbaum (2018), *Labeled Optical Coherence Tomography (OCT) and Chest "
           "X-Ray Images for Classification*, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 (Cell "
@@ -79,7 +79,7 @@ def write_model_card(run_dir: str | Path) -> Path:
 def render_model_card(run_dir: str | Path) -> str:
     run = Path(run_dir)
     config = read_json(run / CONFIG)
-    summary = read_json(run / "summary.json") if (run / "summary.json").exists() else {}
+    summary = read_json(run / SUMMARY) if (run / SUMMARY).exists() else {}
     thresholds = read_json(run / THRESHOLD)
     sections = [
         f"# Model card: {run.name}\n\n"
@@ -156,7 +156,7 @@ def _fmt(metrics: dict, key: str) -> str:
 
 def _validation(run: Path, thresholds: dict, config: dict) -> str:
     from pneumoscope.data.manifest import read_manifest
-    from pneumoscope.evaluation import evaluate_predictions
+    from pneumoscope.evaluation.metrics import evaluate_predictions
 
     if not (run / VAL_PREDICTIONS).exists():
         return ""
@@ -179,7 +179,7 @@ def _validation(run: Path, thresholds: dict, config: dict) -> str:
 
 def _bacterial_vs_viral(run: Path, thresholds: dict, patients: list[str]) -> str:
     """The card's line on the second question, from val_predictions.csv's class columns."""
-    from pneumoscope.three_class import bacterial_vs_viral
+    from pneumoscope.evaluation.three_class import bacterial_vs_viral
 
     with open(run / VAL_PREDICTIONS, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

@@ -39,17 +39,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope.calibrate import (
+from pneumoscope.site.calibrate import (
     DEFAULT_TARGET_SENSITIVITY, SITE_RULE, read_site_sample, sample_record, site_metrics, site_threshold,
 )
 from pneumoscope.data.cache import DecodedSet
 from pneumoscope.data.manifest import read_manifest, sha1_by_path, write_manifest
 from pneumoscope.errors import MissingFileError, OptionError
-from pneumoscope.model_card import update_model_card
-from pneumoscope.onnx_contract import file_sha256
+from pneumoscope.report.model_card import update_model_card
+from pneumoscope.fsio import file_sha256
 from pneumoscope.rundir import (
-    ADAPT, BEST_MODEL, MANIFEST, THRESHOLD, RunDir, RunDirError, atomic_write_json, read_json,
+    ADAPT, BEST_MODEL, CONFIG, MANIFEST, THRESHOLD, RunDir, RunDirError, read_json,
 )
+from pneumoscope.fsio import atomic_write_json
 from pneumoscope.tasks import task_labels
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
         raise RunDirError(f"{out}: exists and is not a folder; choose another --out")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
-        what = "holds a run" if (out / "config.json").exists() else "is not empty"
+        what = "holds a run" if (out / CONFIG).exists() else "is not empty"
         raise RunDirError(f"{out}: {what} ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}); "
                           "--overwrite replaces it, or choose another --out")
 
@@ -169,7 +170,7 @@ def with_site(train: DecodedSet, site: DecodedSet, rows: np.ndarray) -> DecodedS
 def train_adapted(cfg, run: RunDir, env, source_state: dict, train: DecodedSet, site: DecodedSet,
                   site_idx: np.ndarray, weight: float, val: DecodedSet, show_progress: bool):
     """The source model re-trained as `train` does (its loop, recipe and early stopping on
-    the run's validation part) on train + site films; returns (model, loop state, rows)."""
+    the run's validation part) on train + site films; returns (loop.Training, rows)."""
     from pneumoscope.models import build_model
     from pneumoscope.tasks import n_classes
     from pneumoscope.training import loop
@@ -182,16 +183,16 @@ def train_adapted(cfg, run: RunDir, env, source_state: dict, train: DecodedSet, 
     model = prepare_model(model, env.device)
     rows = site_rows(site_idx, len(train.samples), weight)
     mixed = with_site(train, site, rows)
-    optimizer, scheduler, loss_weights = loop.build_optimization(cfg, model, mixed, env)
-    state = loop.restore(None, run, env, model, optimizer, scheduler)
+    opt = loop.build_optimization(cfg, model, mixed, env)
+    state = loop.restore(None, run, env, model, opt)
     inputs = make_inputs(cfg, model, mixed, val, env.device, feed=BatchFeed(mixed.images, mixed.labels, env.device),
                          replicas=Replicas(model, env, compile_model=cfg.compile), precision=cfg.precision,
                          predict=lambda m: loop.predict_all(m, val.images, env.device, env),
                          show_progress=show_progress,
                          train_parts=[("train", train, None), ("site", site, rows)])  # each cached once
-    loop.run_epochs(cfg, run, env, model, inputs, optimizer, scheduler, loss_weights, state, mixed, val,
-                    show_progress, None)
-    return model, state, rows
+    training = loop.Training(cfg, run, env, model, inputs, opt, state, mixed, val, show_progress)
+    loop.run_epochs(training)
+    return training, rows
 
 
 def best_scores(model, run: RunDir, images: np.ndarray, device) -> np.ndarray:
@@ -289,21 +290,21 @@ def _adapt_into(run: RunDir, run_dir: Path, site_dir, out: Path, cfg, env, confi
     for k in tqdm(range(opts["folds"]), desc="adapt cross-validation", unit="fold", disable=not show_progress):
         fold_run = RunDir(run.path / "folds" / f"fold{k + 1}")
         fold_run.path.mkdir(parents=True)
-        model, _, _ = train_adapted(cfg, fold_run, env, source_state, train, task_site,
+        training, _ = train_adapted(cfg, fold_run, env, source_state, train, task_site,
                                     np.flatnonzero(fold_of != k), opts["site_weight"], val, show_progress)
         held = np.flatnonzero(fold_of == k)
-        oof[held] = best_scores(model, fold_run, site.images[held], env.device)
+        oof[held] = best_scores(training.model, fold_run, site.images[held], env.device)
         log.info("fold %d/%d: %d films of %d patients held out and scored", k + 1, opts["folds"], len(held),
                  len({site.samples[i].patient for i in held}))
         shutil.rmtree(fold_run.path)
     shutil.rmtree(run.path / "folds")
     cv = cross_validation_figures(site, fold_of, oof, source_p, opts)
     final_started = time.perf_counter()  # summary.json's train_wall_seconds: the final model's training
-    model, state, rows = train_adapted(cfg, run, env, source_state, train, task_site,
-                                       np.arange(len(site.samples)), opts["site_weight"], val, show_progress)
+    training, rows = train_adapted(cfg, run, env, source_state, train, task_site,
+                                   np.arange(len(site.samples)), opts["site_weight"], val, show_progress)
     unique = DecodedSet(images=site.images[:0], samples=train.samples + task_site.samples,
                         failures=train.failures + site.failures)
-    summary = loop.write_summary(run, cfg, env, model, state, unique, val, final_started)
+    summary = loop.write_summary(replace(training, train_set=unique), final_started)
     record = adaptation_record(run_dir, site_dir, out, site, fold_of, oof, source_p, cv, opts, rows, summary)
     record["seconds"] = round(time.perf_counter() - started, 1)
     write_run_files(run, out, config, roles, train, val, site, record)

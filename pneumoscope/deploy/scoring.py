@@ -62,17 +62,27 @@ def load_scorer(run_dir: str | Path, engine: str | None = None, device: str | No
                 threads: int | None = None, onnx: str | Path | None = None, int8: bool = False):
     """The run's predictor on the resolved engine (see fast_scorer). onnx: a user's own
     export (`--onnx`), taken as it is (its contract was checked at export). int8: the
-    engine quantized (pneumoscope.quantize), where its validation ROC AUC holds. Each has
+    engine quantized (pneumoscope.deploy.quantize), where its validation ROC AUC holds. Each has
     `runtime` (torch or onnxruntime)."""
     if int8:
         if onnx:
             raise OptionError("--int8 quantizes the run's own engine; it does not take --onnx")
         return int8_scorer(run_dir, Predictor.from_run(run_dir, device=device), engine, threads)
     if onnx:
-        from pneumoscope.onnx_predictor import OnnxPredictor
+        from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
         return OnnxPredictor.from_file(onnx, run_dir=run_dir, threads=threads)
     return fast_scorer(run_dir, Predictor.from_run(run_dir, device=device), engine, threads)
+
+
+def load_predictor(run_dir: str | Path, onnx: str | Path | None = None, device: str | None = None):
+    """The run's torch Predictor, or with `onnx` that exported model under onnxruntime (same
+    decode; contract and thresholds from its model.onnx.json)."""
+    if onnx:
+        from pneumoscope.deploy.onnx_predictor import OnnxPredictor
+
+        return OnnxPredictor.from_file(onnx, run_dir=run_dir)
+    return Predictor.from_run(run_dir, device=device)
 
 
 def fast_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None = None, threads: int | None = None):
@@ -94,9 +104,9 @@ def fast_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None = 
 
 
 def int8_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None, threads: int | None):
-    """The int8 engine where pneumoscope.quantize keeps it, else the fp32 one (a warning says why)."""
-    from pneumoscope.onnx_predictor import OnnxPredictor
-    from pneumoscope.quantize import int8_engine
+    """The int8 engine where pneumoscope.deploy.quantize keeps it, else the fp32 one (a warning says why)."""
+    from pneumoscope.deploy.onnx_predictor import OnnxPredictor
+    from pneumoscope.deploy.quantize import int8_engine
 
     if resolve_engine(engine, predictor.device) != "onnxruntime":
         raise OptionError("--int8 runs on onnxruntime on a CPU (installed, fp32, not --engine torch)")
@@ -114,12 +124,12 @@ def cached_engine(run_dir: str | Path, predictor: Predictor, threads: int | None
     """RUN_DIR/engine.onnx as an OnnxPredictor, exported first where it is missing or was
     made from other weights. The lock makes concurrent runs (torchrun's ranks, two
     predicts) export it once."""
-    from pneumoscope.onnx_predictor import OnnxPredictor
+    from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 
     path = Path(run_dir) / ENGINE_FILE
     with _locked(Path(run_dir) / f".{ENGINE_FILE}.lock"):
         if not _usable(path, run_dir, predictor.thresholds):
-            from pneumoscope.export import export_onnx
+            from pneumoscope.deploy.export import export_onnx
 
             export_onnx(run_dir, path, dynamo=False, predictor=predictor)
         return OnnxPredictor.from_file(path, run_dir=run_dir, threads=threads, spinning=False)
@@ -128,8 +138,9 @@ def cached_engine(run_dir: str | Path, predictor: Predictor, threads: int | None
 def _usable(path: Path, run_dir: str | Path, thresholds: dict) -> bool:
     """The cached export is there, intact and of the run's weights (its thresholds are
     brought up to date: `calibrate` may have changed them since)."""
-    from pneumoscope.onnx_contract import file_sha256, read_contract, refresh_contract_thresholds
-    from pneumoscope.onnx_predictor import check_same_weights
+    from pneumoscope.deploy.onnx_contract import read_contract, refresh_contract_thresholds
+    from pneumoscope.fsio import file_sha256
+    from pneumoscope.deploy.onnx_predictor import check_same_weights
 
     try:
         contract = read_contract(path)
@@ -182,12 +193,12 @@ class CheckedOnnx:
 
     def check_now(self) -> None:
         """The check on three smooth synthetic films instead of the first batch (serve: before any request)."""
-        from pneumoscope.export import probe_images
+        from pneumoscope.deploy.export import probe_images
 
         self.predict_class_probs(probe_images(self.image_size))
 
     def _check(self, images: np.ndarray, got: np.ndarray) -> None:
-        from pneumoscope.export import PARITY_TOLERANCE
+        from pneumoscope.deploy.export import PARITY_TOLERANCE
 
         want = self.torch.predict_class_probs(images)
         diff = float(np.max(np.abs(want - got)))

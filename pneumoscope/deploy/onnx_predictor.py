@@ -20,29 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pneumoscope.errors import DataError, MissingFileError
-from pneumoscope.onnx_contract import INPUT_NAME, file_sha256, read_contract
+from pneumoscope.deploy.onnx_contract import INPUT_NAME, read_contract
+from pneumoscope.fsio import file_sha256
 from pneumoscope.inference import OperatingPoint
+from pneumoscope.models.onnx_session import open_session
 from pneumoscope.rundir import THRESHOLD, RunDir
 from pneumoscope.tasks import BINARY, bv_threshold_of, task_of
 
 log = logging.getLogger(__name__)
-
-def open_session(onnx_path: str | Path | bytes, threads: int | None = None, spinning: bool = True):
-    """An onnxruntime CPU session of a file (or a serialized model); `threads` caps
-    intra-op threads (default: all cores). spinning=False: its threads sleep between runs
-    instead of spinning, for callers that do other CPU work between runs."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3  # errors only
-    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(source, sess_options=options,
-                                providers=["CPUExecutionProvider"])
-
 
 def run_session(session, images: np.ndarray, batch_size: int = 64,
                 show_progress: bool = False, output: str = "p_pneumonia") -> np.ndarray:

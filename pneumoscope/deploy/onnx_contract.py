@@ -7,7 +7,6 @@ Torch-free on purpose: `export` (torch -> ONNX) writes the contract and `onnx_pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,14 +24,6 @@ def contract_path(onnx_path: str | Path) -> Path:
     """Where the contract of an ONNX file lives: ``model.onnx`` -> ``model.onnx.json``."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_contract(onnx_path: str | Path) -> dict:
@@ -55,7 +46,7 @@ def read_contract(onnx_path: str | Path) -> dict:
 
 def write_contract(onnx_path: str | Path, contract: dict) -> None:
     """Write the contract beside `onnx_path` atomically."""
-    from pneumoscope.rundir import atomic_write_json  # rundir imports torch (checkpoints)
+    from pneumoscope.fsio import atomic_write_json
 
     atomic_write_json(contract_path(onnx_path), contract)
 

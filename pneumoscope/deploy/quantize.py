@@ -62,7 +62,7 @@ class _Calibration:
 def quantize(fp32_path: Path, images: np.ndarray, out: Path) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from pneumoscope.onnx_contract import INPUT_NAME
+    from pneumoscope.deploy.onnx_contract import INPUT_NAME
 
     logging.disable(logging.WARNING)  # the quantizer's per-tensor notes on the root logger
     try:
@@ -76,7 +76,8 @@ def compare(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.nda
     """Validation ROC AUC of both graphs and how far their p(pneumonia) differ."""
     from sklearn.metrics import roc_auc_score
 
-    from pneumoscope.onnx_predictor import open_session, run_session
+    from pneumoscope.deploy.onnx_predictor import run_session
+    from pneumoscope.models.onnx_session import open_session
 
     p32 = run_session(open_session(fp32_path), images)
     p8 = run_session(open_session(int8_path), images)
@@ -89,8 +90,10 @@ def compare(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.nda
 def int8_engine(run_dir: str | Path, fp32_path: Path) -> Path | None:
     """RUN_DIR/engine.int8.onnx, built (once per fp32 engine) and kept where its
     validation ROC AUC is within MAX_AUC_DIFF of fp32's; None where it was refused."""
-    from pneumoscope.onnx_contract import file_sha256, read_contract, write_contract
-    from pneumoscope.rundir import atomic_write_json, read_json
+    from pneumoscope.deploy.onnx_contract import read_contract, write_contract
+    from pneumoscope.fsio import file_sha256
+    from pneumoscope.rundir import read_json
+    from pneumoscope.fsio import atomic_write_json
 
     run_dir = Path(run_dir)
     out, check = run_dir / INT8_FILE, run_dir / CHECK_FILE

@@ -1,6 +1,6 @@
 """The threshold rules' names and the default one, in a module of its own (standard library
 only) so that the command line's help can name the real default without importing numpy
-or scikit-learn; pneumoscope.evaluation chooses the thresholds.
+or scikit-learn; pneumoscope.evaluation.metrics chooses the thresholds.
 """
 
 # name -> the validation sensitivity the rule's threshold reaches (the highest such threshold).

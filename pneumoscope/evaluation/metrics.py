@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
-from pneumoscope.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
+from pneumoscope.evaluation.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from pneumoscope.evaluation import (
+from pneumoscope.evaluation.metrics import (
     _draw_images, _rates, _resample_metrics, _safe_div, evaluate_predictions, patient_strata,
 )
 from pneumoscope.tasks import CLASS_NAMES, KEYS, THREE_CLASS, p_bacterial_given_pneumonia, p_pneumonia, \

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from pneumoscope.errors import OptionError, UserError
+from pneumoscope.rundir import MODEL_CARD, SUMMARY
 
 TRACKERS = ("tensorboard", "mlflow")
 EXTRA = "pip install 'pneumoscope[track]'"
@@ -97,7 +98,7 @@ class MlflowTracker:
     def finish(self, run_dir: Path) -> None:
         from pneumoscope.rundir import BEST_MODEL, CONFIG, THRESHOLD
 
-        for name in (BEST_MODEL, THRESHOLD, CONFIG, "summary.json", "MODEL_CARD.md"):
+        for name in (BEST_MODEL, THRESHOLD, CONFIG, SUMMARY, MODEL_CARD):
             if (run_dir / name).exists():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
         if (run_dir / "report").is_dir():
@@ -123,9 +124,10 @@ def end_of_run_figures(run_dir: Path):
     """The validation ROC curve (a matplotlib figure) and N_GRADCAM (name, overlay) pairs."""
     import numpy as np
 
-    from pneumoscope.commands import decode_sources, load_predictor
-    from pneumoscope.evaluation import evaluate_predictions
-    from pneumoscope.model_card import read_val_predictions
+    from pneumoscope.inference import decode_sources
+    from pneumoscope.deploy.scoring import load_predictor
+    from pneumoscope.evaluation.metrics import evaluate_predictions
+    from pneumoscope.report.model_card import read_val_predictions
     from pneumoscope.report.figures import roc_figure
     from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
 

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope import CLASSES
+from pneumoscope.tasks import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, OptionError
-from pneumoscope.evaluation import evaluate_predictions, sensitivity_threshold
-from pneumoscope.model_card import update_model_card
-from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir, atomic_write_json
+from pneumoscope.evaluation.metrics import evaluate_predictions, sensitivity_threshold
+from pneumoscope.report.model_card import update_model_card
+from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir
+from pneumoscope.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     threshold.json as the default rule `site`, and return the `site` block written."""
     if not 0.0 < target_sensitivity <= 1.0:
         raise OptionError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
-    from pneumoscope.scoring import load_scorer
+    from pneumoscope.deploy.scoring import load_scorer
 
     run = RunDir(run_dir)
     # the engine evaluate, predict and serve score with: the threshold is one of the sample's
@@ -173,7 +174,7 @@ def _refresh_exports(run_dir: str | Path, thresholds: dict) -> None:
     """ONNX exports inside the run carry the thresholds in their contract: update them.
     (Exports elsewhere are corrected at load time: OnnxPredictor with a run_dir takes the
     run's threshold.json and warns that the contract is stale.)"""
-    from pneumoscope.onnx_contract import contract_path, refresh_contract_thresholds
+    from pneumoscope.deploy.onnx_contract import contract_path, refresh_contract_thresholds
 
     for onnx in sorted(Path(run_dir).glob("*.onnx")):
         if contract_path(onnx).exists():
@@ -182,7 +183,7 @@ def _refresh_exports(run_dir: str | Path, thresholds: dict) -> None:
 
 def format_site(site: dict) -> str:
     """The console summary of calibrate: the rule, the sample, the metrics with intervals."""
-    from pneumoscope.evaluation import format_metrics
+    from pneumoscope.evaluation.metrics import format_metrics
 
     n = site["sample"]["n"]
     prev = site["previous_default"]

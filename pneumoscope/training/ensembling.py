@@ -12,7 +12,7 @@ report, serve, export, calibrate and drift work on it unchanged:
                       self-contained, a member run moved or retrained later changes nothing
     manifest.csv      the members' common split (copied from the first member)
     threshold.json, val_predictions.csv  chosen on the ensemble's own validation
-                      probabilities, by the same code as training (training.loop.write_selection;
+                      probabilities, by the same code as training (training.outputs.write_selection;
                       three-class: the (N,3) class probabilities and the three-class labels)
     summary.json      members, views, validation ROC AUC (three-class: the macro
                       one-vs-rest ROC AUC and the task, as train's summary)
@@ -37,8 +37,9 @@ from pneumoscope.data.manifest import files_by_role, read_manifest
 from pneumoscope.errors import OptionError
 from pneumoscope.inference import load_trained_model, predict_class_probs
 from pneumoscope.models.ensemble import Ensemble, tta_views
-from pneumoscope.onnx_contract import file_sha256
-from pneumoscope.rundir import MANIFEST, RunDir, atomic_write_bytes, atomic_write_json, save_model_weights
+from pneumoscope.fsio import file_sha256
+from pneumoscope.rundir import BEST_MODEL, MANIFEST, SUMMARY, RunDir, save_model_weights
+from pneumoscope.fsio import atomic_write_bytes, atomic_write_json
 from pneumoscope.tasks import BINARY, relabel, task_of
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def member_record(run_dir: Path, config: dict) -> dict:
 def build_ensemble(run_dirs: list[str | Path], out: str | Path, tta: str = "none",
                    show_progress: bool = True) -> dict:
     """Write ENS_DIR from finished runs (see the module docstring); returns the summary."""
-    from pneumoscope.training.loop import validation_metrics, write_selection  # training imports are heavy
+    from pneumoscope.training.loop import validation_metrics
+    from pneumoscope.training.outputs import write_selection
 
     run_dirs, out = [Path(r) for r in run_dirs], Path(out)
     if not run_dirs:
@@ -130,12 +132,12 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, tta: str = "none
         "combine": COMBINE,
     })
     atomic_write_bytes(out / MANIFEST, (run_dirs[0] / MANIFEST).read_bytes())
-    save_model_weights(run / "model_best.safetensors", model.state_dict(), {"kind": "ensemble", "tta": tta})
+    save_model_weights(run / BEST_MODEL, model.state_dict(), {"kind": "ensemble", "tta": tta})
     thresholds = write_selection(run, data, probs, task)
     summary = {"kind": "ensemble", "members": [m["run_dir"] for m in members], "tta": tta,
                "n_views": len(views), "forward_passes_per_image": len(members) * len(views),
                # binary: ROC AUC of p(pneumonia); three-class: macro one-vs-rest, as train's summary
                "val_roc_auc": validation_metrics(data.labels, probs)["val_roc_auc"],
                "n_val": len(data.samples), "thresholds": thresholds, **recorded}
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY, summary)
     return summary

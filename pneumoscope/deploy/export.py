@@ -33,23 +33,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscope import CLASSES, __version__
-from pneumoscope.data.decode import dicom_decode_contract
+from pneumoscope import __version__
+
+from pneumoscope.tasks import CLASSES
+from pneumoscope.data.dicom import dicom_decode_contract
 from pneumoscope.inference import Predictor, predict_class_probs
 from pneumoscope.models import PNEUMONIA_INDEX
-from pneumoscope.onnx_contract import (
-    CONTRACT_FORMAT,
-    CONTRACT_VERSION,
-    DEFAULT_OPSET,
-    INPUT_NAME,
-    OUTPUT_NAMES,
-    file_sha256,
-    write_contract,
+from pneumoscope.deploy.onnx_contract import (
+    CONTRACT_FORMAT, CONTRACT_VERSION, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, write_contract,
 )
-from pneumoscope.onnx_predictor import open_session, run_session
-from pneumoscope.rundir import RunDir
+from pneumoscope.fsio import file_sha256
+from pneumoscope.deploy.onnx_predictor import run_session
+from pneumoscope.models.onnx_session import open_session
+from pneumoscope.rundir import ONNX_MODEL, RunDir
 from pneumoscope.tasks import BINARY, CLASS_NAMES, THREE_CLASS, p_pneumonia
-from pneumoscope.umask import default_file_mode
+from pneumoscope.fsio import default_file_mode
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +156,7 @@ def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, tas
                   dynamo: bool = True) -> None:
     """torch.onnx.export with a dynamic batch axis, one self-contained file. dynamo=False:
     the TorchScript exporter, ~5x quicker (3 s against 14 s for EfficientNet-Lite0 on the
-    2-core VM), for the engine predict builds on the fly (pneumoscope.scoring); where a
+    2-core VM), for the engine predict builds on the fly (pneumoscope.deploy.scoring); where a
     later torch has dropped it, the dynamo one runs instead."""
     example = torch.rand(2, 1, size, size)
     wrapper, names = ((_WithProbability, OUTPUT_NAMES) if task == BINARY
@@ -219,7 +217,7 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
     synthetic batch of 3, so a dynamic batch > 1 is exercised) before it is kept.
     dynamo: which exporter (see _export_graph); predictor: the run's, already loaded on the CPU."""
     run_dir = Path(run_dir)
-    out = Path(out) if out else run_dir / "model.onnx"
+    out = Path(out) if out else run_dir / ONNX_MODEL
     predictor = predictor or Predictor.from_run(run_dir, device="cpu")
     model, size = predictor.model.eval(), predictor.image_size
     out.parent.mkdir(parents=True, exist_ok=True)

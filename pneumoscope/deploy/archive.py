@@ -2,7 +2,7 @@
 
 ``predict_archive`` lists the files (folders searched, or ``--files LIST.txt``), decodes
 them in worker processes (pneumoscope.data.workers) while the model scores the previous
-batch (pneumoscope.scoring: onnxruntime where it applies), and appends each batch's rows
+batch (pneumoscope.deploy.scoring: onnxruntime where it applies), and appends each batch's rows
 to the CSV with a flush: memory stays flat, and a killed run loses at most the batch it
 was on. ``--resume`` keeps the rows the CSV already holds and scores the rest.
 
@@ -45,7 +45,8 @@ def list_files(paths: list[str | Path], files_list: str | Path | None = None) ->
     """The files to score, in a fixed order: each path as given (a folder: its images,
     searched recursively, sorted), then the lines of `files_list` (blank lines and #
     comments skipped). A path that does not exist, or nothing to score, is an error."""
-    from pneumoscope.commands import NothingScoredError, expand_paths, require_image_files
+    from pneumoscope.errors import NothingScoredError
+    from pneumoscope.data.sources import expand_paths, require_image_files
 
     named = [str(p) for p in paths]
     for path in named:
@@ -130,7 +131,7 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
     (data.decode.load_image). onnx: a user's export instead of the engine; int8: the engine
     quantized where validation allows (both: scoring.load_scorer).
     Under torchrun: one shard per rank, joined by rank 0."""
-    from pneumoscope.scoring import load_scorer
+    from pneumoscope.deploy.scoring import load_scorer
     from pneumoscope.training.distributed import init_from_env
 
     if resume and out is None:
@@ -191,7 +192,7 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
     if (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:
-        from pneumoscope.commands import require_some_readable
+        from pneumoscope.data.sources import require_some_readable
 
         require_some_readable(0, summary.failures)
     report_failures(summary.failures, strict)
@@ -200,7 +201,7 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
 
 def join_parts(out: Path, env, header: list[str]) -> None:
     """Rank 0 writes the ranks' parts, in rank order, into `out` (atomically) and removes them."""
-    from pneumoscope.rundir import atomic_write_with
+    from pneumoscope.fsio import atomic_write_with
 
     env.barrier()
     if env.is_main:

@@ -28,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.commands import expand_paths
+from pneumoscope.data.sources import expand_paths
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import Sample, patient_id
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, MissingFileError
 from pneumoscope.inference import Predictor
 from pneumoscope.report.embeddings import embed_and_predict
-from pneumoscope.rundir import MANIFEST, atomic_write_json
+from pneumoscope.rundir import DRIFT, MANIFEST
+from pneumoscope.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def drift_run(run_dir: str | Path, folder: str | Path, out: str | Path | None = 
     """`pneumoscope drift`: compute_drift with the run's model, written to `out` (JSON)."""
     predictor = Predictor.from_run(run_dir)
     result = compute_drift(predictor, run_dir, folder, threshold_rule, seed, strict, show_progress)
-    atomic_write_json(Path(out) if out else Path(run_dir) / "drift.json", result)
+    atomic_write_json(Path(out) if out else Path(run_dir) / DRIFT, result)
     return result
 
 

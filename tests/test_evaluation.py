@@ -103,7 +103,7 @@ def test_copies_of_a_patients_image_do_not_narrow_the_interval():
 
 
 def test_patient_with_films_of_both_classes_is_drawn_as_pneumonia():
-    from pneumoscope.evaluation.metrics import patient_strata
+    from pneumoscope.evaluation.bootstrap import patient_strata
 
     y = np.array([0, 1, 0, 0, 1])
     strata, _, _ = patient_strata(y, ["a", "a", "b", "c", "d"])  # a: one normal, one pneumonia film
@@ -125,10 +125,11 @@ def test_sensitivity_threshold_on_saturated_curve():
 
 
 def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
-    """The bootstrap scores each resample in numpy (_resample_metrics): the same numbers as
-    the sklearn path (_point_metrics) on resamples with ties, float32 scores, one class
+    """The bootstrap scores each resample in numpy (resample_metrics): the same numbers as
+    the sklearn path (point_metrics) on resamples with ties, float32 scores, one class
     missing and thresholds between and on the scores."""
-    from pneumoscope.evaluation.metrics import CI_METRICS, _draw_images, _point_metrics, _resample_metrics, patient_strata
+    from pneumoscope.evaluation.bootstrap import draw_images, patient_strata
+    from pneumoscope.evaluation.metrics import CI_METRICS, point_metrics, resample_metrics
 
     rng = np.random.default_rng(0)
     cases = [(Y, P), (Y, np.round(P, 1)), (Y, P.astype(np.float32).astype(float)), (np.ones(6, int), P[:6])]
@@ -137,10 +138,10 @@ def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
         cases.append((rng.integers(0, 2, n), np.round(rng.random(n), int(rng.integers(1, 4)))))
     strata, blocks, order = patient_strata(Y, [f"p{i // 2}" for i in range(len(Y))])
     for _ in range(15):  # patient resamples as bootstrap_ci draws them (repeated images)
-        idx = _draw_images(rng, strata, blocks, order)
+        idx = draw_images(rng, strata, blocks, order)
         cases.append((Y[idx], P[idx]))
     for i, (y, p) in enumerate(cases):
         for threshold in (0.6, float(p[0])) + ((0.0, 1.0) if i == 0 else ()):  # between, on, the ends
-            want, got = _point_metrics(y, p, threshold), _resample_metrics(y, p, threshold)
+            want, got = point_metrics(y, p, threshold), resample_metrics(y, p, threshold)
             for key in CI_METRICS:
                 assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (key, y, p, threshold)

@@ -25,7 +25,7 @@ from pneumoscope.tasks import (
     task_labels,
 )
 from pneumoscope.evaluation.metrics import bootstrap_ci as evaluation_ci
-from pneumoscope.evaluation.three_class import BV_CI_METHOD, bootstrap_ci, evaluate_three_class
+from pneumoscope.evaluation.three_class import BV_CI_METHOD, evaluate_three_class, three_class_ci
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -225,8 +225,8 @@ def test_three_class_metrics_equal_scikit_learn():
     assert m["n_patients"] == 8 and binary["n_patients"] == 8 and bvm["n_patients"] == 5
     assert "normal, bacterial or viral" in m["ci_method"] and "200 resamples" in m["ci_method"]
     assert "over the pneumonia patients" in bvm["ci_method"] and "bacterial / viral" in bvm["ci_method"]
-    by_patient = bootstrap_ci(y, probs, threshold, bv, np.asarray(patients), n_boot=200)
-    by_image = bootstrap_ci(y, probs, threshold, bv, None, n_boot=200)
+    by_patient = three_class_ci(y, probs, threshold, bv, np.asarray(patients), n_boot=200)
+    by_image = three_class_ci(y, probs, threshold, bv, None, n_boot=200)
     assert m["ci95"] == by_patient and by_patient != by_image  # the patients were resampled, not the films
     assert binary["ci95"] == evaluation_ci((y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200,
                                            patients=patients)
@@ -241,7 +241,7 @@ def test_three_class_metrics_equal_scikit_learn():
 
 def test_numpy_bootstrap_equals_the_scikit_learn_path():
     # the former path: every resample scored by point_metrics (scikit-learn), same patient draws
-    from pneumoscope.evaluation.metrics import _draw_images, patient_strata
+    from pneumoscope.evaluation.bootstrap import draw_images, patient_strata
     from pneumoscope.evaluation.three_class import _flat, point_metrics
 
     rng = np.random.default_rng(7)
@@ -249,13 +249,13 @@ def test_numpy_bootstrap_equals_the_scikit_learn_path():
     probs = rng.dirichlet([1, 1, 1], size=len(y)) * 0.5 + np.eye(3)[y] * 0.5  # informative, with overlap
     probs[::9] = probs[::9].round(1)  # ties, as real scores have
     patients = np.array([f"p{i // 3}" for i in range(len(y))])
-    got = bootstrap_ci(y, probs, 0.5, 0.55, patients, n_boot=100, seed=3)
+    got = three_class_ci(y, probs, 0.5, 0.55, patients, n_boot=100, seed=3)
     strata, blocks, order = patient_strata(y, patients)
     assert len(strata) == 3  # stratified on the three classes
     draw = np.random.default_rng(3)
     draws = {}
     for _ in range(100):
-        idx = _draw_images(draw, strata, blocks, order)
+        idx = draw_images(draw, strata, blocks, order)
         for key, value in _flat(point_metrics(y[idx], probs[idx], 0.5, 0.55)).items():
             draws.setdefault(key, []).append(value)
     span = {k: pytest.approx([np.nanpercentile(v, 2.5), np.nanpercentile(v, 97.5)], abs=1e-12)

@@ -1,16 +1,18 @@
-"""Metrics, bootstrap confidence intervals and threshold rules (numpy in, dict out)."""
+"""Binary metrics, their patient-bootstrap intervals and the threshold rules' thresholds
+(numpy in, dict out)."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
 
+from pneumoscope.evaluation.bootstrap import patient_bootstrap
 from pneumoscope.evaluation.threshold_rules import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 
 
-def _safe_div(num: float, den: float) -> float:
+def safe_div(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
@@ -19,16 +21,16 @@ def threshold_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> di
     y_true = np.asarray(y_true).astype(int)
     y_pred = (np.asarray(p) >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    return {**_rates(tp, fp, tn, fn), "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}}
+    return {**rates(tp, fp, tn, fn), "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}}
 
 
-def _rates(tp, fp, tn, fn) -> dict:
+def rates(tp, fp, tn, fn) -> dict:
     return {
-        "accuracy": _safe_div(tp + tn, tp + fp + tn + fn),
-        "sensitivity": _safe_div(tp, tp + fn),
-        "specificity": _safe_div(tn, tn + fp),
-        "precision": _safe_div(tp, tp + fp),
-        "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+        "accuracy": safe_div(tp + tn, tp + fp + tn + fn),
+        "sensitivity": safe_div(tp, tp + fn),
+        "specificity": safe_div(tn, tn + fp),
+        "precision": safe_div(tp, tp + fp),
+        "f1": safe_div(2 * tp, 2 * tp + fp + fn),
     }
 
 
@@ -42,14 +44,14 @@ def ranking_metrics(y_true: np.ndarray, p: np.ndarray) -> dict:
     }
 
 
-def _point_metrics(y_true, p, threshold) -> dict:
+def point_metrics(y_true, p, threshold) -> dict:
     out = threshold_metrics(y_true, p, threshold)
     out.update(ranking_metrics(y_true, p))
     return out
 
 
-def _resample_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    """CI_METRICS of one bootstrap resample: _point_metrics' numbers by sklearn's own
+def resample_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    """CI_METRICS of one bootstrap resample: point_metrics' numbers by sklearn's own
     formulas (_binary_clf_curve, trapezoidal ROC AUC, step-wise average precision) in plain
     numpy, since sklearn's per-call input checks cost ~30 ms a call: 1000 resamples took
     ~40 s on a 2-core VM, in every train (model card), evaluate and report.
@@ -58,7 +60,7 @@ def _resample_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> di
     pos = y_true == 1
     tp, fp = int(np.count_nonzero(pred & pos)), int(np.count_nonzero(pred & ~pos))
     n_pos = int(np.count_nonzero(pos))
-    out = _rates(tp, fp, len(y_true) - n_pos - fp, n_pos - tp)
+    out = rates(tp, fp, len(y_true) - n_pos - fp, n_pos - tp)
     if n_pos in (0, len(y_true)):
         return {**out, "roc_auc": float("nan"), "pr_auc": float("nan")}
     order = np.argsort(p, kind="mergesort")[::-1]  # sklearn's order: descending score
@@ -79,59 +81,22 @@ CI_METHOD = (
 )
 
 
-def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """The images grouped by patient: (per stratum the patient numbers, the start of each
-    patient's block in `order`, `order`: image indices sorted by patient).
-
-    A patient's stratum is their highest label: "pneumonia" when any of their images is (a
-    patient with films of both classes is a pneumonia patient); with three-class labels
-    (0 normal, 1 bacterial, 2 viral) each class is a stratum. patients=None: every image is
-    its own patient."""
-    y_true = np.asarray(y_true).astype(int)
-    if patients is None:
-        patients = np.arange(len(y_true))
-    codes = np.unique(np.asarray(patients, dtype=str), return_inverse=True)[1].ravel()
-    order = np.argsort(codes, kind="stable")
-    counts = np.bincount(codes)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    highest = np.zeros(len(counts), dtype=int)
-    np.maximum.at(highest, codes, y_true)
-    strata = [np.flatnonzero(highest == c) for c in np.unique(highest)]  # binary: normal, then pneumonia
-    return strata, np.stack([starts, counts]), order
-
-
-def _draw_images(rng, strata, blocks, order) -> np.ndarray:
-    """Image indices of one resample: as many patients per stratum as it holds, drawn with
-    replacement, each bringing all of their images."""
-    picked = np.concatenate([rng.choice(s, size=len(s), replace=True) for s in strata])
-    starts, counts = blocks[0][picked], blocks[1][picked]
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return order[np.repeat(starts, counts) + offsets]
-
-
 def bootstrap_ci(
     y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
     patients=None, score=None,
 ) -> dict:
-    """Percentile 95% intervals over resamples of the patients (CI_METHOD): images of one
-    patient are not independent, so resampling images would make the intervals too narrow.
-    patients: one id per image (None: each image its own patient); score: what scores a
-    resample (default the numpy _resample_metrics; benchmarks/bootstrap_bench.py passes
-    scikit-learn's _point_metrics to compare)."""
-    score = _resample_metrics if score is None else score
-    rng = np.random.default_rng(seed)
+    """Percentile 95% intervals of CI_METRICS over resamples of the patients (CI_METHOD,
+    evaluation.bootstrap). patients: one id per image (None: each image its own patient);
+    score: what scores a resample (default the numpy resample_metrics;
+    benchmarks/bootstrap_bench.py passes scikit-learn's point_metrics to compare)."""
+    score = resample_metrics if score is None else score
     y_true, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
-    strata, blocks, order = patient_strata(y_true, patients)
-    draws = {k: [] for k in CI_METRICS}
-    for _ in range(n_boot):
-        idx = _draw_images(rng, strata, blocks, order)
+
+    def scored(idx: np.ndarray) -> dict:
         m = score(y_true[idx], p[idx], threshold)
-        for k in CI_METRICS:
-            draws[k].append(m[k])
-    return {
-        k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
-        for k, v in draws.items()
-    }
+        return {k: m[k] for k in CI_METRICS}
+
+    return patient_bootstrap(y_true, patients, scored, n_boot=n_boot, seed=seed)
 
 
 def evaluate_predictions(
@@ -143,7 +108,7 @@ def evaluate_predictions(
     out = {"n": int(len(y_true)), "threshold": float(threshold)}
     if patients is not None:
         out["n_patients"] = int(len(set(map(str, patients))))
-    out.update(_point_metrics(y_true, p, threshold))
+    out.update(point_metrics(y_true, p, threshold))
     if n_boot:
         out["ci95"] = bootstrap_ci(y_true, p, threshold, n_boot=n_boot, seed=seed, patients=patients)
         out["ci_method"] = CI_METHOD + f"; {n_boot} resamples" + (

@@ -1,7 +1,7 @@
 """metrics.json of a three-class run (NORMAL / BACTERIAL / VIRAL), with patient-level
-bootstrap intervals (the cluster bootstrap of evaluation.py: patients drawn, stratified
+bootstrap intervals (the cluster bootstrap of evaluation.bootstrap: patients drawn, stratified
 by their class, normal / bacterial / viral, each bringing all of their films; each
-resample scored in numpy, as evaluation._resample_metrics does for binary runs).
+resample scored in numpy, as evaluation.metrics.resample_metrics does for binary runs).
 
 Layout: task, n, n_patients, thresholds, accuracy, macro_roc_auc, per_class (one-vs-rest
 sensitivity, specificity, precision, f1, roc_auc for normal, bacterial, viral), confusion
@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from pneumoscope.evaluation.metrics import (
-    _draw_images, _rates, _resample_metrics, _safe_div, evaluate_predictions, patient_strata,
-)
+from pneumoscope.evaluation.bootstrap import patient_bootstrap
+from pneumoscope.evaluation.metrics import evaluate_predictions, rates, resample_metrics, safe_div
 from pneumoscope.tasks import CLASS_NAMES, KEYS, THREE_CLASS, p_bacterial_given_pneumonia, p_pneumonia, \
     predicted_classes
 
@@ -52,13 +51,13 @@ def point_metrics(y: np.ndarray, probs: np.ndarray, threshold: float, bv_thresho
         fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
         tn = cm.sum() - tp - fn - fp
         per_class[key] = {
-            "sensitivity": _safe_div(tp, tp + fn), "specificity": _safe_div(tn, tn + fp),
-            "precision": _safe_div(tp, tp + fp), "f1": _safe_div(2 * tp, 2 * tp + fp + fn),
+            "sensitivity": safe_div(tp, tp + fn), "specificity": safe_div(tn, tn + fp),
+            "precision": safe_div(tp, tp + fp), "f1": safe_div(2 * tp, 2 * tp + fp + fn),
             "roc_auc": _ovr_auc((y == c).astype(int), np.asarray(probs)[:, c]),
         }
     # The unweighted mean of the one-vs-rest AUCs: scikit-learn's multi_class="ovr", "macro".
     return {
-        "accuracy": _safe_div((pred == y).sum(), len(y)),
+        "accuracy": safe_div((pred == y).sum(), len(y)),
         "macro_roc_auc": float(np.mean([per_class[k]["roc_auc"] for k in KEYS])),
         "per_class": per_class,
         "confusion": {"labels": list(CLASS_NAMES[THREE_CLASS]), "rows": "true", "columns": "predicted",
@@ -76,29 +75,24 @@ def _resample_flat(y: np.ndarray, pred: np.ndarray, probs: np.ndarray) -> dict:
     """_flat(point_metrics(...)) of one resample in numpy (scikit-learn's per-call checks
     made 1000 resamples take tens of seconds): y, pred: class indices; probs: (N, 3)."""
     cm = np.bincount(y * 3 + pred, minlength=9).reshape(3, 3)
-    out: dict = {"accuracy": _safe_div(np.trace(cm), len(y))}
+    out: dict = {"accuracy": safe_div(np.trace(cm), len(y))}
     for c, key in enumerate(KEYS):
         tp = cm[c, c]
         fn, fp = cm[c].sum() - tp, cm[:, c].sum() - tp
-        rates = _rates(tp, fp, cm.sum() - tp - fn - fp, fn)
-        rates["roc_auc"] = _resample_metrics((y == c).astype(int), probs[:, c], 0.5)["roc_auc"]
-        out.update({(key, name): rates[name] for name in PER_CLASS_METRICS})
+        counts = rates(tp, fp, cm.sum() - tp - fn - fp, fn)
+        counts["roc_auc"] = resample_metrics((y == c).astype(int), probs[:, c], 0.5)["roc_auc"]
+        out.update({(key, name): counts[name] for name in PER_CLASS_METRICS})
     out["macro_roc_auc"] = float(np.mean([out[(k, "roc_auc")] for k in KEYS]))
     return out
 
 
-def bootstrap_ci(y, probs, threshold, bv_threshold, patients=None, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Percentile 95% intervals of the point metrics over patient resamples (CI_METHOD)."""
+def three_class_ci(y, probs, threshold, bv_threshold, patients=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Percentile 95% intervals of the point metrics over patient resamples (CI_METHOD,
+    evaluation.bootstrap: the binary intervals' draws)."""
     y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
     pred = predicted_classes(probs, threshold, bv_threshold)  # per image: a resample only picks rows
-    strata, blocks, order = patient_strata(y, patients)
-    rng = np.random.default_rng(seed)
-    draws: dict = {}
-    for _ in range(n_boot):
-        idx = _draw_images(rng, strata, blocks, order)
-        for key, value in _resample_flat(y[idx], pred[idx], probs[idx]).items():
-            draws.setdefault(key, []).append(value)
-    span = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+    span = patient_bootstrap(y, patients, lambda idx: _resample_flat(y[idx], pred[idx], probs[idx]),
+                             n_boot=n_boot, seed=seed)
     return {"accuracy": span["accuracy"], "macro_roc_auc": span["macro_roc_auc"],
             "per_class": {k: {name: span[(k, name)] for name in PER_CLASS_METRICS} for k in KEYS}}
 
@@ -114,7 +108,7 @@ def evaluate_three_class(y, probs, threshold: float, bv_threshold: float, n_boot
     out.update(threshold=float(threshold), bacterial_vs_viral_threshold=float(bv_threshold))
     out.update(point_metrics(y, probs, threshold, bv_threshold))
     if n_boot:
-        out["ci95"] = bootstrap_ci(y, probs, threshold, bv_threshold, pats, n_boot=n_boot, seed=seed)
+        out["ci95"] = three_class_ci(y, probs, threshold, bv_threshold, pats, n_boot=n_boot, seed=seed)
         out["ci_method"] = CI_METHOD + f"; {n_boot} resamples" + (
             "" if pats is not None else "; no patient ids were given, so each image was its own patient")
     else:

@@ -185,7 +185,7 @@ def _bacterial_vs_viral(run: Path, thresholds: dict, patients: list[str]) -> str
         rows = list(csv.DictReader(f))
     y = np.array([int(r["label"]) for r in rows])
     probs = np.array([[float(r[f"p_{k}"]) for k in KEYS] for r in rows])
-    # 1000 resamples, as the table: each is scored in numpy (evaluation._resample_metrics)
+    # 1000 resamples, as the table: each is scored in numpy (evaluation.metrics.resample_metrics)
     m = bacterial_vs_viral(y, probs, bv_threshold_of(thresholds, THREE_CLASS, run / THRESHOLD),
                            np.asarray(patients, dtype=str), 1000, 0)
     return (f"\n\nBacterial vs viral, on the {m['n']} validation pneumonia films (bacterial = positive, "

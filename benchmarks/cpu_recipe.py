@@ -36,7 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = os.environ.get("PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224"))
+DEFAULT_DATA = os.environ.get(
+    "PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224")
+)
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 START, END = "<!-- cpu_recipe:start -->", "<!-- cpu_recipe:end -->"
 
@@ -52,16 +54,35 @@ def part_recipe(args) -> dict:
     from pneumoscope.cli import main
 
     start = time.perf_counter()
-    code = main(["-q", "train", "--data", args.data, "--out", args.out, "--overwrite", "--cache-dir", args.cache_dir,
-                 *args.extra])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            args.data,
+            "--out",
+            args.out,
+            "--overwrite",
+            "--cache-dir",
+            args.cache_dir,
+            *args.extra,
+        ]
+    )
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"train failed with exit code {code}")
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     config = json.loads((Path(args.out) / "config.json").read_text())
-    return {"train_wall_s": wall, "peak_rss_mb": peak_rss_mb(), "summary": summary,
-            "recipe": config["recipe"], "backbone": config["backbone"], "epochs": config["epochs"],
-            "views": config["views"], "image_size": config["image_size"]}
+    return {
+        "train_wall_s": wall,
+        "peak_rss_mb": peak_rss_mb(),
+        "summary": summary,
+        "recipe": config["recipe"],
+        "backbone": config["backbone"],
+        "epochs": config["epochs"],
+        "views": config["views"],
+        "image_size": config["image_size"],
+    }
 
 
 def _val_auc_of(run: Path, probs_of) -> float:
@@ -89,13 +110,26 @@ def part_baseline(args) -> dict:
     roles = read_manifest(run / "manifest.csv")
     train_paths = {str(s.path) for s in roles["train"]}
     norm = T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    train_tf = T.Compose([T.Resize((224, 224)), T.RandomRotation(10), T.RandomHorizontalFlip(),
-                          T.ColorJitter(brightness=0.1, contrast=0.1), T.ToTensor(), norm])
+    train_tf = T.Compose(
+        [
+            T.Resize((224, 224)),
+            T.RandomRotation(10),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.1, contrast=0.1),
+            T.ToTensor(),
+            norm,
+        ]
+    )
     eval_tf = T.Compose([T.Resize((224, 224)), T.ToTensor(), norm])
     full = torchvision.datasets.ImageFolder(str(Path(args.data) / "train"), transform=train_tf)
     idx = [i for i, (path, _) in enumerate(full.samples) if path in train_paths]
-    loader = DataLoader(Subset(full, idx), batch_size=args.batch_size, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        Subset(full, idx),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     pretrained = imagenet_weights_available("resnet50")
     model = torchvision.models.resnet50(weights="IMAGENET1K_V2" if pretrained else None)
     model.fc = nn.Linear(model.fc.in_features, 2)
@@ -126,15 +160,25 @@ def part_baseline(args) -> dict:
         out = []
         with torch.inference_mode():
             for i in range(0, len(samples), 32):
-                batch = torch.stack([eval_tf(Image.open(s.path).convert("RGB")) for s in samples[i : i + 32]])
+                batch = torch.stack(
+                    [eval_tf(Image.open(s.path).convert("RGB")) for s in samples[i : i + 32]]
+                )
                 out.append(torch.softmax(model(batch), 1)[:, PNEUMONIA_INDEX])
         return torch.cat(out).numpy()
 
     t = time.perf_counter()
     auc = _val_auc_of(run, probs_of)
-    return {"images_per_s": rate, "timed_steps": args.steps, "batch_size": args.batch_size,
-            "train_wall_s": train_wall, "val_wall_s": time.perf_counter() - t, "val_auc": float(auc),
-            "imagenet_weights": pretrained, "n_train": len(idx), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "images_per_s": rate,
+        "timed_steps": args.steps,
+        "batch_size": args.batch_size,
+        "train_wall_s": train_wall,
+        "val_wall_s": time.perf_counter() - t,
+        "val_auc": float(auc),
+        "imagenet_weights": pretrained,
+        "n_train": len(idx),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def part_inference(args) -> dict:
@@ -155,10 +199,17 @@ def part_inference(args) -> dict:
         ref = torch.softmax(model(x[:16]).float(), 1)[:, PNEUMONIA_INDEX]
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
-            for batch in ((1, 8, 32) if (precision, channels_last) == ("bf16", True) else (32,)):
+            for batch in (1, 8, 32) if (precision, channels_last) == ("bf16", True) else (32,):
                 rate, p = _infer_rate(model, x, precision, channels_last, batch, args.repeat)
-                rows.append({"precision": precision, "channels_last": channels_last, "batch": batch,
-                             "images_per_s": rate, "max_abs_dp": float((p[:16] - ref).abs().max())})
+                rows.append(
+                    {
+                        "precision": precision,
+                        "channels_last": channels_last,
+                        "batch": batch,
+                        "images_per_s": rate,
+                        "max_abs_dp": float((p[:16] - ref).abs().max()),
+                    }
+                )
     # what Predictor does (channels_last model, predict_probs), by default and with bf16
     images = (x[:, 0] * 255).round().to(torch.uint8).numpy()
     model.to(memory_format=torch.channels_last)
@@ -180,6 +231,7 @@ def part_inference(args) -> dict:
             def probs_of(samples):
                 data = decode_samples(samples, pred.image_size, show_progress=False)
                 return predict_probs(pred.model, data.images, precision=precision)
+
             return probs_of
 
         for precision in ("fp32", "bf16"):
@@ -192,8 +244,13 @@ def part_inference(args) -> dict:
         b = predict_probs(pred.model, data.images, precision="bf16")
         accuracy["max_abs_dp"] = float(np.max(np.abs(a - b)))
         accuracy["backbone"] = pred.config["backbone"]
-    return {"rows": rows, "predictor_images_per_s": predictor_rate, "accuracy": accuracy,
-            "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "rows": rows,
+        "predictor_images_per_s": predictor_rate,
+        "accuracy": accuracy,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _infer_rate(model, x, precision: str, channels_last: bool, batch: int, repeat: int):
@@ -204,12 +261,19 @@ def _infer_rate(model, x, precision: str, channels_last: bool, batch: int, repea
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"),
+    ):
         model(x[:batch].contiguous(memory_format=fmt))  # warm-up (primitive creation)
         t = time.perf_counter()
         for _ in range(repeat):
-            out = [torch.softmax(model(x[i : i + batch].contiguous(memory_format=fmt)).float(), 1)[:, PNEUMONIA_INDEX]
-                   for i in range(0, len(x), batch)]
+            out = [
+                torch.softmax(model(x[i : i + batch].contiguous(memory_format=fmt)).float(), 1)[
+                    :, PNEUMONIA_INDEX
+                ]
+                for i in range(0, len(x), batch)
+            ]
         rate = repeat * len(x) / (time.perf_counter() - t)
     model.to(memory_format=torch.contiguous_format)
     return rate, torch.cat(out)
@@ -221,7 +285,9 @@ def _infer_rate(model, x, precision: str, channels_last: bool, batch: int, repea
 def run_part(name: str, argv: list[str]) -> dict:
     """One part in a fresh interpreter; returns its JSON and the wall time of the process."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--part", name, *argv], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--part", name, *argv], capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"part {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -236,13 +302,19 @@ def machine() -> str:
 
     cpu = "?"
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()
-    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-            f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+    )
 
 
 def render(cold: dict, warm: dict, base: dict, inf: dict, args) -> str:
@@ -251,12 +323,18 @@ def render(cold: dict, warm: dict, base: dict, inf: dict, args) -> str:
     rate = passes / cold["process_wall_s"]
     baseline_time = passes / base["images_per_s"]
     lines = [
-        START, "", "## CPU recipe vs the notebook baseline (issue 3)", "",
+        START,
+        "",
+        "## CPU recipe vs the notebook baseline (issue 3)",
+        "",
         f"Command: `OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} .venv/bin/python "
         f"benchmarks/cpu_recipe.py --data {args.data} --baseline-steps {args.baseline_steps}`",
-        "", f"Data: `{args.data}/train`, {s['n_train']} train + {s['n_val']} validation images "
-        f"(patient-grouped split of the recipe run, used by both). Machine: {machine()}.", "",
-        "| | images/s (training) | wall time | peak RSS | validation ROC AUC |", "|---|---:|---:|---:|---:|",
+        "",
+        f"Data: `{args.data}/train`, {s['n_train']} train + {s['n_val']} validation images "
+        f"(patient-grouped split of the recipe run, used by both). Machine: {machine()}.",
+        "",
+        "| | images/s (training) | wall time | peak RSS | validation ROC AUC |",
+        "|---|---:|---:|---:|---:|",
         f"| notebook baseline: ImageFolder + PIL every epoch, ResNet50 full fine-tune, batch "
         f"{base['batch_size']} ({'ImageNet' if base['imagenet_weights'] else 'random init: no ImageNet weights here'}) "
         f"| {base['images_per_s']:.2f} | {base['timed_steps']} steps: {base['train_wall_s']:.0f} s; the same "
@@ -268,22 +346,33 @@ def render(cold: dict, warm: dict, base: dict, inf: dict, args) -> str:
         f"| the same, warm cache (decoded images and trunk activations reused) "
         f"| {passes / warm['process_wall_s']:.1f} | {warm['process_wall_s']:.0f} s | {warm['peak_rss_mb']:.0f} MB "
         f"| {warm['summary']['val_roc_auc']:.4f} |",
-        "", f"Speed ratio (the baseline's time for the same {passes} training image-passes ÷ the recipe's "
-        f"cold wall time): **{baseline_time / cold['process_wall_s']:.0f}×**.", "",
-        "### ResNet50 inference, 224×224, 64 images (weights none: the rate does not depend on them)", "",
-        "| precision | channels_last | batch | images/s | max abs Δp vs fp32 NCHW |", "|---|---|---:|---:|---:|",
+        "",
+        f"Speed ratio (the baseline's time for the same {passes} training image-passes ÷ the recipe's "
+        f"cold wall time): **{baseline_time / cold['process_wall_s']:.0f}×**.",
+        "",
+        "### ResNet50 inference, 224×224, 64 images (weights none: the rate does not depend on them)",
+        "",
+        "| precision | channels_last | batch | images/s | max abs Δp vs fp32 NCHW |",
+        "|---|---|---:|---:|---:|",
     ]
     for r in inf["rows"]:
-        lines.append(f"| {r['precision']} | {r['channels_last']} | {r['batch']} | {r['images_per_s']:.1f} "
-                     f"| {r['max_abs_dp']:.1e} |")
+        lines.append(
+            f"| {r['precision']} | {r['channels_last']} | {r['batch']} | {r['images_per_s']:.1f} "
+            f"| {r['max_abs_dp']:.1e} |"
+        )
     acc = inf["accuracy"]
     rates = inf["predictor_images_per_s"]
-    lines += ["", f"Predictor (`predict_probs`, channels_last model, batch 64, inference_mode), ResNet50: "
-                  f"**{rates['fp32']:.1f} images/s** by default (fp32), **{rates['bf16']:.1f} images/s** with "
-                  f"`PNEUMOSCOPE_PRECISION=bf16`."]
+    lines += [
+        "",
+        f"Predictor (`predict_probs`, channels_last model, batch 64, inference_mode), ResNet50: "
+        f"**{rates['fp32']:.1f} images/s** by default (fp32), **{rates['bf16']:.1f} images/s** with "
+        f"`PNEUMOSCOPE_PRECISION=bf16`.",
+    ]
     if acc:
-        lines += [f"Accuracy of the precision on the recipe's trained model ({acc['backbone']}), validation "
-                  f"ROC AUC: fp32 {acc['fp32']:.4f}, bf16 {acc['bf16']:.4f}; largest |Δp| {acc['max_abs_dp']:.1e}."]
+        lines += [
+            f"Accuracy of the precision on the recipe's trained model ({acc['backbone']}), validation "
+            f"ROC AUC: fp32 {acc['fp32']:.4f}, bf16 {acc['bf16']:.4f}; largest |Δp| {acc['max_abs_dp']:.1e}."
+        ]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -291,7 +380,7 @@ def render(cold: dict, warm: dict, base: dict, inf: dict, args) -> str:
 def write_results(text: str, path: Path) -> None:
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
+        new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
@@ -304,7 +393,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed baseline steps first")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2, help="inference passes per setting")
-    p.add_argument("--record", default=str(RESULTS), help="Markdown file for the tables ('' : print only)")
+    p.add_argument(
+        "--record", default=str(RESULTS), help="Markdown file for the tables ('' : print only)"
+    )
     p.add_argument("--part", choices=["recipe", "baseline", "inference"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -313,7 +404,9 @@ def main(argv=None) -> int:
     args, extra = p.parse_known_args(argv)
     args.extra = extra  # more `pneumoscope train` options for the recipe part
     if args.part:
-        fn = {"recipe": part_recipe, "baseline": part_baseline, "inference": part_inference}[args.part]
+        fn = {"recipe": part_recipe, "baseline": part_baseline, "inference": part_inference}[
+            args.part
+        ]
         print(json.dumps(fn(args)))
         return 0
 
@@ -321,11 +414,29 @@ def main(argv=None) -> int:
     try:
         cache = work / "cache"
         common = ["--data", args.data]
-        cold = run_part("recipe", [*common, "--out", str(work / "cold"), "--cache-dir", str(cache), *extra])
-        warm = run_part("recipe", [*common, "--out", str(work / "warm"), "--cache-dir", str(cache), *extra])
-        base = run_part("baseline", [*common, "--run", str(work / "cold"), "--steps", str(args.baseline_steps),
-                                     "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)])
-        inf = run_part("inference", [*common, "--run", str(work / "cold"), "--repeat", str(args.repeat)])
+        cold = run_part(
+            "recipe", [*common, "--out", str(work / "cold"), "--cache-dir", str(cache), *extra]
+        )
+        warm = run_part(
+            "recipe", [*common, "--out", str(work / "warm"), "--cache-dir", str(cache), *extra]
+        )
+        base = run_part(
+            "baseline",
+            [
+                *common,
+                "--run",
+                str(work / "cold"),
+                "--steps",
+                str(args.baseline_steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+        )
+        inf = run_part(
+            "inference", [*common, "--run", str(work / "cold"), "--repeat", str(args.repeat)]
+        )
         text = render(cold, warm, base, inf, args)
         print(text)
         if args.record:

@@ -41,15 +41,22 @@ from pneumoscope.models import build_model  # noqa: E402
 from pneumoscope.models.onnx_session import open_session
 from pneumoscope.models.precision import autocast, native_bf16  # noqa: E402
 from pneumoscope.training.recipes import RECIPES  # noqa: E402
-from pneumoscope.training.trunk import (FrozenTrunk, TopNet, activations_to_input,  # noqa: E402
-                                        trunk_activations, view_generator)
+from pneumoscope.training.trunk import (  # noqa: E402
+    FrozenTrunk,
+    TopNet,
+    activations_to_input,
+    trunk_activations,
+    view_generator,
+)
 from pneumoscope.training.trunk_engine import OnnxTrunk, _export  # noqa: E402
 
 RECIPE = RECIPES["cpu-fast"]
 CPU = torch.device("cpu")
 
 
-def top_pass_seconds(model, k: int, device, acts: np.ndarray, labels: torch.Tensor, precision: str) -> float:
+def top_pass_seconds(
+    model, k: int, device, acts: np.ndarray, labels: torch.Tensor, precision: str
+) -> float:
     """One pass of training steps over acts with TopNet(model, k, device)."""
     top = TopNet(model, k, device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,8 +74,9 @@ def top_pass_seconds(model, k: int, device, acts: np.ndarray, labels: torch.Tens
     return time.perf_counter() - started
 
 
-def top_step(model, k: int, acts: np.ndarray, labels: torch.Tensor, repeats: int,
-             precision: str) -> dict[str, float]:
+def top_step(
+    model, k: int, acts: np.ndarray, labels: torch.Tensor, repeats: int, precision: str
+) -> dict[str, float]:
     out = {}
     for name, device in (("off (torch defaults)", None), ("on (what training uses on a CPU)", CPU)):
         net = copy.deepcopy(model)
@@ -79,7 +87,9 @@ def top_step(model, k: int, acts: np.ndarray, labels: torch.Tensor, repeats: int
         for p in net.head.parameters():
             p.requires_grad_(True)
         top_pass_seconds(net, k, device, acts[: RECIPE["batch_size"]], labels, precision)  # warm-up
-        out[name] = min(top_pass_seconds(net, k, device, acts, labels, precision) for _ in range(repeats))
+        out[name] = min(
+            top_pass_seconds(net, k, device, acts, labels, precision) for _ in range(repeats)
+        )
     return out
 
 
@@ -87,10 +97,18 @@ def augmented_pass(trunk, images: np.ndarray, repeats: int) -> dict[str, float]:
     engine = OnnxTrunk(trunk)
     spinning = open_session(_export(trunk), torch.get_num_threads(), spinning=True)
     out = {}
-    for name, session in (("onnxruntime threads spin between runs (its default)", spinning),
-                          ("threads sleep between runs (what training uses)", engine.session)):
+    for name, session in (
+        ("onnxruntime threads spin between runs (its default)", spinning),
+        ("threads sleep between runs (what training uses)", engine.session),
+    ):
         engine.session = session
-        kw = dict(augment=PRESETS[RECIPE["augment"]], precision="fp32", device=CPU, show_progress=False, engine=engine)
+        kw = dict(
+            augment=PRESETS[RECIPE["augment"]],
+            precision="fp32",
+            device=CPU,
+            show_progress=False,
+            engine=engine,
+        )
         trunk_activations(trunk, images[:32], gen=view_generator(0, 0), **kw)  # warm-up
         times = []
         for _ in range(repeats):
@@ -106,7 +124,9 @@ def row(name: str, seconds: float, n: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", required=True, help="a Kermany root (its train/ is read)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
@@ -118,22 +138,40 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = build_model("efficientnet_lite0", weights="imagenet", dropout=RECIPE["dropout"])
     precisions = ["fp32"] + (["bf16"] if native_bf16(CPU) else [])
-    print(f"{len(images)} images, efficientnet_lite0, batch {RECIPE['batch_size']}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"{len(images)} images, efficientnet_lite0, batch {RECIPE['batch_size']}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
+        f"{platform.processor() or platform.machine()}"
+    )
     print(f"| setting | best of {args.repeats}: s | images/s |")
     print("|---|---:|---:|")
     trunk = None
     for stages in (int(n) for n in args.trainable_stages.split(",")):
         k = model.n_stages - stages
         trunk = FrozenTrunk(model, k)
-        acts = trunk_activations(trunk, images, augment=None, gen=None, precision="fp32", device=CPU,
-                                 show_progress=False, engine=OnnxTrunk(trunk))
+        acts = trunk_activations(
+            trunk,
+            images,
+            augment=None,
+            gen=None,
+            precision="fp32",
+            device=CPU,
+            show_progress=False,
+            engine=OnnxTrunk(trunk),
+        )
         for precision in precisions:
             for name, seconds in top_step(model, k, acts, labels, args.repeats, precision).items():
-                row(f"top step, --trainable-stages {stages}, {precision}: {name}", seconds, len(images))
+                row(
+                    f"top step, --trainable-stages {stages}, {precision}: {name}",
+                    seconds,
+                    len(images),
+                )
     for name, seconds in augmented_pass(trunk, images, args.repeats).items():
-        row(f"augmented trunk pass (stages[:{len(trunk.stages)}], the last top's trunk): {name}", seconds, len(images))
+        row(
+            f"augmented trunk pass (stages[:{len(trunk.stages)}], the last top's trunk): {name}",
+            seconds,
+            len(images),
+        )
     return 0
 
 

@@ -39,7 +39,10 @@ from recipe_sweep import HARD, STRESS, stressed_probs  # noqa: E402
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.manifest import read_manifest  # noqa: E402
 from pneumoscope.evaluation.metrics import (  # noqa: E402
-    DEFAULT_THRESHOLD_RULE, choose_thresholds, ranking_metrics, threshold_metrics,
+    DEFAULT_THRESHOLD_RULE,
+    choose_thresholds,
+    ranking_metrics,
+    threshold_metrics,
 )
 from pneumoscope.inference import Predictor  # noqa: E402
 from pneumoscope.models.ensemble import IDENTITY, TTA_PRESETS, View  # noqa: E402
@@ -73,10 +76,14 @@ def warm_trunk(backbone: str, views: list[dict], data, shifts: list[str]) -> Non
     model = build_model(backbone, weights="imagenet").eval()
     k = model.n_stages - int(TrainConfig(data="", out="", recipe="cpu-fast").trainable_stages)
     views = [v for v in views if v != IDENTITY] or views
-    stressed_views(model, k, data.images.shape[-1], views, data, shifts, "warm:" + backbone, {}, lambda: None)
+    stressed_views(
+        model, k, data.images.shape[-1], views, data, shifts, "warm:" + backbone, {}, lambda: None
+    )
 
 
-def stressed_views(model, k: int, size: int, views, data, shifts, name: str, cache: dict, save) -> None:
+def stressed_views(
+    model, k: int, size: int, views, data, shifts, name: str, cache: dict, save
+) -> None:
     for view in views:
         look = View(view, size)
         for shift_name in ["clean", *shifts]:
@@ -85,8 +92,13 @@ def stressed_views(model, k: int, size: int, views, data, shifts, name: str, cac
                 continue
             shift = STRESS.get(shift_name, lambda x: x)
             started = time.perf_counter()
-            cache[key] = stressed_probs(model, k, data, f"{shift_name}|{view_key(view)}",
-                                        lambda x, shift=shift: look(shift(x)))
+            cache[key] = stressed_probs(
+                model,
+                k,
+                data,
+                f"{shift_name}|{view_key(view)}",
+                lambda x, shift=shift, look=look: look(shift(x)),
+            )
             print(f"{key}: {time.perf_counter() - started:.0f} s", flush=True)
             save()
 
@@ -95,18 +107,32 @@ def score(labels: np.ndarray, probs: dict[str, np.ndarray], shifts: list[str]) -
     """Clean validation metrics at the candidate's own default-rule threshold and the
     stress metrics at that same threshold."""
     t = choose_thresholds(labels, probs["clean"])["threshold"]
-    clean = {**ranking_metrics(labels, probs["clean"]), **threshold_metrics(labels, probs["clean"], t)}
+    clean = {
+        **ranking_metrics(labels, probs["clean"]),
+        **threshold_metrics(labels, probs["clean"], t),
+    }
     per = {}
     for name in shifts:
         m = {**ranking_metrics(labels, probs[name]), **threshold_metrics(labels, probs[name], t)}
         per[name] = {"auc": m["roc_auc"], "sens": m["sensitivity"], "spec": m["specificity"]}
-    mean = {f"stress_{m}_mean": float(np.mean([v[m] for v in per.values()])) for m in ("auc", "sens", "spec")}
-    return {"threshold": t, "val_auc": clean["roc_auc"], "val_sens": clean["sensitivity"],
-            "val_spec": clean["specificity"], **mean,
-            "stress_auc_min": float(np.min([v["auc"] for v in per.values()])), "stress": per}
+    mean = {
+        f"stress_{m}_mean": float(np.mean([v[m] for v in per.values()]))
+        for m in ("auc", "sens", "spec")
+    }
+    return {
+        "threshold": t,
+        "val_auc": clean["roc_auc"],
+        "val_sens": clean["sensitivity"],
+        "val_spec": clean["specificity"],
+        **mean,
+        "stress_auc_min": float(np.min([v["auc"] for v in per.values()])),
+        "stress": per,
+    }
 
 
-def candidates(runs: list[Path], tta_runs: list[Path], views: list[dict], tta: str) -> dict[str, list[tuple]]:
+def candidates(
+    runs: list[Path], tta_runs: list[Path], views: list[dict], tta: str
+) -> dict[str, list[tuple]]:
     """name -> [(run name, view key)]: singles, every ensemble of 2+ runs, TTA of the
     tta runs alone and together."""
     ident = view_key(IDENTITY)
@@ -117,9 +143,12 @@ def candidates(runs: list[Path], tta_runs: list[Path], views: list[dict], tta: s
     for k in range(1, len(tta_runs) + 1):
         for combo in combinations(tta_runs, k):
             for preset, preset_views in TTA_PRESETS.items():
-                if preset != "none" and all(view_key(v) in map(view_key, views) for v in preset_views):
+                if preset != "none" and all(
+                    view_key(v) in map(view_key, views) for v in preset_views
+                ):
                     out["+".join(r.name for r in combo) + f" tta {preset}"] = [
-                        (r.name, view_key(v)) for r in combo for v in preset_views]
+                        (r.name, view_key(v)) for r in combo for v in preset_views
+                    ]
     return out
 
 
@@ -131,8 +160,11 @@ def check_against(ens_dir: Path, config: dict, cache: dict, names: dict[str, str
 
     with open(ens_dir / "val_predictions.csv") as f:
         written = np.array([float(r["p_pneumonia"]) for r in csv.DictReader(f)])
-    parts = [f"{names[str(Path(m['run_dir']).resolve())]}|{view_key(v)}|clean"
-             for m in config["members"] for v in config["tta"]["views"]]
+    parts = [
+        f"{names[str(Path(m['run_dir']).resolve())]}|{view_key(v)}|clean"
+        for m in config["members"]
+        for v in config["tta"]["views"]
+    ]
     diff = float(np.max(np.abs(written - np.mean([cache[k] for k in parts], axis=0))))
     print(f"{ens_dir}: written vs combined validation p, max |dp| = {diff:.2e}", flush=True)
     return diff
@@ -150,25 +182,49 @@ def cost(predictor: Predictor, images: np.ndarray, repeats: int = 3) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", required=True, help="comma-separated run directories sharing one split")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--runs", required=True, help="comma-separated run directories sharing one split"
+    )
     ap.add_argument("--tta-runs", default="", help="runs whose test-time views are measured too")
-    ap.add_argument("--views", default="zoom3", choices=list(TTA_PRESETS), help="the views measured for --tta-runs")
+    ap.add_argument(
+        "--views",
+        default="zoom3",
+        choices=list(TTA_PRESETS),
+        help="the views measured for --tta-runs",
+    )
     ap.add_argument("--out", required=True, help="folder for probs.npz and results.json")
-    ap.add_argument("--cost", default="", help="comma-separated run or ensemble directories to time")
+    ap.add_argument(
+        "--cost", default="", help="comma-separated run or ensemble directories to time"
+    )
     ap.add_argument("--cost-images", type=int, default=128)
-    ap.add_argument("--shifts", default="hard",
-                    help="the stress suite: hard (recipe_sweep's 11 HARD shifts), all (its 19), or names")
-    ap.add_argument("--warm", metavar="BACKBONE", default="",
-                    help="only compute and cache the frozen trunk's part of every (shift, view) for the "
-                         "ImageNet BACKBONE (what every cpu-fast run of it shares); needs --runs for the split")
+    ap.add_argument(
+        "--shifts",
+        default="hard",
+        help="the stress suite: hard (recipe_sweep's 11 HARD shifts), all (its 19), or names",
+    )
+    ap.add_argument(
+        "--warm",
+        metavar="BACKBONE",
+        default="",
+        help="only compute and cache the frozen trunk's part of every (shift, view) for the "
+        "ImageNet BACKBONE (what every cpu-fast run of it shares); needs --runs for the split",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [Path(r) for r in args.runs.split(",")]
     tta_runs = [Path(r) for r in args.tta_runs.split(",") if r]
     views = TTA_PRESETS[args.views]
-    shifts = list(HARD) if args.shifts == "hard" else list(STRESS) if args.shifts == "all" else args.shifts.split(",")
+    shifts = (
+        list(HARD)
+        if args.shifts == "hard"
+        else list(STRESS)
+        if args.shifts == "all"
+        else args.shifts.split(",")
+    )
 
     val = read_manifest(runs[0] / "manifest.csv")["val"]
     size = int(json.loads((runs[0] / "config.json").read_text())["image_size"])
@@ -187,25 +243,42 @@ def main(argv=None) -> int:
 
     results = {}
     for name, parts in candidates(runs, tta_runs, views, args.views).items():
-        probs = {s: np.mean([cache[f"{r}|{v}|{s}"] for r, v in parts], axis=0) for s in ["clean", *shifts]}
+        probs = {
+            s: np.mean([cache[f"{r}|{v}|{s}"] for r, v in parts], axis=0)
+            for s in ["clean", *shifts]
+        }
         results[name] = {"forward_passes": len(parts), **score(data.labels, probs, shifts)}
         r = results[name]
-        print(f"{name:40s} passes {len(parts)}  val AUC {r['val_auc']:.4f}  stress AUC {r['stress_auc_mean']:.4f} "
-              f"(min {r['stress_auc_min']:.4f})  stress sens/spec {r['stress_sens_mean']:.3f}/"
-              f"{r['stress_spec_mean']:.3f}", flush=True)
+        print(
+            f"{name:40s} passes {len(parts)}  val AUC {r['val_auc']:.4f}  stress AUC {r['stress_auc_mean']:.4f} "
+            f"(min {r['stress_auc_min']:.4f})  stress sens/spec {r['stress_sens_mean']:.3f}/"
+            f"{r['stress_spec_mean']:.3f}",
+            flush=True,
+        )
     timing, checks = {}, {}
     for path in [Path(p) for p in args.cost.split(",") if p]:
         predictor = Predictor.from_run(path, device="cpu")
         timing[str(path)] = cost(predictor, data.images[: args.cost_images])
         print(f"cost {path}: {timing[str(path)]:.1f} images/s", flush=True)
         if predictor.config.get("kind") == "ensemble":
-            checks[str(path)] = check_against(path, predictor.config, cache,
-                                              {str(r.resolve()): r.name for r in runs})
-    (out / "results.json").write_text(json.dumps({"n_val": len(data.samples), "views": args.views, "shifts": shifts,
-                                                  "threshold_rule": DEFAULT_THRESHOLD_RULE,
-                                                  "torch_threads": torch.get_num_threads(),
-                                                  "candidates": results, "images_per_s": timing,
-                                                  "ensemble_dir_vs_combined_max_abs_dp": checks}, indent=1))
+            checks[str(path)] = check_against(
+                path, predictor.config, cache, {str(r.resolve()): r.name for r in runs}
+            )
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "n_val": len(data.samples),
+                "views": args.views,
+                "shifts": shifts,
+                "threshold_rule": DEFAULT_THRESHOLD_RULE,
+                "torch_threads": torch.get_num_threads(),
+                "candidates": results,
+                "images_per_s": timing,
+                "ensemble_dir_vs_combined_max_abs_dp": checks,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -32,32 +32,53 @@ from pneumoscope.models import build_model
 from pneumoscope.models.precision import PRECISIONS
 from pneumoscope.training.config import TrainConfig
 from pneumoscope.training.distributed import DistEnv, Replicas
-from pneumoscope.training.loop import Optimization, class_weights, make_optimizer, make_scheduler, train_one_epoch
+from pneumoscope.training.loop import (
+    Optimization,
+    class_weights,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 from pneumoscope.training.step import BatchFeed, prepare_model, step_precision, train_step
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = os.environ.get("PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224"))
+DEFAULT_DATA = os.environ.get(
+    "PNEUMOSCOPE_DATA", str(REPO.parent / "shared" / "data" / "chest_xray_224")
+)
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SMOKE = {"image_size": 32, "batch_size": 4, "steps": 2, "warmup": 1, "epochs": 2, "limit": 16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA, help="DATA_ROOT holding train/{NORMAL,PNEUMONIA} ($PNEUMOSCOPE_DATA)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="DATA_ROOT holding train/{NORMAL,PNEUMONIA} ($PNEUMOSCOPE_DATA)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=50, help="timed model steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed model steps first (cuDNN autotune, compile)")
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed model steps first (cuDNN autotune, compile)"
+    )
     p.add_argument("--epochs", type=int, default=3, help="end-to-end epochs; the first is warm-up")
     p.add_argument("--limit", type=int, default=0, help="use the first N train images (0: all)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"tiny settings that run anywhere in seconds: {SMOKE}; records nothing unless --record")
-    p.add_argument("--record", help=f"append the figures to this Markdown file (default without --smoke: {RESULTS})")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny settings that run anywhere in seconds: {SMOKE}; records nothing unless --record",
+    )
+    p.add_argument(
+        "--record",
+        help=f"append the figures to this Markdown file (default without --smoke: {RESULTS})",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -76,9 +97,20 @@ def synchronize(device: torch.device) -> None:
 
 def make_training(args, device: torch.device, steps_per_epoch: int):
     """One ResNet50 (weights none: the rate does not depend on them), optimizer, scheduler."""
-    cfg = TrainConfig(data=args.data, out="", recipe="full", backbone=args.backbone, weights="none", epochs=args.epochs,
-                      image_size=args.image_size, batch_size=args.batch_size, precision=args.precision,
-                      compile=args.compile, balance="loss", head_epochs=0)
+    cfg = TrainConfig(
+        data=args.data,
+        out="",
+        recipe="full",
+        backbone=args.backbone,
+        weights="none",
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        compile=args.compile,
+        balance="loss",
+        head_epochs=0,
+    )
     torch.manual_seed(0)
     model = prepare_model(build_model(cfg.backbone, weights="none", dropout=cfg.dropout), device)
     net = Replicas(model, DistEnv(device=device), compile_model=cfg.compile).current()
@@ -105,17 +137,30 @@ def model_step_rate(args, cfg, net, optimizer, scheduler, device, precision: str
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def end_to_end_rates(args, cfg, net, optimizer, scheduler, data, device, precision: str) -> list[float]:
+def end_to_end_rates(
+    args, cfg, net, optimizer, scheduler, data, device, precision: str
+) -> list[float]:
     """Images/s of each epoch of the training loop on the real decoded images."""
     feed = BatchFeed(data.images, data.labels, device)
     loss_weights = class_weights(data.labels).to(device)
     env = DistEnv(device=device)
     rates = []
     for epoch in range(args.epochs):
-        row = train_one_epoch(net, Optimization(optimizer, scheduler, loss_weights), data, cfg, epoch, env,
-                              feed=feed, precision=precision, show_progress=False)
+        row = train_one_epoch(
+            net,
+            Optimization(optimizer, scheduler, loss_weights),
+            data,
+            cfg,
+            epoch,
+            env,
+            feed=feed,
+            precision=precision,
+            show_progress=False,
+        )
         rates.append(row["train_images_per_s"])
-        print(f"  epoch {epoch + 1}: {row['train_images_per_s']:.0f} images/s (loss {row['train_loss']:.4f})")
+        print(
+            f"  epoch {epoch + 1}: {row['train_images_per_s']:.0f} images/s (loss {row['train_loss']:.4f})"
+        )
     return rates
 
 
@@ -123,9 +168,14 @@ def load_images(args):
     samples = discover_split(Path(args.data) / "train", "train")
     if args.limit:
         rng = np.random.default_rng(0)  # both classes, not the first folder only
-        samples = [samples[i] for i in sorted(rng.choice(len(samples), min(args.limit, len(samples)), replace=False))]
+        samples = [
+            samples[i]
+            for i in sorted(rng.choice(len(samples), min(args.limit, len(samples)), replace=False))
+        ]
     start = time.perf_counter()
-    data = decode_samples(samples, args.image_size, desc="decode", workers=max(2, os.cpu_count() or 2))
+    data = decode_samples(
+        samples, args.image_size, desc="decode", workers=max(2, os.cpu_count() or 2)
+    )
     return data, len(data.samples) / (time.perf_counter() - start)
 
 
@@ -150,35 +200,42 @@ def main(argv=None) -> int:
     data, decode_rate = load_images(args)
     steps_per_epoch = max(1, len(data.samples) // args.batch_size)
     cfg, net, optimizer, scheduler = make_training(args, device, steps_per_epoch)
-    print(f"{args.backbone} at {args.image_size}px, batch {args.batch_size}, {precision}, "
-          f"compile={args.compile}, on {device_name(device)}; {len(data.samples)} images "
-          f"decoded at {decode_rate:.0f} images/s")
+    print(
+        f"{args.backbone} at {args.image_size}px, batch {args.batch_size}, {precision}, "
+        f"compile={args.compile}, on {device_name(device)}; {len(data.samples)} images "
+        f"decoded at {decode_rate:.0f} images/s"
+    )
 
     step = model_step_rate(args, cfg, net, optimizer, scheduler, device, precision)
     print(f"model step (synthetic, on device): {step:.0f} images/s")
     rates = end_to_end_rates(args, cfg, net, optimizer, scheduler, data, device, precision)
     e2e = float(np.mean(rates[1:]))  # the first epoch warms up (cuDNN autotune, allocator)
     ratio = e2e / step
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peak = (
+        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    )
     print(f"end to end (real images, training loop): {e2e:.0f} images/s")
     print(f"ratio end-to-end / model step: {ratio:.1%}")
 
     if args.record:
         command = "python benchmarks/gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        record(args.record, [
-            f"### GPU benchmark, {dt.date.today().isoformat()}{' (smoke settings, not a result)' if args.smoke else ''}",
-            "",
-            f"- command: `{command.strip()}`",
-            f"- device: {device_name(device)}; torch {torch.__version__}",
-            f"- {args.backbone} at {args.image_size}px, batch {args.batch_size}, precision {precision}, "
-            f"compile {args.compile}, channels_last {device.type == 'cuda'}; "
-            f"{len(data.samples)} real train images, augment medium",
-            f"- model step (synthetic tensors on the device): **{step:.0f} images/s**",
-            f"- end to end (training loop on the real images, mean of epochs 2..{args.epochs}): "
-            f"**{e2e:.0f} images/s**",
-            f"- ratio end-to-end / model step: **{ratio:.1%}**; one-time decode {decode_rate:.0f} images/s"
-            + (f"; peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else ""),
-        ])
+        record(
+            args.record,
+            [
+                f"### GPU benchmark, {dt.date.today().isoformat()}{' (smoke settings, not a result)' if args.smoke else ''}",
+                "",
+                f"- command: `{command.strip()}`",
+                f"- device: {device_name(device)}; torch {torch.__version__}",
+                f"- {args.backbone} at {args.image_size}px, batch {args.batch_size}, precision {precision}, "
+                f"compile {args.compile}, channels_last {device.type == 'cuda'}; "
+                f"{len(data.samples)} real train images, augment medium",
+                f"- model step (synthetic tensors on the device): **{step:.0f} images/s**",
+                f"- end to end (training loop on the real images, mean of epochs 2..{args.epochs}): "
+                f"**{e2e:.0f} images/s**",
+                f"- ratio end-to-end / model step: **{ratio:.1%}**; one-time decode {decode_rate:.0f} images/s"
+                + (f"; peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else ""),
+            ],
+        )
         print(f"recorded in {args.record}")
     return 0
 

@@ -104,8 +104,11 @@ def run_predict(run: Path, args: list[str], repo: Path = REPO) -> dict:
 
 def case(name: str, n: int, result: dict) -> dict:
     result.update(case=name, films=n, films_per_s=round(n / result["wall_s"], 1))
-    print(f"  {name}: {result['wall_s']:.1f} s, {result['films_per_s']:.1f} films/s, "
-          f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+    print(
+        f"  {name}: {result['wall_s']:.1f} s, {result['films_per_s']:.1f} films/s, "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB",
+        flush=True,
+    )
     return result
 
 
@@ -123,7 +126,9 @@ def make_originals(films: list[Path], folder: Path, seed: int = 0) -> list[Path]
         width = int(rng.integers(1000, 2001))
         height = int(width * rng.uniform(0.8, 1.25))
         dest = folder / f"{f.stem}_{width}x{height}.jpeg"
-        Image.open(f).convert("L").resize((width, height), Image.Resampling.BICUBIC).save(dest, "JPEG", quality=92)
+        Image.open(f).convert("L").resize((width, height), Image.Resampling.BICUBIC).save(
+            dest, "JPEG", quality=92
+        )
         out.append(dest)
     return out
 
@@ -132,8 +137,8 @@ def breakdown(run: Path, films: list[Path], batch: int) -> dict:
     """Start-up, decode alone and model alone, in this process."""
     start = time.perf_counter()
     from pneumoscope.data.workers import decode_batch
-    from pneumoscope.inference import predict_class_probs
     from pneumoscope.deploy.scoring import load_scorer
+    from pneumoscope.inference import predict_class_probs
 
     scorer = load_scorer(run)  # the engine is cached by now
     startup = time.perf_counter() - start
@@ -142,16 +147,22 @@ def breakdown(run: Path, films: list[Path], batch: int) -> dict:
     _, images, _ = decode_batch([str(f) for f in films], size, False)
     decode = len(films) / (time.perf_counter() - start)
     rates = {}
-    for name, fn in (("onnxruntime", lambda x: scorer.predict_class_probs(x)),
-                     ("torch", lambda x: predict_class_probs(scorer.torch.model, x, batch_size=64))):
+    for name, fn in (
+        ("onnxruntime", lambda x: scorer.predict_class_probs(x)),
+        ("torch", lambda x: predict_class_probs(scorer.torch.model, x, batch_size=64)),
+    ):
         fn(images[:batch])  # warm-up
         start, done = time.perf_counter(), 0
         for s in range(0, len(images), batch):
             fn(images[s : s + batch])
             done += len(images[s : s + batch])
         rates[name] = round(done / (time.perf_counter() - start), 1)
-    return {"startup_s": round(startup, 2), "decode_films_per_s_1proc": round(decode, 1),
-            "model_films_per_s": rates, "engine": scorer.runtime}
+    return {
+        "startup_s": round(startup, 2),
+        "decode_films_per_s_1proc": round(decode, 1),
+        "model_films_per_s": rates,
+        "engine": scorer.runtime,
+    }
 
 
 def stream_case(run: Path, data: Path, n: int, tmp: Path, chunk: int = 1000) -> list[dict]:
@@ -166,18 +177,45 @@ def stream_case(run: Path, data: Path, n: int, tmp: Path, chunk: int = 1000) -> 
         link.symlink_to(source[i % len(source)])
         paths.append(link)
     whole = tmp / "whole.csv"
-    results = [case(f"stream {n} films, one run", n, run_predict(run, ["--files", str(list_file(tmp, paths, "all.txt")),
-                                                                     "--out", str(whole)]))]
+    results = [
+        case(
+            f"stream {n} films, one run",
+            n,
+            run_predict(
+                run, ["--files", str(list_file(tmp, paths, "all.txt")), "--out", str(whole)]
+            ),
+        )
+    ]
     parts, start = [], time.perf_counter()
     for k in range(0, n, chunk):
         part = tmp / f"part{k // chunk:03d}.csv"
-        run_predict(run, ["--files", str(list_file(tmp, paths[k : k + chunk], f"part{k}.txt")), "--out", str(part)])
+        run_predict(
+            run,
+            [
+                "--files",
+                str(list_file(tmp, paths[k : k + chunk], f"part{k}.txt")),
+                "--out",
+                str(part),
+            ],
+        )
         parts.append(part)
     wall = time.perf_counter() - start
-    joined = whole.read_text().splitlines()[:1] + [line for p in parts for line in p.read_text().splitlines()[1:]]
+    joined = whole.read_text().splitlines()[:1] + [
+        line for p in parts for line in p.read_text().splitlines()[1:]
+    ]
     same = joined == whole.read_text().splitlines()
-    print(f"  {len(parts)} runs of {chunk}: {wall:.1f} s; joined CSV equals the one run's: {same}", flush=True)
-    results.append({"case": f"{len(parts)} runs of {chunk}", "films": n, "wall_s": round(wall, 1), "same_csv": same})
+    print(
+        f"  {len(parts)} runs of {chunk}: {wall:.1f} s; joined CSV equals the one run's: {same}",
+        flush=True,
+    )
+    results.append(
+        {
+            "case": f"{len(parts)} runs of {chunk}",
+            "films": n,
+            "wall_s": round(wall, 1),
+            "same_csv": same,
+        }
+    )
     if not same:
         sys.exit("the streamed CSV differs from the joined runs' CSV")
     return results
@@ -186,24 +224,46 @@ def stream_case(run: Path, data: Path, n: int, tmp: Path, chunk: int = 1000) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder of 224 px JPEGs (searched recursively)")
+    ap.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="folder of 224 px JPEGs (searched recursively)"
+    )
     ap.add_argument("--films", type=int, default=624, help="224 px films of the end-to-end case")
-    ap.add_argument("--originals", type=int, default=80, help="simulated full-size originals (0: skip)")
-    ap.add_argument("--stream", type=int, default=20000, help="films of the streaming case (0: skip)")
-    ap.add_argument("--chunk", type=int, default=1000, help="films per run of the streaming case's separate runs")
-    ap.add_argument("--before-repo", help="another checkout whose `pneumoscope predict` is the 'before' row")
+    ap.add_argument(
+        "--originals", type=int, default=80, help="simulated full-size originals (0: skip)"
+    )
+    ap.add_argument(
+        "--stream", type=int, default=20000, help="films of the streaming case (0: skip)"
+    )
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=1000,
+        help="films per run of the streaming case's separate runs",
+    )
+    ap.add_argument(
+        "--before-repo", help="another checkout whose `pneumoscope predict` is the 'before' row"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
     run, data = Path(args.run_dir), Path(args.data)
     films = films_of(data, args.films)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
-          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}, python {platform.python_version()}, "
-          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    results = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                           "isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}, "cases": []}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}, "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}, python {platform.python_version()}, "
+        f"load average at start {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            "isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        },
+        "cases": [],
+    }
     with tempfile.TemporaryDirectory(prefix="predict_bench_") as tmp_name:
         tmp = Path(tmp_name)
         listing = str(list_file(tmp, films, "films.txt"))
@@ -212,21 +272,61 @@ def main() -> int:
         if args.before_repo:
             # the old CLI has no --files: the films as arguments
             before = [*map(str, films), "--out", str(tmp / "before.csv")]
-            cases.append(case("before (--before-repo)", len(films), run_predict(run, before, Path(args.before_repo))))
-        cases.append(case("--engine torch", len(films), run_predict(run, ["--files", listing, "--engine", "torch",
-                                                                          "--out", str(tmp / "torch.csv")])))
-        for stale in (run / "engine.onnx", run / "engine.onnx.json", run / "engine.int8.onnx",
-                      run / "engine.int8.onnx.json", run / "engine.int8.check.json"):
+            cases.append(
+                case(
+                    "before (--before-repo)",
+                    len(films),
+                    run_predict(run, before, Path(args.before_repo)),
+                )
+            )
+        cases.append(
+            case(
+                "--engine torch",
+                len(films),
+                run_predict(
+                    run, ["--files", listing, "--engine", "torch", "--out", str(tmp / "torch.csv")]
+                ),
+            )
+        )
+        for stale in (
+            run / "engine.onnx",
+            run / "engine.onnx.json",
+            run / "engine.int8.onnx",
+            run / "engine.int8.onnx.json",
+            run / "engine.int8.check.json",
+        ):
             stale.unlink(missing_ok=True)
-        cases.append(case("default, engine exported (cold)", len(films),
-                          run_predict(run, ["--files", listing, "--out", str(tmp / "cold.csv")])))
-        cases.append(case("default, engine cached", len(films),
-                          run_predict(run, ["--files", listing, "--out", str(tmp / "warm.csv")])))
-        cases.append(case("--int8 (fp32 where refused: see engine.int8.check.json)", len(films),
-                          run_predict(run, ["--files", listing, "--int8", "--out", str(tmp / "int8.csv")])))
+        cases.append(
+            case(
+                "default, engine exported (cold)",
+                len(films),
+                run_predict(run, ["--files", listing, "--out", str(tmp / "cold.csv")]),
+            )
+        )
+        cases.append(
+            case(
+                "default, engine cached",
+                len(films),
+                run_predict(run, ["--files", listing, "--out", str(tmp / "warm.csv")]),
+            )
+        )
+        cases.append(
+            case(
+                "--int8 (fp32 where refused: see engine.int8.check.json)",
+                len(films),
+                run_predict(run, ["--files", listing, "--int8", "--out", str(tmp / "int8.csv")]),
+            )
+        )
         cases[-1]["int8_check"] = json.loads((run / "engine.int8.check.json").read_text())
-        cases.append(case("default, engine cached, --workers 0", len(films),
-                          run_predict(run, ["--files", listing, "--workers", "0", "--out", str(tmp / "w0.csv")])))
+        cases.append(
+            case(
+                "default, engine cached, --workers 0",
+                len(films),
+                run_predict(
+                    run, ["--files", listing, "--workers", "0", "--out", str(tmp / "w0.csv")]
+                ),
+            )
+        )
         diff = max_diff(tmp / "torch.csv", tmp / "warm.csv")
         print(f"  max |p_onnxruntime - p_torch| over the CSVs: {diff:.2e}")
         results["max_abs_diff_vs_torch"] = diff
@@ -234,11 +334,21 @@ def main() -> int:
             folder = tmp / "originals"
             folder.mkdir()
             originals = make_originals(films[: args.originals], folder)
-            print(f"{len(originals)} simulated full-size originals (224 px films upsampled to 1,000-2,000 px, JPEG q92):")
-            for name, extra in (("default", []), ("--reduced-decode", ["--reduced-decode"]),
-                                ("--engine torch", ["--engine", "torch"])):
-                cases.append(case(f"originals, {name}", len(originals),
-                                  run_predict(run, [str(folder), "--out", str(tmp / "orig.csv"), *extra])))
+            print(
+                f"{len(originals)} simulated full-size originals (224 px films upsampled to 1,000-2,000 px, JPEG q92):"
+            )
+            for name, extra in (
+                ("default", []),
+                ("--reduced-decode", ["--reduced-decode"]),
+                ("--engine torch", ["--engine", "torch"]),
+            ):
+                cases.append(
+                    case(
+                        f"originals, {name}",
+                        len(originals),
+                        run_predict(run, [str(folder), "--out", str(tmp / "orig.csv"), *extra]),
+                    )
+                )
         print("where the time goes (in one process, engine cached):")
         results["breakdown"] = breakdown(run, films, args.batch_size)
         print("  " + json.dumps(results["breakdown"]))

@@ -63,13 +63,23 @@ def _per_image(fn):
 
 def _markers(*marks):
     """marks: (text, height as a fraction of the side, value, top, left[, plate])."""
+
     def apply(images):
         x = images_to_input(images)
         size = x.shape[-1]
         for img in x:
             for text, height, value, top, left, *plate in marks:
-                paste_marker(img, text, round(height * size), value, top, left, plate=plate[0] if plate else None)
+                paste_marker(
+                    img,
+                    text,
+                    round(height * size),
+                    value,
+                    top,
+                    left,
+                    plate=plate[0] if plate else None,
+                )
         return (x * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
     return apply
 
 
@@ -79,14 +89,17 @@ def _ring(width: float, value: int):
         w = round(width * images.shape[-1])
         out[:, :w], out[:, -w:], out[:, :, :w], out[:, :, -w:] = value, value, value, value
         return out
+
     return apply
 
 
 def _crop_ring(width: float):
     """Crop the border ring away and stretch what is left back to the square."""
+
     def one(img):
         w = round(width * img.shape[-1])
         return resize_to_model(img[w:-w, w:-w], img.shape[-1])
+
     return _per_image(one)
 
 
@@ -94,7 +107,9 @@ SHORTCUT = {
     "marker-R-corner": _markers(("R", 0.10, 1.0, 0.02, 0.02)),
     "marker-L-corner": _markers(("L", 0.10, 1.0, 0.02, 0.98)),
     "marker-R-large-plate": _markers(("R", 0.16, 0.0, 0.03, 0.03, 1.0)),
-    "labels-R-AP-SUPINE": _markers(("R", 0.09, 0.95, 0.05, 0.03), ("AP SUPINE", 0.05, 0.9, 0.97, 0.5)),
+    "labels-R-AP-SUPINE": _markers(
+        ("R", 0.09, 0.95, 0.05, 0.03), ("AP SUPINE", 0.05, 0.9, 0.97, 0.5)
+    ),
     "blank-ring8-black": _ring(0.08, 0),
     "crop-ring8": _crop_ring(0.08),
 }
@@ -109,6 +124,7 @@ def _jpeg(quality: int):
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
         return Image.open(io.BytesIO(buf.getvalue()))
+
     return _pil_roundtrip(one)
 
 
@@ -116,14 +132,22 @@ def _down_up(factor: float, down: int, up: int = Image.Resampling.BILINEAR):
     def one(im: Image.Image) -> Image.Image:
         small = im.resize((round(im.width * factor), round(im.height * factor)), down)
         return small.resize(im.size, up)
+
     return _pil_roundtrip(one)
 
 
 def _original(factor: int):
     """A full-size "original" (upsampled with Lanczos), then the decode contract's resize."""
-    return _per_image(lambda img: resize_to_model(
-        np.asarray(Image.fromarray(img).resize((img.shape[1] * factor, img.shape[0] * factor),
-                                               Image.Resampling.LANCZOS)), img.shape[-1]))
+    return _per_image(
+        lambda img: resize_to_model(
+            np.asarray(
+                Image.fromarray(img).resize(
+                    (img.shape[1] * factor, img.shape[0] * factor), Image.Resampling.LANCZOS
+                )
+            ),
+            img.shape[-1],
+        )
+    )
 
 
 R = Image.Resampling
@@ -136,19 +160,32 @@ RESAMPLING = {
 
 def _stress(name):
     shift = STRESS[name]
-    return lambda images: (shift(images_to_input(images)) * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    return lambda images: (
+        (shift(images_to_input(images)) * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    )
 
 
 STRESS_NAMES = ("zoom0.7", "gamma2.0", "aspect1.25")  # of recipe_sweep's HARD
-SUITES = {"shortcut": SHORTCUT, "stress": {n: _stress(n) for n in STRESS_NAMES}, "resampling": RESAMPLING}
+SUITES = {
+    "shortcut": SHORTCUT,
+    "stress": {n: _stress(n) for n in STRESS_NAMES},
+    "resampling": RESAMPLING,
+}
 
 # ----------------------------------------------------------------------------- scoring
 
 
 def suite_probs(model, k: int, data, name: str, shift, precision: str) -> np.ndarray:
     """p(pneumonia) of the run's model on shifted copies of the images (trunk part cached)."""
-    return cached_trunk_probs(model, k, data, {"shift_suite": name, "version": SUITE_VERSION},
-                              lambda: shift(data.images), precision=precision, desc=name)
+    return cached_trunk_probs(
+        model,
+        k,
+        data,
+        {"shift_suite": name, "version": SUITE_VERSION},
+        lambda: shift(data.images),
+        precision=precision,
+        desc=name,
+    )
 
 
 def _at(y, p, t) -> dict:
@@ -168,7 +205,9 @@ def suite_images(manifest: Path, size: int, max_images: int, seed: int = 0):
     normal = rng.choice(normal, min(len(normal), max_images // 2), replace=False)
     pneumonia = rng.choice(np.flatnonzero(y == 1), max_images - len(normal), replace=False)
     keep = np.sort(np.concatenate([normal, pneumonia]))
-    return DecodedSet(data.images[keep], [data.samples[i] for i in keep], [], [data.keys[i] for i in keep])
+    return DecodedSet(
+        data.images[keep], [data.samples[i] for i in keep], [], [data.keys[i] for i in keep]
+    )
 
 
 def all_probs(model, k: int, data, suites: list[str], precision: str) -> dict[str, np.ndarray]:
@@ -191,27 +230,41 @@ def score_run(run: Path, suites: list[str], max_images: int) -> dict:
     probs = all_probs(model, k, data, suites, precision)
     clean = probs.pop("clean")
     rules = choose_thresholds(y, clean)["rules"]
-    out = {"run": str(run), "n_val": int(len(y)), "n_normal": int((y == 0).sum()), "precision": precision,
-           "clean": {"auc": ranking_metrics(y, clean)["roc_auc"], "rules": {r: {"threshold": t, **_at(y, clean, t)}
-                                                                            for r, t in rules.items()}},
-           "shifts": {}}
+    out = {
+        "run": str(run),
+        "n_val": int(len(y)),
+        "n_normal": int((y == 0).sum()),
+        "precision": precision,
+        "clean": {
+            "auc": ranking_metrics(y, clean)["roc_auc"],
+            "rules": {r: {"threshold": t, **_at(y, clean, t)} for r, t in rules.items()},
+        },
+        "shifts": {},
+    }
     for name, q in probs.items():
         suite = next(s for s in suites if name in SUITES[s])
-        out["shifts"][name] = {"suite": suite, "auc": ranking_metrics(y, q)["roc_auc"],
-                               "mean_abs_dp": float(np.abs(q - clean).mean()),
-                               "max_abs_dp": float(np.abs(q - clean).max()),
-                               "rules": {r: _at(y, q, t) for r, t in rules.items()}}
+        out["shifts"][name] = {
+            "suite": suite,
+            "auc": ranking_metrics(y, q)["roc_auc"],
+            "mean_abs_dp": float(np.abs(q - clean).mean()),
+            "max_abs_dp": float(np.abs(q - clean).max()),
+            "rules": {r: _at(y, q, t) for r, t in rules.items()},
+        }
     return out
 
 
-def warm(manifest: Path, backbone: str, trainable_stages: int, size: int, suites, max_images: int) -> None:
+def warm(
+    manifest: Path, backbone: str, trainable_stages: int, size: int, suites, max_images: int
+) -> None:
     """Compute the trunk part of every shift before any run is trained: it depends on the
     ImageNet trunk and the validation images only (the runs' frozen stages are those weights)."""
     from pneumoscope.models import build_model
 
     model = build_model(backbone, "imagenet").eval()
     data = suite_images(manifest, size, max_images)
-    all_probs(model, model.n_stages - trainable_stages, data, suites, resolve_precision("auto", "cpu"))
+    all_probs(
+        model, model.n_stages - trainable_stages, data, suites, resolve_precision("auto", "cpu")
+    )
 
 
 def summarise(result: dict) -> dict:
@@ -220,21 +273,30 @@ def summarise(result: dict) -> dict:
     shifts = result["shifts"]
     for suite in sorted({s["suite"] for s in shifts.values()}):
         members = [s for s in shifts.values() if s["suite"] == suite]
-        row = {"auc": float(np.mean([s["auc"] for s in members])),
-               "auc_min": float(np.min([s["auc"] for s in members])),
-               "mean_abs_dp": float(np.mean([s["mean_abs_dp"] for s in members])), "rules": {}}
+        row = {
+            "auc": float(np.mean([s["auc"] for s in members])),
+            "auc_min": float(np.min([s["auc"] for s in members])),
+            "mean_abs_dp": float(np.mean([s["mean_abs_dp"] for s in members])),
+            "rules": {},
+        }
         for rule, clean in result["clean"]["rules"].items():
             sens = [s["rules"][rule]["sens"] for s in members]
             spec = [s["rules"][rule]["spec"] for s in members]
-            row["rules"][rule] = {"sens": float(np.mean(sens)), "spec": float(np.mean(spec)),
-                                  "sens_min": float(np.min(sens)), "spec_min": float(np.min(spec)),
-                                  "move_sens": float(np.mean(np.abs(np.array(sens) - clean["sens"]))),
-                                  "move_spec": float(np.mean(np.abs(np.array(spec) - clean["spec"])))}
+            row["rules"][rule] = {
+                "sens": float(np.mean(sens)),
+                "spec": float(np.mean(spec)),
+                "sens_min": float(np.min(sens)),
+                "spec_min": float(np.min(spec)),
+                "move_sens": float(np.mean(np.abs(np.array(sens) - clean["sens"]))),
+                "move_spec": float(np.mean(np.abs(np.array(spec) - clean["spec"]))),
+            }
         out[suite] = row
     return out
 
 
-MIN_SENSITIVITY = 0.97  # issue 11's sensitivity target: a default rule must keep it under the shifts
+MIN_SENSITIVITY = (
+    0.97  # issue 11's sensitivity target: a default rule must keep it under the shifts
+)
 
 
 def rule_movement(result: dict) -> dict:
@@ -244,8 +306,13 @@ def rule_movement(result: dict) -> dict:
     for rule, clean in result["clean"]["rules"].items():
         sens = np.array([s["rules"][rule]["sens"] for s in result["shifts"].values()])
         spec = np.array([s["rules"][rule]["spec"] for s in result["shifts"].values()])
-        out[rule] = {"sens": float(sens.mean()), "spec": float(spec.mean()),
-                     "move": float(np.abs(sens - clean["sens"]).mean() + np.abs(spec - clean["spec"]).mean())}
+        out[rule] = {
+            "sens": float(sens.mean()),
+            "spec": float(spec.mean()),
+            "move": float(
+                np.abs(sens - clean["sens"]).mean() + np.abs(spec - clean["spec"]).mean()
+            ),
+        }
     return out
 
 
@@ -260,26 +327,43 @@ def robust_rule(result: dict) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| run | suite | AUC mean (min) | mean \\|Δp\\| | rule | clean sens / spec | shifted sens / spec "
-             "(min) | mean \\|Δsens\\| / \\|Δspec\\| |", "|" + "---|" * 8]
+    lines = [
+        "| run | suite | AUC mean (min) | mean \\|Δp\\| | rule | clean sens / spec | shifted sens / spec "
+        "(min) | mean \\|Δsens\\| / \\|Δspec\\| |",
+        "|" + "---|" * 8,
+    ]
     for r in results:
         name = Path(r["run"]).name
         for suite, row in summarise(r).items():
             for rule, m in row["rules"].items():
                 c = r["clean"]["rules"][rule]
-                lines.append(f"| {name} | {suite} | {row['auc']:.4f} ({row['auc_min']:.4f}) | {row['mean_abs_dp']:.4f} "
-                             f"| {rule} | {c['sens']:.3f} / {c['spec']:.3f} | {m['sens']:.3f} / {m['spec']:.3f} "
-                             f"({m['sens_min']:.3f} / {m['spec_min']:.3f}) | {m['move_sens']:.3f} / {m['move_spec']:.3f} |")
-    lines += ["", "| run | rule | all shifts: sens / spec | mean \\|Δsens\\| + \\|Δspec\\| |", "|---|---|---|---|"]
+                lines.append(
+                    f"| {name} | {suite} | {row['auc']:.4f} ({row['auc_min']:.4f}) | {row['mean_abs_dp']:.4f} "
+                    f"| {rule} | {c['sens']:.3f} / {c['spec']:.3f} | {m['sens']:.3f} / {m['spec']:.3f} "
+                    f"({m['sens_min']:.3f} / {m['spec_min']:.3f}) | {m['move_sens']:.3f} / {m['move_spec']:.3f} |"
+                )
+    lines += [
+        "",
+        "| run | rule | all shifts: sens / spec | mean \\|Δsens\\| + \\|Δspec\\| |",
+        "|---|---|---|---|",
+    ]
     for r in results:
         for rule, m in rule_movement(r).items():
-            lines.append(f"| {Path(r['run']).name} | {rule} | {m['sens']:.3f} / {m['spec']:.3f} | {m['move']:.3f} |")
+            lines.append(
+                f"| {Path(r['run']).name} | {rule} | {m['sens']:.3f} / {m['spec']:.3f} | {m['move']:.3f} |"
+            )
         lines.append(f"| {Path(r['run']).name} | **robust rule: {robust_rule(r)}** | | |")
-    lines += ["", "| run | shift | suite | AUC | mean \\|Δp\\| | max \\|Δp\\| |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| run | shift | suite | AUC | mean \\|Δp\\| | max \\|Δp\\| |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         for name, sh in r["shifts"].items():
-            lines.append(f"| {Path(r['run']).name} | {name} | {sh['suite']} | {sh['auc']:.4f} | {sh['mean_abs_dp']:.4f} "
-                         f"| {sh['max_abs_dp']:.3f} |")
+            lines.append(
+                f"| {Path(r['run']).name} | {name} | {sh['suite']} | {sh['auc']:.4f} | {sh['mean_abs_dp']:.4f} "
+                f"| {sh['max_abs_dp']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -287,27 +371,53 @@ def summary_table(results: list[dict], rule: str = "sensitivity99") -> str:
     """One row per run: clean AUC, each suite's AUC mean (min) and mean |Δp|, and at `rule`
     (each run's own threshold) the sensitivity / specificity over every shift and the move."""
     suites = sorted({s["suite"] for r in results for s in r["shifts"].values()})
-    lines = ["| run | clean AUC | " + " | ".join(f"{s} AUC mean (min) / mean \\|Δp\\|" for s in suites)
-             + f" | all shifts at {rule}: sens / spec, move |", "|" + "---|" * (len(suites) + 3)]
+    lines = [
+        "| run | clean AUC | "
+        + " | ".join(f"{s} AUC mean (min) / mean \\|Δp\\|" for s in suites)
+        + f" | all shifts at {rule}: sens / spec, move |",
+        "|" + "---|" * (len(suites) + 3),
+    ]
     for r in results:
         rows, move = summarise(r), rule_movement(r)[rule]
-        cells = [f"{rows[s]['auc']:.4f} ({rows[s]['auc_min']:.4f}) / {rows[s]['mean_abs_dp']:.3f}" for s in suites]
-        lines.append(f"| {Path(r['run']).name} | {r['clean']['auc']:.4f} | " + " | ".join(cells)
-                     + f" | {move['sens']:.3f} / {move['spec']:.3f}, {move['move']:.3f} |")
+        cells = [
+            f"{rows[s]['auc']:.4f} ({rows[s]['auc_min']:.4f}) / {rows[s]['mean_abs_dp']:.3f}"
+            for s in suites
+        ]
+        lines.append(
+            f"| {Path(r['run']).name} | {r['clean']['auc']:.4f} | "
+            + " | ".join(cells)
+            + f" | {move['sens']:.3f} / {move['spec']:.3f}, {move['move']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--suites", default="shortcut,stress,resampling")
-    ap.add_argument("--out", default="benchmarks/shift_results.jsonl", help="one JSON line per run is appended")
-    ap.add_argument("--table", action="store_true", help="print the Markdown table of --out's runs and exit")
-    ap.add_argument("--summary", action="store_true", help="print one row per run of --out's runs and exit")
-    ap.add_argument("--max-images", type=int, default=400,
-                    help="a seeded subsample of the validation part (half normal at most; 0: all of it)")
-    ap.add_argument("--warm", action="store_true", help="RUNS are manifest.csv files: only fill the activation "
-                    "cache for an ImageNet efficientnet_lite0 trunk (--trainable-stages 2, 224 px)")
+    ap.add_argument(
+        "--out", default="benchmarks/shift_results.jsonl", help="one JSON line per run is appended"
+    )
+    ap.add_argument(
+        "--table", action="store_true", help="print the Markdown table of --out's runs and exit"
+    )
+    ap.add_argument(
+        "--summary", action="store_true", help="print one row per run of --out's runs and exit"
+    )
+    ap.add_argument(
+        "--max-images",
+        type=int,
+        default=400,
+        help="a seeded subsample of the validation part (half normal at most; 0: all of it)",
+    )
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="RUNS are manifest.csv files: only fill the activation "
+        "cache for an ImageNet efficientnet_lite0 trunk (--trainable-stages 2, 224 px)",
+    )
     args = ap.parse_args(argv)
     if args.warm:
         for manifest in args.runs:

@@ -38,15 +38,36 @@ def run_unless_finished(run: Path, cmd: list[str]) -> dict:
 
 def train_seed(data: str, out: Path, seed: int, extra: list[str]) -> dict:
     run = out / f"seed{seed}"
-    return run_unless_finished(run, [sys.executable, "-m", "pneumoscope", "-q", "train", "--data", data,
-                                     "--out", str(run), "--task", THREE_CLASS, "--seed", str(seed),
-                                     "--split-seed", "0", "--cache-dir", str(out / "cache"), *extra])
+    return run_unless_finished(
+        run,
+        [
+            sys.executable,
+            "-m",
+            "pneumoscope",
+            "-q",
+            "train",
+            "--data",
+            data,
+            "--out",
+            str(run),
+            "--task",
+            THREE_CLASS,
+            "--seed",
+            str(seed),
+            "--split-seed",
+            "0",
+            "--cache-dir",
+            str(out / "cache"),
+            *extra,
+        ],
+    )
 
 
 def ensemble(out: Path, runs: list[str]) -> dict:
     run = out / "ensemble"
-    return run_unless_finished(run, [sys.executable, "-m", "pneumoscope", "-q", "ensemble", *runs,
-                                     "--out", str(run)])
+    return run_unless_finished(
+        run, [sys.executable, "-m", "pneumoscope", "-q", "ensemble", *runs, "--out", str(run)]
+    )
 
 
 def best_epoch(run: Path) -> str:
@@ -55,26 +76,45 @@ def best_epoch(run: Path) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| run | wall time | best epoch | bacterial vs viral ROC AUC | bacterial vs viral accuracy | "
-             "3-class accuracy | macro ROC AUC | pneumonia vs normal ROC AUC | specificity |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | wall time | best epoch | bacterial vs viral ROC AUC | bacterial vs viral accuracy | "
+        "3-class accuracy | macro ROC AUC | pneumonia vs normal ROC AUC | specificity |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         m = r["metrics"]
         wall = f"{r['wall_s']:.0f} s" if "wall_s" in r else "-"
         epoch = best_epoch(Path(r["run"])) if name != "ensemble" else "-"
-        lines.append("| " + " | ".join([
-            name, wall, epoch, ci(m["bacterial_vs_viral"], "roc_auc"), ci(m["bacterial_vs_viral"], "accuracy"),
-            ci(m, "accuracy"), ci(m, "macro_roc_auc"), ci(m["binary"], "roc_auc"), ci(m["binary"], "specificity"),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    wall,
+                    epoch,
+                    ci(m["bacterial_vs_viral"], "roc_auc"),
+                    ci(m["bacterial_vs_viral"], "accuracy"),
+                    ci(m, "accuracy"),
+                    ci(m, "macro_roc_auc"),
+                    ci(m["binary"], "roc_auc"),
+                    ci(m["binary"], "specificity"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
-    parser.add_argument("train_options", nargs="*", help="extra `pneumoscope train` options, after --")
+    parser.add_argument(
+        "train_options", nargs="*", help="extra `pneumoscope train` options, after --"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +123,12 @@ def main() -> None:
         results["ensemble"] = ensemble(out, [r["run"] for r in results.values()])
     for r in results.values():
         r["metrics"] = score(Path(r["run"]), THREE_CLASS)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "train_options": args.train_options}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "train_options": args.train_options,
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(json.dumps(meta))
     print(table(results))

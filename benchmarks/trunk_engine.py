@@ -26,15 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pneumoscope.data.cache import decode_samples  # noqa: E402
 from pneumoscope.data.discover import discover_split  # noqa: E402
 from pneumoscope.models import build_model  # noqa: E402
+from pneumoscope.models.precision import native_bf16  # noqa: E402
 from pneumoscope.training.recipes import RECIPES  # noqa: E402
 from pneumoscope.training.trunk import TRUNK_BATCH, FrozenTrunk, trunk_activations  # noqa: E402
-from pneumoscope.models.precision import native_bf16  # noqa: E402
 from pneumoscope.training.trunk_engine import build_engine  # noqa: E402
 
 
 def timed_pass(trunk, images, engine, precision: str = "fp32") -> tuple[float, np.ndarray]:
-    kw = dict(augment=None, gen=None, precision=precision, device=torch.device("cpu"), show_progress=False,
-              engine=engine)
+    kw = dict(
+        augment=None,
+        gen=None,
+        precision=precision,
+        device=torch.device("cpu"),
+        show_progress=False,
+        engine=engine,
+    )
     trunk_activations(trunk, images[:TRUNK_BATCH], **kw)  # warm-up
     started = time.perf_counter()
     out = trunk_activations(trunk, images, **kw)
@@ -42,7 +48,9 @@ def timed_pass(trunk, images, engine, precision: str = "fp32") -> tuple[float, n
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", required=True, help="a Kermany root (its train/ is read)")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--backbone", default="efficientnet_lite0")
@@ -64,15 +72,19 @@ def main(argv=None) -> int:
     for name, engine, precision in engines:
         runs = [timed_pass(trunk, images, engine, precision) for _ in range(args.repeats)]
         results[name] = (min(s for s, _ in runs), runs[0][1])
-    print(f"{len(images)} images, {args.backbone} stages[:{model.n_stages - args.trainable_stages}], {args.size} px, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
-          f"{platform.processor() or platform.machine()}; onnxruntime export + check {export_s:.1f} s")
-    print("| engine | best of %d: s | images/s |" % args.repeats)
+    print(
+        f"{len(images)} images, {args.backbone} stages[:{model.n_stages - args.trainable_stages}], {args.size} px, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}), "
+        f"{platform.processor() or platform.machine()}; onnxruntime export + check {export_s:.1f} s"
+    )
+    print(f"| engine | best of {args.repeats}: s | images/s |")
     print("|---|---:|---:|")
     for name, (seconds, _) in results.items():
         print(f"| {name} | {seconds:.1f} | {len(images) / seconds:.1f} |")
     a, b = (results[n][1].astype(np.float32) for n in ("torch", "onnxruntime"))
-    print(f"max |torch - onnxruntime| / max |torch| = {np.abs(a - b).max() / np.abs(a).max():.2e} (float16 storage)")
+    print(
+        f"max |torch - onnxruntime| / max |torch| = {np.abs(a - b).max() / np.abs(a).max():.2e} (float16 storage)"
+    )
     return 0
 
 

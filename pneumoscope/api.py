@@ -19,19 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.commands import predict_sources
-from pneumoscope.inference import decode_sources
+from pneumoscope.data.cache import report_failures
 from pneumoscope.data.sources import expand_paths
 from pneumoscope.deploy.scoring import load_predictor
-from pneumoscope.data.cache import report_failures
 from pneumoscope.errors import OptionError
+from pneumoscope.inference import decode_sources
 
 
 class Model:
     """A trained run, loaded once. threshold_rule: youden, sensitivity95, site (after
     calibrate) or None for the run's default."""
 
-    def __init__(self, run_dir: str | Path, onnx: str | Path | None = None,
-                 threshold_rule: str | None = None, device: str | None = None, engine: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        onnx: str | Path | None = None,
+        threshold_rule: str | None = None,
+        device: str | None = None,
+        engine: str | None = None,
+    ):
         from pneumoscope.deploy.scoring import load_scorer
 
         self.run_dir = Path(run_dir)
@@ -52,7 +58,9 @@ class Model:
         images: paths (folders are searched),
         uint8 arrays (H, W) or (H, W, 3), or a mix; one path or array alone is fine too.
         Unreadable files are named in a warning and skipped (an error with strict)."""
-        return predict_sources(self.predictor, _sources(images), self.threshold_rule, strict, show_progress)
+        return predict_sources(
+            self.predictor, _sources(images), self.threshold_rule, strict, show_progress
+        )
 
     def explain(self, image, alpha: float = 0.4) -> np.ndarray:
         """The Grad-CAM overlay of one image (path or uint8 array) as `pneumoscope explain`
@@ -63,10 +71,14 @@ class Model:
             self._torch = load_predictor(self.run_dir, device=self.device)
         sources = _sources(image)
         if len(sources) != 1:
-            raise OptionError(f"explain takes one image, got {len(sources)} (call it once per image)")
+            raise OptionError(
+                f"explain takes one image, got {len(sources)} (call it once per image)"
+            )
         _, loaded, failures = decode_sources(self._torch, sources)
         report_failures(failures, strict=True)
-        return overlay_heatmap(loaded[0], gradcam_heatmap(self._torch.model, loaded[0]), alpha=alpha)
+        return overlay_heatmap(
+            loaded[0], gradcam_heatmap(self._torch.model, loaded[0]), alpha=alpha
+        )
 
 
 def _sources(images) -> list:
@@ -74,45 +86,68 @@ def _sources(images) -> list:
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
-        images = [images]  # one image, whatever its channels (the decode refuses what it cannot read)
+        images = [
+            images
+        ]  # one image, whatever its channels (the decode refuses what it cannot read)
     out = []
     for item in images:
         out += [item] if isinstance(item, np.ndarray) else expand_paths([item])
     return out
 
 
-def load(run_dir: str | Path, onnx: str | Path | None = None, *, threshold_rule: str | None = None,
-         device: str | None = None, engine: str | None = None) -> Model:
+def load(
+    run_dir: str | Path,
+    onnx: str | Path | None = None,
+    *,
+    threshold_rule: str | None = None,
+    device: str | None = None,
+    engine: str | None = None,
+) -> Model:
     """The run in RUN_DIR (written by train) on predict's engine (engine: auto, onnxruntime
     or torch; pneumoscope.deploy.scoring) or, with onnx, that export run by onnxruntime; device:
     cpu, cuda, cuda:N (default cuda when available)."""
     return Model(run_dir, onnx, threshold_rule, device, engine)
 
 
-def train(data: str | Path | None = None, out: str | Path | None = None, *, config: str | Path | None = None,
-          resume: bool = False, overwrite: bool = False, show_progress: bool = True, **options) -> Path:
+def train(
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    config: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    **options,
+) -> Path:
     """Train a run as `pneumoscope train` does; returns RUN_DIR.
 
     options: TrainConfig's fields (epochs=8, backbone="efficientnet_lite0", log="tensorboard",
     ...). config: a JSON or YAML file of options (a run's config.json replays it); data,
     out and options given here override it. resume / overwrite: as --resume / --overwrite."""
+    from pneumoscope.report.trackers import open_trackers
     from pneumoscope.training.config import TrainConfig
     from pneumoscope.training.loop import fit
     from pneumoscope.training.options import checked_options, merge_options
-    from pneumoscope.report.trackers import open_trackers
 
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise OptionError(f"train: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise OptionError(
+            f"train: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
     given = {**options, **{k: str(v) for k, v in (("data", data), ("out", out)) if v is not None}}
     given = checked_options(given, "pneumoscope.train")  # the CLI's types and choices
     cfg = TrainConfig(**merge_options(config, given))
     main = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes and logs
     trackers = open_trackers(cfg, enabled=main)  # they write nothing before the first epoch
     try:
-        summary = fit(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress,
-                               on_epoch=trackers.log_epoch)
+        summary = fit(
+            cfg,
+            resume=resume,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            on_epoch=trackers.log_epoch,
+        )
         if summary is not None and main:
             from pneumoscope.report.model_card import update_model_card
 

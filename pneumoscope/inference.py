@@ -18,10 +18,10 @@ from pneumoscope.data.decode import ImageDecodeError, load_image
 from pneumoscope.data.sources import array_png
 from pneumoscope.errors import OptionError
 from pneumoscope.models import build_model
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.precision import autocast, resolve_precision
 from pneumoscope.rundir import THRESHOLD, RunDir, RunDirError, load_model_weights
 from pneumoscope.tasks import bv_threshold_of, n_classes, p_pneumonia, task_of
-from pneumoscope.models.classifier import images_to_input
 
 
 def inference_precision(device: str | torch.device) -> str:
@@ -38,8 +38,12 @@ def inference_precision(device: str | torch.device) -> str:
 
 @torch.inference_mode()
 def predict_class_probs(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
-    device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+    desc: str = "predict",
     precision: str | None = None,
 ) -> np.ndarray:
     """Class probabilities (N, C) (softmax of the head) for a uint8 image array (N,S,S), in
@@ -62,14 +66,20 @@ def predict_class_probs(
 
 
 def predict_probs(
-    model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
-    device: str | torch.device = "cpu", show_progress: bool = False, desc: str = "predict",
+    model: torch.nn.Module,
+    images: np.ndarray,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+    desc: str = "predict",
     precision: str | None = None,
 ) -> np.ndarray:
     """p(pneumonia) for a uint8 image array (N,S,S): softmax column 1 of a binary model,
     p(bacterial) + p(viral) of a three-class one (pneumoscope.tasks.p_pneumonia); the
     arguments as predict_class_probs."""
-    return p_pneumonia(predict_class_probs(model, images, batch_size, device, show_progress, desc, precision))
+    return p_pneumonia(
+        predict_class_probs(model, images, batch_size, device, show_progress, desc, precision)
+    )
 
 
 def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
@@ -80,19 +90,32 @@ def load_trained_model(run: RunDir, config: dict) -> torch.nn.Module:
     if config.get("kind") == "ensemble":
         from pneumoscope.models.ensemble import Ensemble
 
-        members = [build_model(m["backbone"], weights="none", dropout=m.get("dropout", 0.0), n_classes=classes)
-                   for m in config["members"]]
-        model, what = Ensemble(members, config["tta"]["views"], int(config["image_size"])), "ensemble"
+        members = [
+            build_model(
+                m["backbone"], weights="none", dropout=m.get("dropout", 0.0), n_classes=classes
+            )
+            for m in config["members"]
+        ]
+        model, what = (
+            Ensemble(members, config["tta"]["views"], int(config["image_size"])),
+            "ensemble",
+        )
     else:
-        model = build_model(config["backbone"], weights="none", dropout=config.get("dropout", 0.0),
-                            n_classes=classes)
+        model = build_model(
+            config["backbone"],
+            weights="none",
+            dropout=config.get("dropout", 0.0),
+            n_classes=classes,
+        )
         what = f"{config['backbone']} model"
     path = run.best_model_path()
     try:
         model.load_state_dict(load_model_weights(path), strict=True)
     except RuntimeError as err:  # wrong keys or shapes: a file from another model
         first = str(err).strip().splitlines()[:3]
-        raise RunDirError(f"{path}: does not fit the {what} of config.json: " + " ".join(first)) from err
+        raise RunDirError(
+            f"{path}: does not fit the {what} of config.json: " + " ".join(first)
+        ) from err
     return model.eval()
 
 
@@ -115,8 +138,10 @@ class OperatingPoint:
         rules = self.thresholds["rules"]
         if rule not in rules:
             hint = " (`pneumoscope calibrate` adds the site rule)" if rule == "site" else ""
-            raise OptionError(f"threshold rule {rule!r} is not in this run's threshold.json; "
-                              f"it has: {', '.join(sorted(rules))}{hint}")
+            raise OptionError(
+                f"threshold rule {rule!r} is not in this run's threshold.json; "
+                f"it has: {', '.join(sorted(rules))}{hint}"
+            )
         return float(rules[rule])
 
     def load(self, source, name: str | None = None) -> np.ndarray:
@@ -134,16 +159,21 @@ class Predictor(OperatingPoint):
     runtime = "torch"  # what scores (pneumoscope.deploy.scoring names the engine in use)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str | None = None,
-                 precision: str | None = None) -> "Predictor":
+    def from_run(
+        cls, run_dir: str | Path, device: str | None = None, precision: str | None = None
+    ) -> Predictor:
         run = RunDir(run_dir)
         config = run.read_config()
         thresholds = run.read_threshold()
-        bv_threshold_of(thresholds, task_of(config), run / THRESHOLD)  # a three-class run's: refused when missing
+        bv_threshold_of(
+            thresholds, task_of(config), run / THRESHOLD
+        )  # a three-class run's: refused when missing
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # channels_last weights: the convolutions' fastest layout (no reorder per call)
         model = load_trained_model(run, config).to(dev).to(memory_format=torch.channels_last)
-        return cls(model=model, config=config, thresholds=thresholds, device=dev, precision=precision)
+        return cls(
+            model=model, config=config, thresholds=thresholds, device=dev, precision=precision
+        )
 
     @property
     def image_size(self) -> int:
@@ -155,16 +185,28 @@ class Predictor(OperatingPoint):
 
     def predict_class_probs(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
         """(N, C) class probabilities (C = 3 for a three-class run)."""
-        return predict_class_probs(self.model, images, device=self.device, show_progress=show_progress,
-                                   precision=self.precision)
+        return predict_class_probs(
+            self.model,
+            images,
+            device=self.device,
+            show_progress=show_progress,
+            precision=self.precision,
+        )
 
     def predict_images(self, images: np.ndarray, show_progress: bool = False) -> np.ndarray:
         """p(pneumonia) of every image (both tasks)."""
-        return predict_probs(self.model, images, device=self.device, show_progress=show_progress,
-                             precision=self.precision)
+        return predict_probs(
+            self.model,
+            images,
+            device=self.device,
+            show_progress=show_progress,
+            precision=self.precision,
+        )
 
 
-def decode_sources(predictor, sources: list) -> tuple[list, list[np.ndarray], list[tuple[str, str]]]:
+def decode_sources(
+    predictor, sources: list
+) -> tuple[list, list[np.ndarray], list[tuple[str, str]]]:
     """(kept sources, their model-size images, failures) of image paths or uint8 arrays
     (an array goes through the same decode as a file, as a lossless PNG)."""
     kept, images, failures = [], [], []
@@ -176,6 +218,10 @@ def decode_sources(predictor, sources: list) -> tuple[list, list[np.ndarray], li
                 images.append(predictor.load(source))
             kept.append(source)
         except (ImageDecodeError, OSError) as err:
-            failures.append((str(source) if not isinstance(source, np.ndarray) else "array",
-                             getattr(err, "problem", None) or str(err)))
+            failures.append(
+                (
+                    str(source) if not isinstance(source, np.ndarray) else "array",
+                    getattr(err, "problem", None) or str(err),
+                )
+            )
     return kept, images, failures

@@ -104,15 +104,21 @@ def load_training_state(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise RunDirError(f"{path}: refused to load: it holds Python objects other than tensors, "
-                          f"not run{_refused_global(err)}") from err
+        raise RunDirError(
+            f"{path}: refused to load: it holds Python objects other than tensors, "
+            f"not run{_refused_global(err)}"
+        ) from err
     except Exception as err:  # a truncated or foreign file (writes are atomic: not ours)
-        raise RunDirError(f"{path}: cannot resume from an unreadable checkpoint ({_first_line(err)}); "
-                          "delete it to start the run over") from err
+        raise RunDirError(
+            f"{path}: cannot resume from an unreadable checkpoint ({_first_line(err)}); "
+            "delete it to start the run over"
+        ) from err
     missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise RunDirError(f"{path}: not a pneumoscope training state (no {', '.join(missing)}); "
-                          "delete it to start the run over")
+        raise RunDirError(
+            f"{path}: not a pneumoscope training state (no {', '.join(missing)}); "
+            "delete it to start the run over"
+        )
     return state
 
 

@@ -28,8 +28,10 @@ TASKS = (BINARY, THREE_CLASS)
 CLASSES = ("NORMAL", "PNEUMONIA")  # the class folders; a film's binary label is its index
 CLASS_NAMES = {BINARY: CLASSES, THREE_CLASS: ("NORMAL", "BACTERIAL", "VIRAL")}
 KEYS = ("normal", "bacterial", "viral")  # metrics.json / CSV names of the three classes
-BV_RULE = ("youden on p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_viral), "
-           "over the validation pneumonia films (bacterial = positive)")
+BV_RULE = (
+    "youden on p(bacterial | pneumonia) = p_bacterial / (p_bacterial + p_viral), "
+    "over the validation pneumonia films (bacterial = positive)"
+)
 
 # person123_bacteria_456 / person124_virus_457 (Kermany names); whole words only.
 _SEPARATORS = re.compile(r"[_\-. ]+")
@@ -87,7 +89,8 @@ def task_labels(samples, task: str) -> np.ndarray:
         more = f" and {len(unnamed) - 10} more" if len(unnamed) > 10 else ""
         raise UnnamedSubtypeError(
             f"--task three-class: {len(unnamed)} PNEUMONIA file(s) say neither bacteria nor virus in "
-            f"their name, so their class is unknown (rename or remove them): {'; '.join(unnamed[:10])}{more}")
+            f"their name, so their class is unknown (rename or remove them): {'; '.join(unnamed[:10])}{more}"
+        )
     return labels
 
 
@@ -107,7 +110,8 @@ def require_every_class(task: str, train, val, source) -> None:
                 n_films = int((labels == c).sum())
                 raise DataError(
                     f"{role} split has no {name} film ({len(patients)} {KEYS[c]} patients, {n_films} films "
-                    f"in {source}); use a larger --val-fraction or more data")
+                    f"in {source}); use a larger --val-fraction or more data"
+                )
 
 
 def relabel(samples, task: str) -> list:
@@ -130,7 +134,9 @@ def p_bacterial_given_pneumonia(probs: np.ndarray) -> np.ndarray:
     return probs[:, 1] / np.maximum(probs[:, 1] + probs[:, 2], 1e-12)
 
 
-def predicted_classes(probs: np.ndarray, threshold: float, bv_threshold: float | None = None) -> np.ndarray:
+def predicted_classes(
+    probs: np.ndarray, threshold: float, bv_threshold: float | None = None
+) -> np.ndarray:
     """Class index per row by the module's hierarchical rule (binary: p >= threshold)."""
     pneumonia = p_pneumonia(probs) >= threshold
     if np.asarray(probs).shape[1] == 2:
@@ -148,25 +154,35 @@ def bv_threshold_of(thresholds: dict, task: str = BINARY, source="threshold.json
     if task == THREE_CLASS:
         from pneumoscope.rundir import RunDirError  # here: rundir imports torch, and audit must not
 
-        raise RunDirError(f"{source}: a three-class run's thresholds lack bacterial_vs_viral.threshold "
-                          "(written by train; restore the file or train again)")
+        raise RunDirError(
+            f"{source}: a three-class run's thresholds lack bacterial_vs_viral.threshold "
+            "(written by train; restore the file or train again)"
+        )
     return None
 
 
 def prediction_columns(task: str) -> list[str]:
     """The probability columns of predict's CSV (then `label`)."""
-    return ["p_pneumonia"] if check_task(task) == BINARY else [f"p_{k}" for k in KEYS] + ["p_pneumonia"]
+    return (
+        ["p_pneumonia"]
+        if check_task(task) == BINARY
+        else [f"p_{k}" for k in KEYS] + ["p_pneumonia"]
+    )
 
 
-def prediction_rows(task: str, probs: np.ndarray, threshold: float, bv_threshold: float | None) -> list[dict]:
+def prediction_rows(
+    task: str, probs: np.ndarray, threshold: float, bv_threshold: float | None
+) -> list[dict]:
     """One dict per image: the task's probability columns (floats) and `label`."""
     names = CLASS_NAMES[task]
     labels = [names[c] for c in predicted_classes(probs, threshold, bv_threshold)]
     pn = p_pneumonia(probs)
     if task == BINARY:
         return [{"p_pneumonia": float(p), "label": lab} for p, lab in zip(pn, labels)]
-    return [{**{f"p_{k}": float(v) for k, v in zip(KEYS, row)}, "p_pneumonia": float(p), "label": lab}
-            for row, p, lab in zip(probs, pn, labels)]
+    return [
+        {**{f"p_{k}": float(v) for k, v in zip(KEYS, row)}, "p_pneumonia": float(p), "label": lab}
+        for row, p, lab in zip(probs, pn, labels)
+    ]
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -183,10 +199,14 @@ def choose_task_thresholds(task: str, y: np.ndarray, probs: np.ndarray) -> dict:
         films = y > 0
         counts = np.bincount(y[films], minlength=3)[1:]
         if counts.min() == 0:  # Youden's J needs both subtypes; one alone gives no threshold
-            raise DataError(f"the bacterial/viral threshold needs validation films of both subtypes; got "
-                            f"{counts[0]} bacterial and {counts[1]} viral")
+            raise DataError(
+                f"the bacterial/viral threshold needs validation films of both subtypes; got "
+                f"{counts[0]} bacterial and {counts[1]} viral"
+            )
         thresholds["bacterial_vs_viral"] = {
-            "threshold": youden_threshold((y[films] == 1).astype(int), p_bacterial_given_pneumonia(probs[films])),
+            "threshold": youden_threshold(
+                (y[films] == 1).astype(int), p_bacterial_given_pneumonia(probs[films])
+            ),
             "rule": BV_RULE,
         }
     return thresholds

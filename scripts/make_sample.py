@@ -33,8 +33,13 @@ from pneumoscope.data.discover import discover_split  # noqa: E402
 
 SEED = 2018
 # images per stratum; whole patients, so a stratum may end a few images above its target
-TARGETS = {"NORMAL/IM": 100, "NORMAL/NORMAL2-IM": 100,
-           "PNEUMONIA/bacteria": 90, "PNEUMONIA/virus": 50, "PNEUMONIA/both": 90}
+TARGETS = {
+    "NORMAL/IM": 100,
+    "NORMAL/NORMAL2-IM": 100,
+    "PNEUMONIA/bacteria": 90,
+    "PNEUMONIA/virus": 50,
+    "PNEUMONIA/both": 90,
+}
 MAX_BYTES = 5_000_000  # the issue's "at most 5 MB", every file of the folder counted
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "chest_xray_224"
 DEFAULT_OUT = REPO / "data" / "sample"
@@ -76,7 +81,10 @@ def select_train(source: Path, seed: int = SEED, targets: dict[str, int] = TARGE
 def planned(source: Path) -> list[tuple[Path, str]]:
     """(source file, path inside the sample) for the whole sample."""
     rows = [(f, f"train/{f.parent.name}/{f.name}") for f in select_train(source)]
-    rows += [(s.path, f"val/{s.path.parent.name}/{s.path.name}") for s in discover_split(source / "val", "val")]
+    rows += [
+        (s.path, f"val/{s.path.parent.name}/{s.path.name}")
+        for s in discover_split(source / "val", "val")
+    ]
     return rows
 
 
@@ -96,8 +104,15 @@ def counts(rows: list[tuple[Path, str]]) -> dict[str, int]:
     found: dict[str, int] = {}
     for _, rel in rows:
         split, cls, name = rel.split("/")
-        kind = "virus" if "_virus_" in name else "bacteria" if "_bacteria_" in name else \
-            "NORMAL2-IM" if name.startswith("NORMAL2-") else "IM"
+        kind = (
+            "virus"
+            if "_virus_" in name
+            else "bacteria"
+            if "_bacteria_" in name
+            else "NORMAL2-IM"
+            if name.startswith("NORMAL2-")
+            else "IM"
+        )
         key = f"{split}/{cls}/{kind}"
         found[key] = found.get(key, 0) + 1
     return found
@@ -132,9 +147,17 @@ def check(source: Path, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="DATA_ROOT with train/ and val/")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="sample folder (default %(default)s)")
-    p.add_argument("--check", action="store_true", help="compare the sample on disk with the rule; change nothing")
+    p.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help="DATA_ROOT with train/ and val/"
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="sample folder (default %(default)s)"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the sample on disk with the rule; change nothing",
+    )
     args = p.parse_args(argv)
     if not (args.source / "train").is_dir():
         print(f"make_sample: no train/ under {args.source}", file=sys.stderr)

@@ -18,8 +18,15 @@ ARTIFACTS = REPO / "test-artifacts"
 # Debian's Chromium, driven by Playwright: the browser tests (web app, report) open pages
 # in it offline.
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,8 +55,10 @@ def sample_data() -> Path:
     for split in ("train", "val"):
         for cls in ("NORMAL", "PNEUMONIA"):
             if not any((SAMPLE_DATA / split / cls).glob("*.jpeg")):
-                pytest.fail(f"embedded sample missing: no images in {SAMPLE_DATA / split / cls} "
-                            "(rebuild with scripts/make_sample.py)")
+                pytest.fail(
+                    f"embedded sample missing: no images in {SAMPLE_DATA / split / cls} "
+                    "(rebuild with scripts/make_sample.py)"
+                )
     return SAMPLE_DATA
 
 
@@ -59,23 +68,36 @@ def shared_data(sample_data) -> Path:
     return sample_data
 
 
-def pick_images(shared_data: Path, per_class: int, offset: int = 0,
-                exclude_patients: frozenset[str] = frozenset()) -> dict[str, list[Path]]:
+def pick_images(
+    shared_data: Path,
+    per_class: int,
+    offset: int = 0,
+    exclude_patients: frozenset[str] = frozenset(),
+) -> dict[str, list[Path]]:
     """Deterministic slice of the real train images of `shared_data` (the sample), spread over the sorted listing so it
     holds several patients and both file-name styles; no image of `exclude_patients`."""
     from pneumoscope.data.discover import patient_id
 
     picked = {}
     for cls in ("NORMAL", "PNEUMONIA"):
-        files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg")
-                       if patient_id(f.name) not in exclude_patients)
+        files = sorted(
+            f
+            for f in (shared_data / "train" / cls).glob("*.jpeg")
+            if patient_id(f.name) not in exclude_patients
+        )
         step = max(1, len(files) // (per_class + offset))
         picked[cls] = files[offset * step :: step][:per_class]
     return picked
 
 
-def make_data_root(root: Path, shared_data: Path, per_class: int, offset: int = 0,
-                   split: str = "train", exclude_patients: frozenset[str] = frozenset()) -> Path:
+def make_data_root(
+    root: Path,
+    shared_data: Path,
+    per_class: int,
+    offset: int = 0,
+    split: str = "train",
+    exclude_patients: frozenset[str] = frozenset(),
+) -> Path:
     """Copies pick_images' slice to root/split/{NORMAL,PNEUMONIA}; `exclude_patients` names
     patients (e.g. another split's) that must not be picked, so splits share no patient."""
     for cls, files in pick_images(shared_data, per_class, offset, exclude_patients).items():
@@ -91,16 +113,30 @@ def train_small_run(data_root: Path, out: Path, image_size: int = 64, epochs: in
     train/ at a small size, for the tests that need a trained model."""
     from pneumoscope.training import TrainConfig, fit
 
-    cfg = TrainConfig(data=str(data_root), out=str(out), backbone="efficientnet_lite0",
-                      image_size=image_size, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=epochs)
+    cfg = TrainConfig(
+        data=str(data_root),
+        out=str(out),
+        backbone="efficientnet_lite0",
+        image_size=image_size,
+        batch_size=8,
+        val_fraction=0.25,
+        head_epochs=0,
+        epochs=epochs,
+    )
     fit(cfg, show_progress=False)
     return out
 
 
 # The one small run most tests read (efficientnet_lite0 with its ImageNet weights, 64 px,
 # 2 epochs, the default recipe), as command-line options: trained once per session.
-SMALL_RUN_OPTIONS = {"backbone": "efficientnet_lite0", "image_size": 64, "batch_size": 8, "val_fraction": 0.25,
-                     "head_epochs": 0, "epochs": 2}
+SMALL_RUN_OPTIONS = {
+    "backbone": "efficientnet_lite0",
+    "image_size": 64,
+    "batch_size": 8,
+    "val_fraction": 0.25,
+    "head_epochs": 0,
+    "epochs": 2,
+}
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +173,15 @@ def small_run_trainer():
 
 # The one small three-class run (tests/test_three_class.py, tests/ensemble): the whole
 # sample, efficientnet_lite0 with its ImageNet weights, cpu-fast, 64 px, one epoch.
-THREE_RUN_OPTIONS = {"backbone": "efficientnet_lite0", "task": "three-class", "image_size": 64, "batch_size": 16,
-                     "val_fraction": 0.25, "head_epochs": 0, "epochs": 1}
+THREE_RUN_OPTIONS = {
+    "backbone": "efficientnet_lite0",
+    "task": "three-class",
+    "image_size": 64,
+    "batch_size": 16,
+    "val_fraction": 0.25,
+    "head_epochs": 0,
+    "epochs": 1,
+}
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +196,12 @@ def three_run(sample_data, tmp_path_factory) -> Path:
     included), once per session. Read-only: tests that change a run copy it."""
     from pneumoscope.api import train
 
-    return train(sample_data, tmp_path_factory.mktemp("three") / "run", show_progress=False, **THREE_RUN_OPTIONS)
+    return train(
+        sample_data,
+        tmp_path_factory.mktemp("three") / "run",
+        show_progress=False,
+        **THREE_RUN_OPTIONS,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +213,9 @@ def small_data_root(tmp_path_factory, shared_data) -> Path:
     root = tmp_path_factory.mktemp("data")
     make_data_root(root, shared_data, per_class=20)
     train_patients = frozenset(patient_id(f.name) for f in (root / "train").rglob("*.jpeg"))
-    make_data_root(root, shared_data, per_class=12, offset=1, split="test", exclude_patients=train_patients)
+    make_data_root(
+        root, shared_data, per_class=12, offset=1, split="test", exclude_patients=train_patients
+    )
     assert not train_patients & {patient_id(f.name) for f in (root / "test").rglob("*.jpeg")}
     return root
 
@@ -188,7 +238,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        launched = pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         yield launched
         launched.close()
 
@@ -231,12 +283,16 @@ def site_folder(tmp_path_factory):
     reads it as one unlabelled folder. Read-only."""
     root = tmp_path_factory.mktemp("site")
     pneumonia = sorted((SAMPLE_DATA / "train" / "PNEUMONIA").glob("*.jpeg"))
-    picks = {"NORMAL": sorted((SAMPLE_DATA / "train" / "NORMAL").glob("*.jpeg"))[::10][:20],
-             "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][::12][:12]
-             + [f for f in pneumonia if "_virus_" in f.name][::9][:8]}
+    picks = {
+        "NORMAL": sorted((SAMPLE_DATA / "train" / "NORMAL").glob("*.jpeg"))[::10][:20],
+        "PNEUMONIA": [f for f in pneumonia if "_bacteria_" in f.name][::12][:12]
+        + [f for f in pneumonia if "_virus_" in f.name][::9][:8],
+    }
     for cls, files in picks.items():
         if len(files) != 20:
-            pytest.fail(f"embedded sample {SAMPLE_DATA / 'train' / cls}: too few films for the site sample")
+            pytest.fail(
+                f"embedded sample {SAMPLE_DATA / 'train' / cls}: too few films for the site sample"
+            )
         (root / cls).mkdir()
         for f in files:
             shutil.copy2(f, root / cls / f.name)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.site.calibrate import SampleTooSmallError
 from pneumoscope.data.cache import UnreadableImagesError
 from pneumoscope.data.decode import ImageDecodeError
 from pneumoscope.data.download import DownloadError
 from pneumoscope.errors import DataError, MissingFileError, OptionError, UserError
 from pneumoscope.models.weights import WeightsError
 from pneumoscope.rundir import RunDirError
+from pneumoscope.site.calibrate import SampleTooSmallError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -24,14 +24,18 @@ SAMPLE = REPO / "data" / "sample"
 
 def run_python(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
 
 
 def imported_modules(importtime_stderr: str) -> set[str]:
     """Module names from `python -X importtime` output ('import time: self | cumulative | name')."""
-    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
-            if line.startswith("import time:") and line.count("|") == 2}
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["-q", "audit", "SAMPLE", "--json"]])
@@ -74,11 +78,13 @@ def test_bad_option_value_is_a_user_error(tmp_path):
 def test_internal_error_keeps_its_traceback():
     # A bug inside a verb (here: a ValueError the audit code did not mean to raise) must not
     # be dressed up as a user mistake.
-    code = ("import sys, pneumoscope.data.audit as audit\n"
-            "def broken(*a, **k):\n    raise ValueError('internal bug, not the user')\n"
-            "audit.audit_root = broken\n"
-            "from pneumoscope.cli import main\n"
-            f"raise SystemExit(main(['-q', 'audit', {str(SAMPLE)!r}]))\n")
+    code = (
+        "import sys, pneumoscope.data.audit as audit\n"
+        "def broken(*a, **k):\n    raise ValueError('internal bug, not the user')\n"
+        "audit.audit_root = broken\n"
+        "from pneumoscope.cli import main\n"
+        f"raise SystemExit(main(['-q', 'audit', {str(SAMPLE)!r}]))\n"
+    )
     done = run_python("-c", code)
     assert done.returncode == 1
     assert "Traceback (most recent call last)" in done.stderr
@@ -92,11 +98,24 @@ def test_argparse_errors_keep_exit_2():
     # --out may come from --config, so its absence is checked after the merge: one line, exit 2
     done = run_python("-m", "pneumoscope", "train", "--data", "x")
     assert done.returncode == 2 and done.stderr.strip() == (
-        "pneumoscope train: error: train needs --out (given, or in --config)")
+        "pneumoscope train: error: train needs --out (given, or in --config)"
+    )
 
 
-@pytest.mark.parametrize("cls", [RunDirError, WeightsError, ImageDecodeError, UnreadableImagesError,
-                                 DownloadError, SampleTooSmallError, OptionError, DataError, MissingFileError])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        RunDirError,
+        WeightsError,
+        ImageDecodeError,
+        UnreadableImagesError,
+        DownloadError,
+        SampleTooSmallError,
+        OptionError,
+        DataError,
+        MissingFileError,
+    ],
+)
 def test_every_user_facing_error_is_a_user_error(cls):
     assert issubclass(cls, UserError)
 

@@ -3,7 +3,11 @@ import pytest
 from sklearn import metrics as skm
 
 from pneumoscope.evaluation.metrics import (
-    DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES, choose_thresholds, evaluate_predictions, sensitivity_threshold,
+    DEFAULT_THRESHOLD_RULE,
+    SENSITIVITY_RULES,
+    choose_thresholds,
+    evaluate_predictions,
+    sensitivity_threshold,
     youden_threshold,
 )
 
@@ -31,9 +35,11 @@ def test_metrics_equal_scikit_learn_on_hand_made_case():
 
 def test_youden_threshold_maximises_j():
     t = youden_threshold(Y, P)
+
     def j(th):
         pred = P >= th
         return pred[Y == 1].mean() + (~pred[Y == 0]).mean() - 1
+
     assert j(t) == pytest.approx(max(j(th) for th in np.unique(P)))
     assert t in P
 
@@ -61,9 +67,15 @@ Y100 = np.r_[np.zeros(100, int), np.ones(100, int)]
 P100 = np.r_[np.arange(1, 101) / 200, np.arange(1, 101) / 100]
 
 
-@pytest.mark.parametrize("rule, expected", [
-    ("sensitivity95", 0.06), ("sensitivity97", 0.04), ("sensitivity98", 0.03), ("sensitivity99", 0.02),
-])
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("sensitivity95", 0.06),
+        ("sensitivity97", 0.04),
+        ("sensitivity98", 0.03),
+        ("sensitivity99", 0.02),
+    ],
+)
 def test_sensitivity_rules_pick_what_their_names_say(rule, expected):
     """sensitivityNN: the highest threshold that still catches NN of 100 positives."""
     t = choose_thresholds(Y100, P100)["rules"][rule]
@@ -90,8 +102,9 @@ def test_copies_of_a_patients_image_do_not_narrow_the_interval():
     count them as four times the evidence and narrow every interval)."""
     patients = [f"person{i}" for i in range(len(Y))]
     once = evaluate_predictions(Y, P, 0.6, n_boot=300, patients=patients)
-    four = evaluate_predictions(np.repeat(Y, 4), np.repeat(P, 4), 0.6, n_boot=300,
-                                patients=np.repeat(patients, 4))
+    four = evaluate_predictions(
+        np.repeat(Y, 4), np.repeat(P, 4), 0.6, n_boot=300, patients=np.repeat(patients, 4)
+    )
     assert four["n"] == 4 * once["n"] and four["n_patients"] == once["n_patients"] == len(Y)
     for key, width in _ci_widths(once).items():
         assert width > 0
@@ -132,7 +145,12 @@ def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
     from pneumoscope.evaluation.metrics import CI_METRICS, point_metrics, resample_metrics
 
     rng = np.random.default_rng(0)
-    cases = [(Y, P), (Y, np.round(P, 1)), (Y, P.astype(np.float32).astype(float)), (np.ones(6, int), P[:6])]
+    cases = [
+        (Y, P),
+        (Y, np.round(P, 1)),
+        (Y, P.astype(np.float32).astype(float)),
+        (np.ones(6, int), P[:6]),
+    ]
     for _ in range(15):
         n = int(rng.integers(2, 40))
         cases.append((rng.integers(0, 2, n), np.round(rng.random(n), int(rng.integers(1, 4)))))
@@ -141,7 +159,14 @@ def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
         idx = draw_images(rng, strata, blocks, order)
         cases.append((Y[idx], P[idx]))
     for i, (y, p) in enumerate(cases):
-        for threshold in (0.6, float(p[0])) + ((0.0, 1.0) if i == 0 else ()):  # between, on, the ends
+        for threshold in (0.6, float(p[0])) + (
+            (0.0, 1.0) if i == 0 else ()
+        ):  # between, on, the ends
             want, got = point_metrics(y, p, threshold), resample_metrics(y, p, threshold)
             for key in CI_METRICS:
-                assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (key, y, p, threshold)
+                assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (
+                    key,
+                    y,
+                    p,
+                    threshold,
+                )

@@ -30,12 +30,17 @@ PACKAGE = REPO / "pneumoscope"
 # the ONNX runtime that serve --onnx needs from the export extra).
 EXTRA_CODE = {
     "serve": ["pneumoscope/serve/*.py"],
-    "report": ["pneumoscope/report/*.py", "!pneumoscope/report/trackers.py"],  # trackers: the track extra
+    "report": [
+        "pneumoscope/report/*.py",
+        "!pneumoscope/report/trackers.py",
+    ],  # trackers: the track extra
     "export": ["pneumoscope/deploy/export.py", "pneumoscope/deploy/onnx_predictor.py"],
 }
 # What a feature needs at run time without importing it by name.
 RUNTIME_ONLY = {
-    "serve": {"python-multipart"},  # Starlette's multipart parser (serve/app.py's upload) runs on it
+    "serve": {
+        "python-multipart"
+    },  # Starlette's multipart parser (serve/app.py's upload) runs on it
     "export": {"onnx", "onnxscript"},  # torch.onnx.export(dynamo=True) builds the graph with them
 }
 # The first release with what the code uses, and where that is written down.
@@ -82,7 +87,9 @@ def imports_of(path: Path, module_level_only: bool) -> set[str]:
             if node.level:  # from . import x / from .mod import y
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 module = f"{base}.{node.module}" if node.module else base
-                found |= {module} | ({f"{module}.{a.name}" for a in node.names} if not node.module else set())
+                found |= {module} | (
+                    {f"{module}.{a.name}" for a in node.names} if not node.module else set()
+                )
             else:
                 found.add(node.module)
                 found |= {f"{node.module}.{alias.name}" for alias in node.names}
@@ -91,7 +98,10 @@ def imports_of(path: Path, module_level_only: bool) -> set[str]:
 
 def module_file(name: str) -> Path | None:
     parts = name.split(".")
-    for candidate in (REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath(*parts, "__init__.py")):
+    for candidate in (
+        REPO.joinpath(*parts).with_suffix(".py"),
+        REPO.joinpath(*parts, "__init__.py"),
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -101,9 +111,16 @@ def third_party_of(patterns: list[str]) -> set[str]:
     """Top-level third-party modules the extra's code needs (see EXTRA_CODE; a pattern
     starting with ! leaves those files out)."""
     stdlib = set(sys.stdlib_module_names)
-    excluded = {f for pattern in patterns if pattern.startswith("!") for f in REPO.glob(pattern[1:])}
-    todo = [(f, False) for pattern in patterns if not pattern.startswith("!")
-            for f in sorted(REPO.glob(pattern)) if f not in excluded]
+    excluded = {
+        f for pattern in patterns if pattern.startswith("!") for f in REPO.glob(pattern[1:])
+    }
+    todo = [
+        (f, False)
+        for pattern in patterns
+        if not pattern.startswith("!")
+        for f in sorted(REPO.glob(pattern))
+        if f not in excluded
+    ]
     assert todo, f"no files for {patterns}"
     seen, outside = set(), set()
     while todo:
@@ -154,7 +171,9 @@ def test_each_extra_holds_what_its_code_imports(extra):
     # A distribution counts as provided when named by the core or the extra directly;
     # needed-by-name (imported) ones must be listed, not left to another package's deps.
     missing = sorted(needed - set(core) - set(extra_reqs))
-    assert not missing, f"[{extra}] extra lacks {missing} (pip install '.[{extra}]' would not run its code)"
+    assert not missing, (
+        f"[{extra}] extra lacks {missing} (pip install '.[{extra}]' would not run its code)"
+    )
 
 
 def test_serve_extra_alone_serves_grad_cam():
@@ -171,16 +190,20 @@ def test_every_floor_is_at_least_the_documented_minimum():
         every.update({k: v for k, v in requirements(names).items() if k != "pneumoscope"})
     for dist, minimum in DOCUMENTED_MINIMA.items():
         assert dist in every, f"{dist} is not in pyproject.toml"
-        floors = [Version(s.version) for s in every[dist].specifier if s.operator in (">=", "==", "~=")]
+        floors = [
+            Version(s.version) for s in every[dist].specifier if s.operator in (">=", "==", "~=")
+        ]
         assert floors and max(floors) >= Version(minimum), (
-            f"{dist}: floor {every[dist].specifier} admits releases before {minimum}, which lack what the code uses")
+            f"{dist}: floor {every[dist].specifier} admits releases before {minimum}, which lack what the code uses"
+        )
 
 
 def test_installed_versions_meet_every_floor():
     # the versions the tests run on are inside what pyproject.toml promises
     project = pyproject()["project"]
-    for text in project["dependencies"] + [r for k, v in project["optional-dependencies"].items()
-                                           if k != "all" for r in v]:
+    for text in project["dependencies"] + [
+        r for k, v in project["optional-dependencies"].items() if k != "all" for r in v
+    ]:
         req = Requirement(text)
         installed = md.version(req.name)
         assert req.specifier.contains(installed, prereleases=True), f"{req}: installed {installed}"
@@ -218,8 +241,11 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
-        targets = {module_name(f) for n in imports_of(path, module_level_only=False)
-                   if n.split(".")[0] == "pneumoscope" and (f := module_file(n)) is not None}
+        targets = {
+            module_name(f)
+            for n in imports_of(path, module_level_only=False)
+            if n.split(".")[0] == "pneumoscope" and (f := module_file(n)) is not None
+        }
         if path.name == "__init__.py":
             targets = {t for t in targets if not t.startswith(name + ".")}
         graph[name] = targets - {name}
@@ -253,6 +279,12 @@ def test_export_and_onnx_predictor_meet_in_the_contract_module():
     assert "pneumoscope.models.registry" not in graph["pneumoscope.models.weights"]
     # reading a contract imports no torch (its write goes through rundir, lazily)
     code = "import sys, pneumoscope.deploy.onnx_contract; print(sorted(m for m in sys.modules if m == 'torch'))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -10,8 +10,8 @@ import torch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.inference import inference_precision, predict_probs
-from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import PNEUMONIA_INDEX, build_model
+from pneumoscope.models.classifier import images_to_input
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,10 @@ def test_default_is_fp32_and_the_environment_decides(monkeypatch):
     monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")
     assert inference_precision("cpu") == "bf16"
     monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "auto")
-    native = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    native = (
+        torch.cpu._is_avx512_bf16_supported()
+        or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    )
     assert inference_precision("cpu") == ("bf16" if native else "fp32")
     monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "fp8")
     with pytest.raises(ValueError, match="PNEUMOSCOPE_PRECISION"):

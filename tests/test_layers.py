@@ -25,13 +25,24 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-spec = importlib.util.spec_from_file_location("import_walk", Path(__file__).with_name("test_imports.py"))
+spec = importlib.util.spec_from_file_location(
+    "import_walk", Path(__file__).with_name("test_imports.py")
+)
 walk = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(walk)
 
 LAYERS = [
-    ("core", ["pneumoscope", "pneumoscope.errors", "pneumoscope.fsio", "pneumoscope.tasks", "pneumoscope.rundir",
-              "pneumoscope.evaluation"]),
+    (
+        "core",
+        [
+            "pneumoscope",
+            "pneumoscope.errors",
+            "pneumoscope.fsio",
+            "pneumoscope.tasks",
+            "pneumoscope.rundir",
+            "pneumoscope.evaluation",
+        ],
+    ),
     ("data", ["pneumoscope.data"]),
     ("models", ["pneumoscope.models"]),
     ("inference", ["pneumoscope.inference"]),
@@ -64,8 +75,10 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
             continue
         for target in sorted(targets):
             if layer_of(target) > layer_of(module):
-                found.append(f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
-                             f"({LAYERS[layer_of(target)][0]})")
+                found.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} "
+                    f"({LAYERS[layer_of(target)][0]})"
+                )
     return found
 
 
@@ -82,14 +95,28 @@ def test_no_module_imports_from_a_layer_above_its_own():
 @pytest.mark.parametrize("low", ["pneumoscope.data", "pneumoscope.models", "pneumoscope.training"])
 def test_data_models_and_training_import_no_product_or_front_end(low):
     graph = walk.import_graph()
-    banned = ("pneumoscope.report", "pneumoscope.serve", "pneumoscope.commands", "pneumoscope.api",
-              "pneumoscope.site", "pneumoscope.deploy", "pneumoscope.cli")
-    found = [f"{m} imports {t}" for m, targets in graph.items() if m.startswith(low)
-             for t in targets if t.startswith(banned)]
+    banned = (
+        "pneumoscope.report",
+        "pneumoscope.serve",
+        "pneumoscope.commands",
+        "pneumoscope.api",
+        "pneumoscope.site",
+        "pneumoscope.deploy",
+        "pneumoscope.cli",
+    )
+    found = [
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        if m.startswith(low)
+        for t in targets
+        if t.startswith(banned)
+    ]
     assert not found, "\n".join(found)
 
 
 def test_the_rule_catches_an_upward_import():
     # the check itself: a training module that imports the report is named
     found = upward_imports({"pneumoscope.training.loop": {"pneumoscope.report.figures"}})
-    assert found == ["pneumoscope.training.loop (training) imports pneumoscope.report.figures (products)"]
+    assert found == [
+        "pneumoscope.training.loop (training) imports pneumoscope.report.figures (products)"
+    ]

@@ -69,8 +69,9 @@ def test_an_empty_folder_is_exit_2(verb, strict, small_run_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_some_skipped_are_counted_and_the_rest_scored(verb, small_run_dir, bad_folder, films, tmp_path, caplog,
-                                                       capsys):
+def test_some_skipped_are_counted_and_the_rest_scored(
+    verb, small_run_dir, bad_folder, films, tmp_path, caplog, capsys
+):
     with caplog.at_level(logging.WARNING):
         assert main(run_verb(verb, small_run_dir, [*films, bad_folder], tmp_path)) == 0
     assert any("skipping 2 unreadable file(s)" in r.getMessage() for r in caplog.records)
@@ -79,4 +80,5 @@ def test_some_skipped_are_counted_and_the_rest_scored(verb, small_run_dir, bad_f
             assert [row["path"] for row in csv.DictReader(handle)] == [str(f) for f in films]
     else:
         assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(
-            f"{f.stem}_gradcam.png" for f in films)
+            f"{f.stem}_gradcam.png" for f in films
+        )

@@ -12,8 +12,13 @@ CODE = "import json; from pneumoscope.models.precision import cpu_description; p
 
 
 def _describe(**env) -> dict:
-    out = subprocess.run([sys.executable, "-c", CODE], env={**os.environ, **env}, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CODE],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -34,6 +39,8 @@ def test_cpu_description_names_the_cpu_and_its_flags():
         return
     with open("/proc/cpuinfo", encoding="utf-8") as info:
         flags = next(line for line in info if line.startswith("flags")).split(":", 1)[1].split()
-    assert described["flags"] == [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
+    assert described["flags"] == [
+        f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags
+    ]
     if "avx512_bf16" not in flags and "amx_tile" not in flags:
         assert described["native_bf16"] is False

@@ -11,19 +11,29 @@ import torch
 from safetensors.torch import load_file
 
 from pneumoscope.cli import main
-from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
-from pneumoscope.inference import Predictor
-from pneumoscope.training import TrainConfig, fit
 from pneumoscope.data.cache import decode_version
-from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.fsio import atomic_write_json
+from pneumoscope.inference import Predictor
+from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD
+from pneumoscope.training import TrainConfig, fit
 
 FAST = ["--image-size", "64", "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "0"]
 
 
 def train_args(data, out, *extra):
-    return ["-q", "train", "--data", str(data), "--out", str(out), "--backbone", "efficientnet_lite0",
-            *FAST, *extra]
+    return [
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--backbone",
+        "efficientnet_lite0",
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +42,17 @@ def one_epoch_run(small_run_dir, small_data_root):
     train_args(..., "--epochs", "2"), which tests resume and compare with. Read-only: copy it."""
     config = json.loads((small_run_dir / "config.json").read_text())
     assert config["data"] == str(small_data_root)
-    assert {k: config[k] for k in ("backbone", "image_size", "batch_size", "val_fraction", "head_epochs", "epochs")} \
-        == {"backbone": "efficientnet_lite0", "image_size": 64, "batch_size": 8, "val_fraction": 0.25,
-            "head_epochs": 0, "epochs": 2}
+    assert {
+        k: config[k]
+        for k in ("backbone", "image_size", "batch_size", "val_fraction", "head_epochs", "epochs")
+    } == {
+        "backbone": "efficientnet_lite0",
+        "image_size": 64,
+        "batch_size": 8,
+        "val_fraction": 0.25,
+        "head_epochs": 0,
+        "epochs": 2,
+    }
     return small_run_dir
 
 
@@ -44,7 +62,15 @@ def read_metrics(run):
 
 def test_train_writes_run_directory(one_epoch_run):
     run = one_epoch_run
-    for name in ("config.json", MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, "summary.json"):
+    for name in (
+        "config.json",
+        MANIFEST,
+        METRICS,
+        LAST_CHECKPOINT,
+        BEST_MODEL,
+        THRESHOLD,
+        "summary.json",
+    ):
         assert (run / name).exists(), name
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -61,17 +87,30 @@ def test_train_writes_run_directory(one_epoch_run):
     val_p = {r["patient"] for r in manifest if r["role"] == "val"}
     assert not train_p & val_p
     thresholds = json.loads((run / THRESHOLD).read_text())
-    assert thresholds["default"] == DEFAULT_THRESHOLD_RULE and set(thresholds["rules"]) == {"youden", *SENSITIVITY_RULES}
+    assert thresholds["default"] == DEFAULT_THRESHOLD_RULE and set(thresholds["rules"]) == {
+        "youden",
+        *SENSITIVITY_RULES,
+    }
     assert thresholds["threshold"] == thresholds["rules"][DEFAULT_THRESHOLD_RULE]
-    assert Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]  # what every verb uses
+    assert (
+        Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]
+    )  # what every verb uses
 
 
 def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root):
     run = tmp_path / "run"
     # the same run, interrupted after its first epoch
     args = train_args(small_data_root, run, "--epochs", "2")
-    cfg = TrainConfig(data=str(small_data_root), out=str(run), backbone="efficientnet_lite0",
-                      image_size=64, batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2)
+    cfg = TrainConfig(
+        data=str(small_data_root),
+        out=str(run),
+        backbone="efficientnet_lite0",
+        image_size=64,
+        batch_size=8,
+        val_fraction=0.25,
+        head_epochs=0,
+        epochs=2,
+    )
     assert fit(cfg, show_progress=False, stop_after_epochs=1) is None
     assert not (run / THRESHOLD).exists()
     before = read_metrics(run)
@@ -91,8 +130,10 @@ def assert_same_weights(run, reference):
     """The selected model and the last checkpoint's model: every tensor equal."""
     got, want = load_file(run / BEST_MODEL), load_file(reference / BEST_MODEL)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    got, want = (torch.load(r / LAST_CHECKPOINT, map_location="cpu", weights_only=True)["model"]
-                 for r in (run, reference))
+    got, want = (
+        torch.load(r / LAST_CHECKPOINT, map_location="cpu", weights_only=True)["model"]
+        for r in (run, reference)
+    )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -104,11 +145,14 @@ def test_resume_with_changed_options_is_refused(one_epoch_run, tmp_path, small_d
 
 
 def snapshot(run):
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir()) if p.is_file()}
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.iterdir()) if p.is_file()
+    }
 
 
-def test_train_into_an_existing_run_is_refused_and_leaves_it_untouched(one_epoch_run, tmp_path, small_data_root,
-                                                                       capsys):
+def test_train_into_an_existing_run_is_refused_and_leaves_it_untouched(
+    one_epoch_run, tmp_path, small_data_root, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
     before = snapshot(run)
@@ -124,9 +168,18 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
     (run / ".config.json.x.tmp").write_text("half-written")  # left by a kill: removed too
-    derived = ["metrics.json", "metrics_predictions.csv", "metrics_test.json", "metrics_test_predictions.csv",
-               "drift.json", "model.onnx", "model.onnx.json", "report/index.html", "explain/a_gradcam.png",
-               "tensorboard/events.out.tfevents.1"]  # what other verbs wrote from the old model
+    derived = [
+        "metrics.json",
+        "metrics_predictions.csv",
+        "metrics_test.json",
+        "metrics_test_predictions.csv",
+        "drift.json",
+        "model.onnx",
+        "model.onnx.json",
+        "report/index.html",
+        "explain/a_gradcam.png",
+        "tensorboard/events.out.tfevents.1",
+    ]  # what other verbs wrote from the old model
     for name in derived + ["notes.txt"]:
         (run / name).parent.mkdir(exist_ok=True)
         (run / name).write_text("from the replaced run")
@@ -139,7 +192,9 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
     assert not list(run.glob(".*.tmp"))
 
 
-def test_a_run_killed_before_its_first_epoch_ended_starts_over(one_epoch_run, tmp_path, small_data_root):
+def test_a_run_killed_before_its_first_epoch_ended_starts_over(
+    one_epoch_run, tmp_path, small_data_root
+):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.json", MANIFEST):  # what a kill before the first epoch's end leaves
@@ -161,20 +216,28 @@ def test_run_files_get_the_usual_mode(one_epoch_run, tmp_path):
             assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
 
 
-def test_config_records_what_ran_and_resume_refuses_a_change(one_epoch_run, tmp_path, small_data_root, capsys):
+def test_config_records_what_ran_and_resume_refuses_a_change(
+    one_epoch_run, tmp_path, small_data_root, capsys
+):
     config = json.loads((one_epoch_run / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["backbone"] == "efficientnet_lite0"
     assert config["precision"] in ("fp32", "bf16")
     # --trunk-precision/--trunk-engine auto on a CPU with onnxruntime (a dependency): its fp32 pass
     assert (config["trunk_precision"], config["trunk_engine"]) == ("fp32", "onnxruntime")
-    assert config["requested"]["trunk_precision"] == "auto" and config["requested"]["trunk_engine"] == "auto"
+    assert (
+        config["requested"]["trunk_precision"] == "auto"
+        and config["requested"]["trunk_engine"] == "auto"
+    )
     assert config["device"] == "cpu" and config["decode_version"] == decode_version()
     assert config["requested"]["precision"] == "auto"
     assert 0.2 <= config["val_fraction_actual"] <= 0.3
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
     other = "bf16" if config["precision"] == "fp32" else "fp32"
-    assert main(train_args(small_data_root, run, "--epochs", "2", "--precision", other, "--resume")) == 2
+    assert (
+        main(train_args(small_data_root, run, "--epochs", "2", "--precision", other, "--resume"))
+        == 2
+    )
     assert f"precision {config['precision']!r} -> {other!r}" in capsys.readouterr().err
     saved = json.loads((run / "config.json").read_text())
     saved["decode_version"] = "0ld"  # a run decoded by other code
@@ -183,13 +246,40 @@ def test_config_records_what_ran_and_resume_refuses_a_change(one_epoch_run, tmp_
     assert "decode_version '0ld'" in capsys.readouterr().err
 
 
-def test_evaluate_writes_metrics_json(one_epoch_run, small_run_copy, small_data_root, tmp_path, capsys):
+def test_evaluate_writes_metrics_json(
+    one_epoch_run, small_run_copy, small_data_root, tmp_path, capsys
+):
     out = tmp_path / "metrics.json"  # evaluate writes into the run (MODEL_CARD.md): a copy
-    assert main(["-q", "evaluate", str(small_run_copy), "--data", str(small_data_root / "test"),
-                 "--out", str(out), "--bootstrap", "100"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(small_run_copy),
+                "--data",
+                str(small_data_root / "test"),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "100",
+            ]
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
-    for key in ("n", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1",
-                "roc_auc", "pr_auc", "confusion", "ci95"):
+    for key in (
+        "n",
+        "threshold",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "confusion",
+        "ci95",
+    ):
         assert key in m
     assert m["n"] == 24
     assert set(m["confusion"]) == {"tp", "fp", "tn", "fn"} and sum(m["confusion"].values()) == 24
@@ -203,7 +293,10 @@ def test_predict_writes_one_row_per_image(one_epoch_run, small_data_root, tmp_pa
     out = tmp_path / "pred.csv"
     folder = small_data_root / "test" / "NORMAL"
     single = next((small_data_root / "test" / "PNEUMONIA").glob("*.jpeg"))
-    assert main(["-q", "predict", str(one_epoch_run), str(folder), str(single), "--out", str(out)]) == 0
+    assert (
+        main(["-q", "predict", str(one_epoch_run), str(folder), str(single), "--out", str(out)])
+        == 0
+    )
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list(folder.glob("*.jpeg"))) + 1
@@ -220,8 +313,21 @@ def test_weights_imagenet_offline_is_a_clear_error(small_data_root, tmp_path, mo
 
     monkeypatch.setenv("PNEUMOSCOPE_NO_DOWNLOAD", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    code = main(["-q", "train", "--data", str(small_data_root), "--out", str(tmp_path / "r"),
-                 "--backbone", "resnet50", "--weights", "imagenet", *FAST])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(small_data_root),
+            "--out",
+            str(tmp_path / "r"),
+            "--backbone",
+            "resnet50",
+            "--weights",
+            "imagenet",
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "resnet50-11ad3fa6.pth" in err and "--weights" in err

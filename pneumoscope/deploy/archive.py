@@ -45,8 +45,8 @@ def list_files(paths: list[str | Path], files_list: str | Path | None = None) ->
     """The files to score, in a fixed order: each path as given (a folder: its images,
     searched recursively, sorted), then the lines of `files_list` (blank lines and #
     comments skipped). A path that does not exist, or nothing to score, is an error."""
-    from pneumoscope.errors import NothingScoredError
     from pneumoscope.data.sources import expand_paths, require_image_files
+    from pneumoscope.errors import NothingScoredError
 
     named = [str(p) for p in paths]
     for path in named:
@@ -92,8 +92,10 @@ def read_done(csv_path: Path, header: list[str]) -> set[str]:
             handle.truncate(len(complete))
     rows = list(csv.reader(complete.decode("utf-8").splitlines()))
     if rows and rows[0] != header:
-        raise DataError(f"{csv_path}: --resume found another table (columns {','.join(rows[0])}; "
-                        f"this run writes {','.join(header)})")
+        raise DataError(
+            f"{csv_path}: --resume found another table (columns {','.join(rows[0])}; "
+            f"this run writes {','.join(header)})"
+        )
     return {row[0] for row in rows[1:] if row}
 
 
@@ -103,15 +105,21 @@ class CsvSink:
     def __init__(self, path: Path | None, header: list[str], append: bool):
         self.header = header
         fresh = path is None or not append or not path.exists() or path.stat().st_size == 0
-        self.handle = sys.stdout if path is None else open(path, "a" if append else "w", newline="", encoding="utf-8")
+        self.handle = (
+            sys.stdout
+            if path is None
+            else open(path, "a" if append else "w", newline="", encoding="utf-8")
+        )
         self.writer = csv.writer(self.handle, lineterminator="\n")
         if fresh:
             self.writer.writerow(header)
             self.handle.flush()
 
     def write(self, rows: list[dict]) -> None:
-        self.writer.writerows([f"{v:.6f}" if isinstance(v, float) else v for v in (r[k] for k in self.header)]
-                              for r in rows)
+        self.writer.writerows(
+            [f"{v:.6f}" if isinstance(v, float) else v for v in (r[k] for k in self.header)]
+            for r in rows
+        )
         self.handle.flush()
 
     def close(self) -> None:
@@ -119,12 +127,24 @@ class CsvSink:
             self.handle.close()
 
 
-def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Path | None = None, *,
-                    files_list: str | Path | None = None, resume: bool = False,
-                    threshold_rule: str | None = None, strict: bool = False, engine: str | None = None,
-                    batch_size: int | None = None, workers: int | None = None, reduced: bool = False,
-                    device: str | None = None, onnx: str | Path | None = None, int8: bool = False,
-                    show_progress: bool = True) -> PredictSummary:
+def predict_archive(
+    run_dir: str | Path,
+    paths: list[str | Path],
+    out: str | Path | None = None,
+    *,
+    files_list: str | Path | None = None,
+    resume: bool = False,
+    threshold_rule: str | None = None,
+    strict: bool = False,
+    engine: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    reduced: bool = False,
+    device: str | None = None,
+    onnx: str | Path | None = None,
+    int8: bool = False,
+    show_progress: bool = True,
+) -> PredictSummary:
     """Score every file of `paths` / `files_list` into the CSV `out` (stdout: None).
     strict: an unreadable file stops the scoring (decoding goes on, so the error names
     every one) and a CSV this run started is removed. reduced: JPEG draft decoding
@@ -138,32 +158,64 @@ def predict_archive(run_dir: str | Path, paths: list[str | Path], out: str | Pat
         raise OptionError("--resume needs --out (the CSV to go on with)")
     env = init_from_env(device or "auto")
     if env.world_size > 1 and out is None:
-        raise OptionError("under torchrun, predict needs --out (rank 0 joins the ranks' rows into it)")
+        raise OptionError(
+            "under torchrun, predict needs --out (rank 0 joins the ranks' rows into it)"
+        )
     # ranks on one machine share its cores: each takes its part for onnxruntime and decoding
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if workers is None and env.world_size > 1:
         workers = min(cores, default_workers())
-    scorer = load_scorer(run_dir, engine, str(env.device), threads=cores if env.world_size > 1 else None,
-                         onnx=onnx, int8=int8)
-    files = list_files(paths, files_list)  # after the run: a broken run is named first, whatever the paths
+    scorer = load_scorer(
+        run_dir,
+        engine,
+        str(env.device),
+        threads=cores if env.world_size > 1 else None,
+        onnx=onnx,
+        int8=int8,
+    )
+    files = list_files(
+        paths, files_list
+    )  # after the run: a broken run is named first, whatever the paths
     header = ["path", *prediction_columns(scorer.task), "label"]
     if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
         return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)
     target = part_path(Path(out), env.rank, env.world_size) if out is not None else None
     done = read_done(target, header) if resume else set()
     mine = [f for f in shard(files, env.rank, env.world_size) if f not in done]
-    summary = score_files(scorer, mine, target, header, threshold_rule, strict, batch_size or DEFAULT_BATCH,
-                          workers, reduced, append=resume, show_progress=show_progress and env.is_main,
-                          whole=env.world_size == 1)
+    summary = score_files(
+        scorer,
+        mine,
+        target,
+        header,
+        threshold_rule,
+        strict,
+        batch_size or DEFAULT_BATCH,
+        workers,
+        reduced,
+        append=resume,
+        show_progress=show_progress and env.is_main,
+        whole=env.world_size == 1,
+    )
     summary.resumed = len(done)
     if env.world_size > 1:
         join_parts(Path(out), env, header)
     return summary
 
 
-def score_files(scorer, files: list[str], target: Path | None, header: list[str], threshold_rule: str | None,
-                strict: bool, batch_size: int, workers: int | None, reduced: bool, append: bool,
-                show_progress: bool, whole: bool = True) -> PredictSummary:
+def score_files(
+    scorer,
+    files: list[str],
+    target: Path | None,
+    header: list[str],
+    threshold_rule: str | None,
+    strict: bool,
+    batch_size: int,
+    workers: int | None,
+    reduced: bool,
+    append: bool,
+    show_progress: bool,
+    whole: bool = True,
+) -> PredictSummary:
     """The loop: decoded batches in, rows out; see predict_archive. whole: these are all the
     files (not one torchrun rank's shard), so none readable is the run's "nothing scored";
     a rank must not stop alone while the others wait to join."""
@@ -174,8 +226,13 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
     sink = CsvSink(target, header, append)
     bar = tqdm(total=len(files), desc="predict", unit="film", disable=not show_progress)
     try:
-        for kept, images, failures in decoded_batches(files, scorer.image_size, batch_size,
-                                                       default_workers() if workers is None else workers, reduced):
+        for kept, images, failures in decoded_batches(
+            files,
+            scorer.image_size,
+            batch_size,
+            default_workers() if workers is None else workers,
+            reduced,
+        ):
             summary.failures += failures
             readable += len(kept)
             if len(kept) and not (strict and summary.failures):
@@ -188,7 +245,9 @@ def score_files(scorer, files: list[str], target: Path | None, header: list[str]
         bar.close()
         sink.close()
     summary.engine = scorer.runtime
-    nothing = whole and readable == 0 and not append  # every file unreadable: an error, not an empty CSV
+    nothing = (
+        whole and readable == 0 and not append
+    )  # every file unreadable: an error, not an empty CSV
     if (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:

@@ -34,20 +34,22 @@ import numpy as np
 import torch
 
 from pneumoscope import __version__
-
-from pneumoscope.tasks import CLASSES
 from pneumoscope.data.dicom import dicom_decode_contract
+from pneumoscope.deploy.onnx_contract import (
+    CONTRACT_FORMAT,
+    CONTRACT_VERSION,
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    write_contract,
+)
+from pneumoscope.deploy.onnx_predictor import run_session
+from pneumoscope.fsio import default_file_mode, file_sha256
 from pneumoscope.inference import Predictor, predict_class_probs
 from pneumoscope.models import PNEUMONIA_INDEX
-from pneumoscope.deploy.onnx_contract import (
-    CONTRACT_FORMAT, CONTRACT_VERSION, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, write_contract,
-)
-from pneumoscope.fsio import file_sha256
-from pneumoscope.deploy.onnx_predictor import run_session
 from pneumoscope.models.onnx_session import open_session
 from pneumoscope.rundir import ONNX_MODEL, RunDir
-from pneumoscope.tasks import BINARY, CLASS_NAMES, THREE_CLASS, p_pneumonia
-from pneumoscope.fsio import default_file_mode
+from pneumoscope.tasks import BINARY, CLASS_NAMES, CLASSES, THREE_CLASS, p_pneumonia
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +98,17 @@ def build_contract(predictor: Predictor, run_dir: Path, onnx_name: str, opset: i
         "format_version": CONTRACT_VERSION,
         "model_file": onnx_name,
         "input": {
-            "name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, size, size],
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", 1, size, size],
             "meaning": "grayscale image, uint8 gray levels / 255 (range [0, 1]); "
-                       "normalisation to the backbone's statistics is inside the graph",
+            "normalisation to the backbone's statistics is inside the graph",
         },
         "preprocessing": {
             "decode": pre.get("decode", "pneumoscope.data.decode.load_image (grayscale uint8)"),
             "geometry": pre.get("geometry", "stretch"),
             "geometry_meaning": "resize to image_size x image_size without keeping the aspect "
-                                "ratio (PIL bilinear, antialiased when shrinking)",
+            "ratio (PIL bilinear, antialiased when shrinking)",
             "image_size": size,
             "scaling": "x / 255",
             "input": pre.get("input", "gray01"),
@@ -136,7 +140,7 @@ def _task_contract(task: str) -> dict:
             },
             "classes": list(CLASSES),
             "decision": "label = PNEUMONIA if p_pneumonia >= threshold else NORMAL; threshold = "
-                        "thresholds.rules[rule], rule defaulting to thresholds.default",
+            "thresholds.rules[rule], rule defaulting to thresholds.default",
         }
     return {
         "task": THREE_CLASS,
@@ -147,34 +151,57 @@ def _task_contract(task: str) -> dict:
         },
         "classes": list(CLASS_NAMES[THREE_CLASS]),
         "decision": "NORMAL if p_pneumonia < threshold (thresholds.rules[rule], rule defaulting to "
-                    "thresholds.default); else BACTERIAL if p_bacterial / (p_bacterial + p_viral) >= "
-                    "thresholds.bacterial_vs_viral.threshold, else VIRAL",
+        "thresholds.default); else BACTERIAL if p_bacterial / (p_bacterial + p_viral) >= "
+        "thresholds.bacterial_vs_viral.threshold, else VIRAL",
     }
 
 
-def _export_graph(model: torch.nn.Module, size: int, path: Path, opset: int, task: str = BINARY,
-                  dynamo: bool = True) -> None:
+def _export_graph(
+    model: torch.nn.Module,
+    size: int,
+    path: Path,
+    opset: int,
+    task: str = BINARY,
+    dynamo: bool = True,
+) -> None:
     """torch.onnx.export with a dynamic batch axis, one self-contained file. dynamo=False:
     the TorchScript exporter, ~5x quicker (3 s against 14 s for EfficientNet-Lite0 on the
     2-core VM), for the engine predict builds on the fly (pneumoscope.deploy.scoring); where a
     later torch has dropped it, the dynamo one runs instead."""
     example = torch.rand(2, 1, size, size)
-    wrapper, names = ((_WithProbability, OUTPUT_NAMES) if task == BINARY
-                      else (_WithProbabilities, THREE_CLASS_OUTPUT_NAMES))
+    wrapper, names = (
+        (_WithProbability, OUTPUT_NAMES)
+        if task == BINARY
+        else (_WithProbabilities, THREE_CLASS_OUTPUT_NAMES)
+    )
     with _quiet_exporter():
         if not dynamo:
             try:
-                torch.onnx.export(wrapper(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
-                                  output_names=list(names), dynamic_axes={INPUT_NAME: {0: "batch"}},
-                                  opset_version=opset, dynamo=False)
+                torch.onnx.export(
+                    wrapper(model).eval(),
+                    (example,),
+                    str(path),
+                    input_names=[INPUT_NAME],
+                    output_names=list(names),
+                    dynamic_axes={INPUT_NAME: {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                )
                 return
             except Exception as err:  # noqa: BLE001 - a torch without the TorchScript exporter
                 log.info("TorchScript export failed (%s); using the dynamo exporter", err)
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(
-            wrapper(model).eval(), (example,), str(path), input_names=[INPUT_NAME],
-            output_names=list(names), dynamic_shapes=({0: batch},), opset_version=opset,
-            external_data=False, dynamo=True, verbose=False,
+            wrapper(model).eval(),
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(names),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
         )
 
 
@@ -194,7 +221,9 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, task: str = BINARY) -> float:
+def check_parity(
+    model: torch.nn.Module, onnx_path: Path, images: np.ndarray, task: str = BINARY
+) -> float:
     """Max |p_torch - p_onnx| over uint8 images (N,S,S), of p_pneumonia and (three-class)
     every class probability; ExportError past the tolerance."""
     expected = predict_class_probs(model, images, precision="fp32")  # the graph computes in fp32
@@ -204,13 +233,20 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, images: np.ndarray, ta
         pairs.append((expected, run_session(session, images, output="probabilities")))
     diff = max(float(np.max(np.abs(want - got))) for want, got in pairs) if len(images) else 0.0
     if not diff <= PARITY_TOLERANCE:
-        raise ExportError(f"{onnx_path}: onnxruntime and torch disagree (max |dp| = {diff:.2e} "
-                          f"> {PARITY_TOLERANCE:.0e})")
+        raise ExportError(
+            f"{onnx_path}: onnxruntime and torch disagree (max |dp| = {diff:.2e} "
+            f"> {PARITY_TOLERANCE:.0e})"
+        )
     return diff
 
 
-def export_onnx(run_dir: str | Path, out: str | Path | None = None,
-                opset: int = DEFAULT_OPSET, dynamo: bool = True, predictor: Predictor | None = None) -> Path:
+def export_onnx(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = True,
+    predictor: Predictor | None = None,
+) -> Path:
     """Export RUN_DIR's model to ``out`` (default RUN_DIR/model.onnx) plus its contract.
 
     Both files are written atomically; the graph is checked against torch (on a smooth
@@ -225,8 +261,14 @@ def export_onnx(run_dir: str | Path, out: str | Path | None = None,
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        log.info("exporting %s (%s, %dx%d) to ONNX opset %d", run_dir, predictor.config.get("backbone"),
-                 size, size, opset)
+        log.info(
+            "exporting %s (%s, %dx%d) to ONNX opset %d",
+            run_dir,
+            predictor.config.get("backbone"),
+            size,
+            size,
+            opset,
+        )
         _export_graph(model, size, tmp, opset, predictor.task, dynamo=dynamo)
         diff = check_parity(model, tmp, probe_images(size), predictor.task)
         contract = build_contract(predictor, run_dir, out.name, opset)

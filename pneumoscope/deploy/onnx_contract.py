@@ -30,17 +30,24 @@ def read_contract(onnx_path: str | Path) -> dict:
     """The contract beside an ONNX file, checked for format and version."""
     path = contract_path(onnx_path)
     if not path.exists():
-        raise MissingFileError(f"{path}: missing; an ONNX model needs the contract that "
-                               "`pneumoscope export` writes beside it")
+        raise MissingFileError(
+            f"{path}: missing; an ONNX model needs the contract that "
+            "`pneumoscope export` writes beside it"
+        )
     try:
         contract = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err}); export the model again") from err
-    if not isinstance(contract, dict) or contract.get("format") != CONTRACT_FORMAT \
-            or contract.get("format_version") != CONTRACT_VERSION:
+    if (
+        not isinstance(contract, dict)
+        or contract.get("format") != CONTRACT_FORMAT
+        or contract.get("format_version") != CONTRACT_VERSION
+    ):
         found = contract if isinstance(contract, dict) else {}
-        raise DataError(f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
-                        f"(format {found.get('format')!r}, version {found.get('format_version')!r})")
+        raise DataError(
+            f"{path}: not a pneumoscope ONNX contract version {CONTRACT_VERSION} "
+            f"(format {found.get('format')!r}, version {found.get('format_version')!r})"
+        )
     return contract
 
 

@@ -66,8 +66,15 @@ def quantize(fp32_path: Path, images: np.ndarray, out: Path) -> None:
 
     logging.disable(logging.WARNING)  # the quantizer's per-tensor notes on the root logger
     try:
-        quantize_static(str(fp32_path), str(out), _Calibration(images, INPUT_NAME), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(fp32_path),
+            str(out),
+            _Calibration(images, INPUT_NAME),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     finally:
         logging.disable(logging.NOTSET)
 
@@ -82,18 +89,24 @@ def compare(fp32_path: Path, int8_path: Path, images: np.ndarray, labels: np.nda
     p32 = run_session(open_session(fp32_path), images)
     p8 = run_session(open_session(int8_path), images)
     auc32, auc8 = float(roc_auc_score(labels, p32)), float(roc_auc_score(labels, p8))
-    return {"val_roc_auc_fp32": auc32, "val_roc_auc_int8": auc8, "auc_diff": auc8 - auc32,
-            "max_abs_dp": float(np.max(np.abs(p32 - p8))), "mean_abs_dp": float(np.mean(np.abs(p32 - p8))),
-            "films": int(len(labels)), "max_auc_diff": MAX_AUC_DIFF, "kept": abs(auc8 - auc32) <= MAX_AUC_DIFF}
+    return {
+        "val_roc_auc_fp32": auc32,
+        "val_roc_auc_int8": auc8,
+        "auc_diff": auc8 - auc32,
+        "max_abs_dp": float(np.max(np.abs(p32 - p8))),
+        "mean_abs_dp": float(np.mean(np.abs(p32 - p8))),
+        "films": int(len(labels)),
+        "max_auc_diff": MAX_AUC_DIFF,
+        "kept": abs(auc8 - auc32) <= MAX_AUC_DIFF,
+    }
 
 
 def int8_engine(run_dir: str | Path, fp32_path: Path) -> Path | None:
     """RUN_DIR/engine.int8.onnx, built (once per fp32 engine) and kept where its
     validation ROC AUC is within MAX_AUC_DIFF of fp32's; None where it was refused."""
     from pneumoscope.deploy.onnx_contract import read_contract, write_contract
-    from pneumoscope.fsio import file_sha256
+    from pneumoscope.fsio import atomic_write_json, file_sha256
     from pneumoscope.rundir import read_json
-    from pneumoscope.fsio import atomic_write_json
 
     run_dir = Path(run_dir)
     out, check = run_dir / INT8_FILE, run_dir / CHECK_FILE
@@ -113,23 +126,43 @@ def int8_engine(run_dir: str | Path, fp32_path: Path) -> Path | None:
     tmp = Path(tmp_name)
     try:
         quantize(fp32_path, images, tmp)
-        record = {**compare(fp32_path, tmp, images, labels), "fp32_sha256": fp32_sha,
-                  "calibration": "the run's validation films (manifest.csv, role val)"}
+        record = {
+            **compare(fp32_path, tmp, images, labels),
+            "fp32_sha256": fp32_sha,
+            "calibration": "the run's validation films (manifest.csv, role val)",
+        }
         if record["kept"]:
             os.replace(tmp, out)
-            write_contract(out, {**contract, "model_file": out.name, "model_sha256": file_sha256(out),
-                                 "quantization": record})
+            write_contract(
+                out,
+                {
+                    **contract,
+                    "model_file": out.name,
+                    "model_sha256": file_sha256(out),
+                    "quantization": record,
+                },
+            )
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_json(check, record)
     if not record["kept"]:
         _refused(record)
         return None
-    log.info("int8 engine kept: validation ROC AUC %.4f (fp32 %.4f), max |dp| %.4f", record["val_roc_auc_int8"],
-             record["val_roc_auc_fp32"], record["max_abs_dp"])
+    log.info(
+        "int8 engine kept: validation ROC AUC %.4f (fp32 %.4f), max |dp| %.4f",
+        record["val_roc_auc_int8"],
+        record["val_roc_auc_fp32"],
+        record["max_abs_dp"],
+    )
     return out
 
 
 def _refused(record: dict) -> None:
-    log.warning("--int8 refused: validation ROC AUC %.4f against fp32's %.4f (more than %.3f apart); "
-                "scoring in fp32 (%s)", record["val_roc_auc_int8"], record["val_roc_auc_fp32"], MAX_AUC_DIFF, CHECK_FILE)
+    log.warning(
+        "--int8 refused: validation ROC AUC %.4f against fp32's %.4f (more than %.3f apart); "
+        "scoring in fp32 (%s)",
+        record["val_roc_auc_int8"],
+        record["val_roc_auc_fp32"],
+        MAX_AUC_DIFF,
+        CHECK_FILE,
+    )

@@ -48,18 +48,28 @@ def resolve_engine(engine: str | None, device: torch.device) -> str:
     applies = device.type == "cpu" and inference_precision(device) == "fp32"
     if engine == "onnxruntime":
         if not applies:
-            raise OptionError(f"--engine onnxruntime runs fp32 on a CPU (here: {device.type}, "
-                              f"{inference_precision(device)}); use --engine torch")
+            raise OptionError(
+                f"--engine onnxruntime runs fp32 on a CPU (here: {device.type}, "
+                f"{inference_precision(device)}); use --engine torch"
+            )
         if not onnxruntime_available():
-            raise OptionError("--engine onnxruntime needs the onnxruntime package (pip install onnxruntime)")
+            raise OptionError(
+                "--engine onnxruntime needs the onnxruntime package (pip install onnxruntime)"
+            )
         return engine
     if engine == "auto":
         return "onnxruntime" if applies and onnxruntime_available() else "torch"
     return engine
 
 
-def load_scorer(run_dir: str | Path, engine: str | None = None, device: str | None = None,
-                threads: int | None = None, onnx: str | Path | None = None, int8: bool = False):
+def load_scorer(
+    run_dir: str | Path,
+    engine: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    onnx: str | Path | None = None,
+    int8: bool = False,
+):
     """The run's predictor on the resolved engine (see fast_scorer). onnx: a user's own
     export (`--onnx`), taken as it is (its contract was checked at export). int8: the
     engine quantized (pneumoscope.deploy.quantize), where its validation ROC AUC holds. Each has
@@ -85,7 +95,9 @@ def load_predictor(run_dir: str | Path, onnx: str | Path | None = None, device: 
     return Predictor.from_run(run_dir, device=device)
 
 
-def fast_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None = None, threads: int | None = None):
+def fast_scorer(
+    run_dir: str | Path, predictor: Predictor, engine: str | None = None, threads: int | None = None
+):
     """`predictor` (torch), or a CheckedOnnx: the cached export under onnxruntime, checked
     against `predictor` on its first batch (its threads sleep between batches, not spin:
     decode workers and serving threads share the cores). An engine that cannot be built
@@ -99,7 +111,11 @@ def fast_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None = 
     except Exception as err:  # noqa: BLE001 - any failure to build it: torch scores the same
         if (engine or os.environ.get(ENGINE_ENV, "auto")).lower() == "onnxruntime":
             raise
-        log.warning("no onnxruntime engine for %s (%s); scoring with torch", run_dir, str(err).splitlines()[0])
+        log.warning(
+            "no onnxruntime engine for %s (%s); scoring with torch",
+            run_dir,
+            str(err).splitlines()[0],
+        )
         return predictor
 
 
@@ -109,7 +125,9 @@ def int8_scorer(run_dir: str | Path, predictor: Predictor, engine: str | None, t
     from pneumoscope.deploy.quantize import int8_engine
 
     if resolve_engine(engine, predictor.device) != "onnxruntime":
-        raise OptionError("--int8 runs on onnxruntime on a CPU (installed, fp32, not --engine torch)")
+        raise OptionError(
+            "--int8 runs on onnxruntime on a CPU (installed, fp32, not --engine torch)"
+        )
     fp32 = fast_scorer(run_dir, predictor, "onnxruntime", threads)
     with _locked(Path(run_dir) / f".{ENGINE_FILE}.lock"):
         path = int8_engine(run_dir, fp32.onnx.path)
@@ -139,8 +157,8 @@ def _usable(path: Path, run_dir: str | Path, thresholds: dict) -> bool:
     """The cached export is there, intact and of the run's weights (its thresholds are
     brought up to date: `calibrate` may have changed them since)."""
     from pneumoscope.deploy.onnx_contract import read_contract, refresh_contract_thresholds
-    from pneumoscope.fsio import file_sha256
     from pneumoscope.deploy.onnx_predictor import check_same_weights
+    from pneumoscope.fsio import file_sha256
 
     try:
         contract = read_contract(path)
@@ -203,6 +221,11 @@ class CheckedOnnx:
         want = self.torch.predict_class_probs(images)
         diff = float(np.max(np.abs(want - got)))
         if not diff <= PARITY_TOLERANCE:
-            log.warning("the onnxruntime engine (%s) differs from torch by %.2e > %.0e on the first "
-                        "batch; scoring with torch", self.onnx.path, diff, PARITY_TOLERANCE)
+            log.warning(
+                "the onnxruntime engine (%s) differs from torch by %.2e > %.0e on the first "
+                "batch; scoring with torch",
+                self.onnx.path,
+                diff,
+                PARITY_TOLERANCE,
+            )
             self.scorer, self.runtime = self.torch, "torch"

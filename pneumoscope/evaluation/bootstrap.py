@@ -30,7 +30,9 @@ def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.n
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     highest = np.zeros(len(counts), dtype=int)
     np.maximum.at(highest, codes, y_true)
-    strata = [np.flatnonzero(highest == c) for c in np.unique(highest)]  # binary: normal, then pneumonia
+    strata = [
+        np.flatnonzero(highest == c) for c in np.unique(highest)
+    ]  # binary: normal, then pneumonia
     return strata, np.stack([starts, counts]), order
 
 
@@ -43,8 +45,13 @@ def draw_images(rng: np.random.Generator, strata, blocks, order) -> np.ndarray:
     return order[np.repeat(starts, counts) + offsets]
 
 
-def patient_bootstrap(y_true: np.ndarray, patients, score: Callable[[np.ndarray], dict],
-                      n_boot: int = 1000, seed: int = 0) -> dict:
+def patient_bootstrap(
+    y_true: np.ndarray,
+    patients,
+    score: Callable[[np.ndarray], dict],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Percentile 95% intervals {key: [low, high]} of score(image indices of a resample)
     -> {key: value} over n_boot patient resamples (NaN values, e.g. a ROC AUC of a
     resample without one class, are left out of the percentiles)."""
@@ -54,4 +61,7 @@ def patient_bootstrap(y_true: np.ndarray, patients, score: Callable[[np.ndarray]
     for _ in range(n_boot):
         for key, value in score(draw_images(rng, strata, blocks, order)).items():
             draws.setdefault(key, []).append(value)
-    return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in draws.items()}
+    return {
+        k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+        for k, v in draws.items()
+    }

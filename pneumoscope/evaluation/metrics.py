@@ -21,7 +21,10 @@ def threshold_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> di
     y_true = np.asarray(y_true).astype(int)
     y_pred = (np.asarray(p) >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
-    return {**rates(tp, fp, tn, fn), "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}}
+    return {
+        **rates(tp, fp, tn, fn),
+        "confusion": {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)},
+    }
 
 
 def rates(tp, fp, tn, fn) -> dict:
@@ -69,7 +72,9 @@ def resample_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> dic
     tps = np.cumsum(y)[last].astype(float)
     fps = 1 + last - tps
     tpr, fpr = np.r_[0, tps] / tps[-1], np.r_[0, fps] / fps[-1]
-    roc_auc = (np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum()  # the trapezoid rule, as sklearn's auc
+    roc_auc = (
+        np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0
+    ).sum()  # the trapezoid rule, as sklearn's auc
     pr_auc = np.sum(np.diff(np.r_[0, tps / tps[-1]]) * (tps / (tps + fps)))
     return {**out, "roc_auc": float(roc_auc), "pr_auc": float(pr_auc)}
 
@@ -82,8 +87,13 @@ CI_METHOD = (
 
 
 def bootstrap_ci(
-    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
-    patients=None, score=None,
+    y_true: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+    patients=None,
+    score=None,
 ) -> dict:
     """Percentile 95% intervals of CI_METRICS over resamples of the patients (CI_METHOD,
     evaluation.bootstrap). patients: one id per image (None: each image its own patient);
@@ -100,7 +110,11 @@ def bootstrap_ci(
 
 
 def evaluate_predictions(
-    y_true: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0,
+    y_true: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
     patients=None,
 ) -> dict:
     """The metrics.json content: point estimates at `threshold` plus patient-bootstrap CIs."""
@@ -110,9 +124,18 @@ def evaluate_predictions(
         out["n_patients"] = int(len(set(map(str, patients))))
     out.update(point_metrics(y_true, p, threshold))
     if n_boot:
-        out["ci95"] = bootstrap_ci(y_true, p, threshold, n_boot=n_boot, seed=seed, patients=patients)
-        out["ci_method"] = CI_METHOD + f"; {n_boot} resamples" + (
-            "" if patients is not None else "; no patient ids were given, so each image was its own patient")
+        out["ci95"] = bootstrap_ci(
+            y_true, p, threshold, n_boot=n_boot, seed=seed, patients=patients
+        )
+        out["ci_method"] = (
+            CI_METHOD
+            + f"; {n_boot} resamples"
+            + (
+                ""
+                if patients is not None
+                else "; no patient ids were given, so each image was its own patient"
+            )
+        )
     else:
         out["ci95"] = {}
     return out
@@ -136,22 +159,31 @@ def sensitivity_threshold(y_true: np.ndarray, p: np.ndarray, target: float = 0.9
     return float(thresholds[ok[0]])  # roc_curve lists thresholds in decreasing order
 
 
-
-
 def choose_thresholds(y_true: np.ndarray, p: np.ndarray) -> dict:
     """The operating thresholds chosen on validation; `default` names the rule used by
     evaluate/predict/serve unless told otherwise."""
     rules = {"youden": youden_threshold(y_true, p)}
-    rules.update({name: sensitivity_threshold(y_true, p, target) for name, target in SENSITIVITY_RULES.items()})
-    return {"rules": rules, "default": DEFAULT_THRESHOLD_RULE, "threshold": rules[DEFAULT_THRESHOLD_RULE]}
+    rules.update(
+        {
+            name: sensitivity_threshold(y_true, p, target)
+            for name, target in SENSITIVITY_RULES.items()
+        }
+    )
+    return {
+        "rules": rules,
+        "default": DEFAULT_THRESHOLD_RULE,
+        "threshold": rules[DEFAULT_THRESHOLD_RULE],
+    }
 
 
 def format_metrics(m: dict) -> str:
     """A short console table of evaluate_predictions' output."""
     ci = m.get("ci95", {})
     patients = f"  patients={m['n_patients']}" if "n_patients" in m else ""
-    lines = [f"n={m['n']}{patients}  threshold={m['threshold']:.4f}",
-             f"{'metric':<12}{'value':>8}   95% CI (patients resampled)"]
+    lines = [
+        f"n={m['n']}{patients}  threshold={m['threshold']:.4f}",
+        f"{'metric':<12}{'value':>8}   95% CI (patients resampled)",
+    ]
     for key in CI_METRICS:
         lo_hi = ci.get(key)
         span = f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""

@@ -7,8 +7,15 @@ or scikit-learn; pneumoscope.evaluation.metrics chooses the thresholds.
 # The lower targets exist for shifted sites, where a validation target need not be the
 # site's: on the site sample the default's sensitivity95 kept 0.983 and sensitivity93 0.967
 # (benchmarks/RESULTS.md, "The site sample"); `benchmarks/site.py` scores every rule.
-SENSITIVITY_RULES = {"sensitivity85": 0.85, "sensitivity90": 0.90, "sensitivity93": 0.93, "sensitivity95": 0.95,
-                     "sensitivity97": 0.97, "sensitivity98": 0.98, "sensitivity99": 0.99}
+SENSITIVITY_RULES = {
+    "sensitivity85": 0.85,
+    "sensitivity90": 0.90,
+    "sensitivity93": 0.93,
+    "sensitivity95": 0.95,
+    "sensitivity97": 0.97,
+    "sensitivity98": 0.98,
+    "sensitivity99": 0.99,
+}
 # The rule chosen on the site sample (benchmarks/RESULTS.md, "The site sample"): of the
 # validation rules, the one whose site-sample sensitivity reached 0.97 on every seed of the
 # default recipe at the highest site specificity (its value still comes from validation,

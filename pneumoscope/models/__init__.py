@@ -1,7 +1,7 @@
 """Backbones, the Classifier, and where their weights come from.
 
-    model = build_model("efficientnet_lite0", weights="imagenet")
-    p_pneumonia = model(x).softmax(dim=1)[:, PNEUMONIA_INDEX]   # x: (B,1,S,S) in [0,1]
+model = build_model("efficientnet_lite0", weights="imagenet")
+p_pneumonia = model(x).softmax(dim=1)[:, PNEUMONIA_INDEX]   # x: (B,1,S,S) in [0,1]
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ __all__ = [
 ]
 
 
-def build_model(backbone: str, weights: str = "imagenet", dropout: float = 0.2,
-                n_classes: int = 2) -> Classifier:
+def build_model(
+    backbone: str, weights: str = "imagenet", dropout: float = 0.2, n_classes: int = 2
+) -> Classifier:
     """The backbone with ``weights`` ("imagenet" | "none" | a state_dict file) and a new
     head of ``n_classes`` (2: binary, 3: three-class). Raises OptionError for an unknown
     backbone, WeightsError for weights."""

@@ -55,7 +55,9 @@ class Classifier(nn.Module):
         raw = spec.builder() if raw_model is None else raw_model
         stages = list(spec.splitter(raw))
         if len(stages) != spec.n_stages:
-            raise ValueError(f"{spec.name}: splitter gave {len(stages)} stages, expected {spec.n_stages}")
+            raise ValueError(
+                f"{spec.name}: splitter gave {len(stages)} stages, expected {spec.n_stages}"
+            )
         self.backbone_name = spec.name
         self.stage_names = spec.stage_names
         self.feature_dim = spec.feature_dim
@@ -86,7 +88,9 @@ class Classifier(nn.Module):
 
     def normalise(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected a (B, 1, S, S) grayscale batch in [0, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected a (B, 1, S, S) grayscale batch in [0, 1], got {tuple(x.shape)}"
+            )
         return (x.expand(-1, 3, -1, -1) - self.norm_mean) / self.norm_std
 
     def features_until(self, k: int, x: Tensor) -> Tensor:
@@ -126,7 +130,7 @@ class Classifier(nn.Module):
             stage.requires_grad_(i >= n)
         self.train(self.training)  # re-apply the eval rule to the current mode
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         # Frozen stages stay in eval mode: BatchNorm keeps its running stats (and the
         # cached activations of features_until stay valid), dropout/drop-path stay off.

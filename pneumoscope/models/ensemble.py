@@ -44,8 +44,13 @@ IDENTITY = {"zoom": 1.0, "aspect": 1.0, "gamma": 1.0}
 TTA_PRESETS: dict[str, list[dict]] = {
     "none": [IDENTITY],
     "zoom3": [IDENTITY, {**IDENTITY, "zoom": 0.9}, {**IDENTITY, "zoom": 1.1}],
-    "mixed5": [IDENTITY, {**IDENTITY, "zoom": 0.9}, {**IDENTITY, "zoom": 1.1},
-               {**IDENTITY, "aspect": 0.9}, {**IDENTITY, "aspect": 1.1}],
+    "mixed5": [
+        IDENTITY,
+        {**IDENTITY, "zoom": 0.9},
+        {**IDENTITY, "zoom": 1.1},
+        {**IDENTITY, "aspect": 0.9},
+        {**IDENTITY, "aspect": 1.1},
+    ],
     "photo3": [IDENTITY, {**IDENTITY, "gamma": 0.8}, {**IDENTITY, "gamma": 1.25}],
 }
 
@@ -63,13 +68,17 @@ class View(nn.Module):
         super().__init__()
         unknown = set(spec) - set(IDENTITY)
         if unknown:
-            raise ValueError(f"TTA view {spec}: unknown keys {sorted(unknown)}; known: {sorted(IDENTITY)}")
+            raise ValueError(
+                f"TTA view {spec}: unknown keys {sorted(unknown)}; known: {sorted(IDENTITY)}"
+            )
         self.spec = {**IDENTITY, **{k: float(v) for k, v in spec.items()}}
         if min(self.spec.values()) <= 0:
             raise ValueError(f"TTA view {spec}: zoom, aspect and gamma must be > 0")
         self.geometric = self.spec["zoom"] != 1.0 or self.spec["aspect"] != 1.0
         # (S,S,2), not 4-D: Predictor's channels_last conversion leaves a 3-D buffer alone
-        self.register_buffer("grid", _grid(self.spec["zoom"], self.spec["aspect"], size), persistent=False)
+        self.register_buffer(
+            "grid", _grid(self.spec["zoom"], self.spec["aspect"], size), persistent=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.geometric:
@@ -98,19 +107,27 @@ class Ensemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         counts = [m.n_classes for m in members]
         if len(set(counts)) > 1:
-            raise ValueError(f"ensemble members output {counts} classes; they must all output the same number")
+            raise ValueError(
+                f"ensemble members output {counts} classes; they must all output the same number"
+            )
         self.n_classes = counts[0]
         self.members = nn.ModuleList(members)
         self.views = nn.ModuleList(View(v, image_size) for v in (views or [IDENTITY]))
 
     def forward(self, x: Tensor) -> Tensor:
-        logp = [F.log_softmax(member(view(x)).float(), dim=1) for member in self.members for view in self.views]
+        logp = [
+            F.log_softmax(member(view(x)).float(), dim=1)
+            for member in self.members
+            for view in self.views
+        ]
         return torch.logsumexp(torch.stack(logp), dim=0) - math.log(len(logp))
 
     def embed(self, x: Tensor) -> Tensor:
         """Each member's embedding averaged over the views, members side by side:
         (B, sum of the members' feature_dim)."""
-        return torch.cat([torch.stack([m.embed(v(x)) for v in self.views]).mean(0) for m in self.members], dim=1)
+        return torch.cat(
+            [torch.stack([m.embed(v(x)) for v in self.views]).mean(0) for m in self.members], dim=1
+        )
 
     @property
     def feature_dim(self) -> int:

@@ -19,5 +19,4 @@ def open_session(onnx_path: str | Path | bytes, threads: int | None = None, spin
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only
     source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(source, sess_options=options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])

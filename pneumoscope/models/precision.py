@@ -58,14 +58,23 @@ def cpu_description() -> dict:
                     break
     except OSError:  # not Linux: the model from platform, no flags
         pass
-    return {"model": model, "flags": [f for f in _CPU_FLAGS_SHOWN if f in flags],
-            "torch_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-            "native_bf16": native_bf16("cpu"), "threads": torch.get_num_threads()}
+    return {
+        "model": model,
+        "flags": [f for f in _CPU_FLAGS_SHOWN if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "native_bf16": native_bf16("cpu"),
+        "threads": torch.get_num_threads(),
+    }
 
 
-def resolve_precision(precision: str, device: str | torch.device, *, option: str = "--precision",
-                      cpu_auto: str = "native") -> str:
+def resolve_precision(
+    precision: str,
+    device: str | torch.device,
+    *,
+    option: str = "--precision",
+    cpu_auto: str = "native",
+) -> str:
     """fp32 | bf16 for a requested auto | bf16 | fp32 on device.
 
     cpu_auto: what auto means on a CPU: "native" (bf16 where native) or "fp32"."""
@@ -80,4 +89,6 @@ def resolve_precision(precision: str, device: str | torch.device, *, option: str
 
 def autocast(device: str | torch.device, precision: str):
     """The forward pass's mixed-precision context (disabled, a no-op, for fp32)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )

@@ -14,9 +14,9 @@ Stage layout (the `Classifier.stages` ModuleList, lowest first):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 

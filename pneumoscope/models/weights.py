@@ -15,8 +15,8 @@ import os
 import pickle
 import re
 import socket
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -193,7 +193,11 @@ def lukemelas_to_timm(state: Mapping[str, Tensor], block_counts: list[int]) -> d
     """Rename lukemelas-style EfficientNet keys to timm's, tensors untouched (no reshapes)."""
     # Flat block index -> (stage, index in stage).
     where = [(s, i) for s, n in enumerate(block_counts) for i in range(n)]
-    expanded = {int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"}
+    expanded = {
+        int(m.group(1))
+        for k in state
+        if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"
+    }
     out: dict[str, Tensor] = {}
     for key, tensor in state.items():
         out[_rename_lukemelas_key(key, where, expanded)] = tensor
@@ -247,15 +251,14 @@ def load_local_weights(spec, model: nn.Module, path: Path) -> None:
     """--weights PATH: backbone key names, the head (fc.* / classifier.*) optional and ignored."""
     state = spec.adapt_keys(read_state_dict(path), model)
     state = {k: v for k, v in state.items() if not k.startswith(spec.head_prefixes)}
-    expected = {
-        k: v for k, v in model.state_dict().items() if not k.startswith(spec.head_prefixes)
-    }
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(spec.head_prefixes)}
     _check_keys(state, expected, source=str(path), backbone=spec.name)
     model.load_state_dict(state, strict=False)
 
 
-def _check_keys(got: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, source: str,
-                backbone: str) -> None:
+def _check_keys(
+    got: Mapping[str, Tensor], expected: Mapping[str, Tensor], *, source: str, backbone: str
+) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     wrong_shape = [
@@ -323,7 +326,7 @@ def _as_plain_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
         raise WeightsError(f"weights file {path} is not a plain tensor state_dict")
     state = dict(obj)
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 

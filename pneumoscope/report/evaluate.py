@@ -16,15 +16,29 @@ from pneumoscope.fsio import atomic_write_csv, atomic_write_json
 from pneumoscope.inference import Predictor
 from pneumoscope.report.model_card import update_model_card
 from pneumoscope.rundir import EVALUATION, MANIFEST
-from pneumoscope.tasks import BINARY, THREE_CLASS, bv_threshold_of, p_pneumonia, prediction_columns, task_labels
+from pneumoscope.tasks import (
+    BINARY,
+    THREE_CLASS,
+    bv_threshold_of,
+    p_pneumonia,
+    prediction_columns,
+    task_labels,
+)
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | None = None,
-                 threshold_rule: str | None = None, strict: bool = False,
-                 n_boot: int = 1000, show_progress: bool = True, patients: str | Path | None = None,
-                 engine: str | None = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    split_dir: str | Path,
+    out: str | Path | None = None,
+    threshold_rule: str | None = None,
+    strict: bool = False,
+    n_boot: int = 1000,
+    show_progress: bool = True,
+    patients: str | Path | None = None,
+    engine: str | None = None,
+) -> dict:
     """Metrics of a run's model on one labelled folder, written to metrics.json.
     patients: a CSV of file -> patient id (--patients), else ids from Kermany file names.
     engine: auto | onnxruntime | torch (pneumoscope.deploy.scoring)."""
@@ -32,8 +46,9 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
 
     predictor = load_scorer(run_dir, engine)
     samples = discover_split(split_dir, patients=load_patients(patients))
-    data = decode_samples(samples, predictor.image_size, strict=strict, desc="decode",
-                          show_progress=show_progress)
+    data = decode_samples(
+        samples, predictor.image_size, strict=strict, desc="decode", show_progress=show_progress
+    )
     probs = predictor.predict_class_probs(data.images, show_progress=show_progress)
     metrics = score_predictions(predictor, data, probs, threshold_rule, str(split_dir), n_boot)
     metrics["leakage"] = check_leakage(run_dir, data)
@@ -45,8 +60,14 @@ def evaluate_run(run_dir: str | Path, split_dir: str | Path, out: str | Path | N
     return metrics
 
 
-def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
-                      threshold_rule: str | None, data_name: str, n_boot: int = 1000) -> dict:
+def score_predictions(
+    predictor: Predictor,
+    data: DecodedSet,
+    probs: np.ndarray,
+    threshold_rule: str | None,
+    data_name: str,
+    n_boot: int = 1000,
+) -> dict:
     """The metrics.json content (evaluate and report share it) at the rule's threshold.
     probs: p(pneumonia) (N,) or class probabilities (N, C); a three-class run's metrics
     (pneumoscope.evaluation.three_class) need the (N, 3) ones."""
@@ -60,10 +81,19 @@ def score_predictions(predictor: Predictor, data: DecodedSet, probs: np.ndarray,
     else:
         from pneumoscope.evaluation.three_class import evaluate_three_class
 
-        metrics = evaluate_three_class(task_labels(data.samples, task), probs, threshold,
-                                       bv_threshold_of(predictor.thresholds, task), n_boot=n_boot, patients=patients)
-    extra = {"threshold_rule": threshold_rule or predictor.thresholds["default"], "data": data_name,
-             "unreadable": [{"path": p, "problem": why} for p, why in data.failures]}
+        metrics = evaluate_three_class(
+            task_labels(data.samples, task),
+            probs,
+            threshold,
+            bv_threshold_of(predictor.thresholds, task),
+            n_boot=n_boot,
+            patients=patients,
+        )
+    extra = {
+        "threshold_rule": threshold_rule or predictor.thresholds["default"],
+        "data": data_name,
+        "unreadable": [{"path": p, "problem": why} for p, why in data.failures],
+    }
     metrics.update(extra)
     if task != BINARY:
         metrics["binary"].update(extra)
@@ -79,7 +109,9 @@ def format_evaluation(metrics: dict) -> str:
     return format_metrics(metrics)
 
 
-def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, ...] = ()) -> dict | None:
+def check_leakage(
+    run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, ...] = ()
+) -> dict | None:
     """Images of `data` that the run trained or selected its threshold on (same bytes,
     by the sha1 decoding computed; by path for an old manifest), with a warning: metrics
     on them are not held out. None when the run has no manifest.csv."""
@@ -88,10 +120,15 @@ def check_leakage(run_dir: str | Path, data: DecodedSet, skip_roles: tuple[str, 
         return None
     found = shared_with_manifest(manifest, data.samples, data.keys, skip_roles)
     for role, info in found["shared"].items():
-        log.warning("%d of the %d evaluated images are also in the run's %s part (same %s), so the "
-                    "metrics are not on held-out data; e.g. %s", info["count"], len(data.samples), role,
-                    "file content" if found["compared_by"].startswith("sha1") else "path",
-                    ", ".join(info["examples"][:3]))
+        log.warning(
+            "%d of the %d evaluated images are also in the run's %s part (same %s), so the "
+            "metrics are not on held-out data; e.g. %s",
+            info["count"],
+            len(data.samples),
+            role,
+            "file content" if found["compared_by"].startswith("sha1") else "path",
+            ", ".join(info["examples"][:3]),
+        )
     return found
 
 
@@ -107,8 +144,15 @@ def write_evaluation(out: Path, metrics: dict, data: DecodedSet, probs: np.ndarr
     elif task == BINARY:
         values, labels = p_pneumonia(probs)[:, None], data.labels
     else:
-        values, labels = np.column_stack([probs, p_pneumonia(probs)]), task_labels(data.samples, task)
+        values, labels = (
+            np.column_stack([probs, p_pneumonia(probs)]),
+            task_labels(data.samples, task),
+        )
     atomic_write_csv(
-        out.with_name(out.stem + "_predictions.csv"), ["path", "label", *prediction_columns(task)],
-        [[str(s.path), int(y), *(repr(float(v)) for v in row)] for s, y, row in zip(data.samples, labels, values)],
+        out.with_name(out.stem + "_predictions.csv"),
+        ["path", "label", *prediction_columns(task)],
+        [
+            [str(s.path), int(y), *(repr(float(v)) for v in row)]
+            for s, y, row in zip(data.samples, labels, values)
+        ],
     )

@@ -7,14 +7,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pneumoscope.tasks import CLASSES
-from pneumoscope.data.sources import expand_paths, require_image_files, require_some_readable
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.decode import ImageDecodeError
+from pneumoscope.data.sources import (
+    expand_paths,
+    png_bytes,
+    require_image_files,
+    require_some_readable,
+)
+from pneumoscope.fsio import atomic_write_bytes
 from pneumoscope.inference import Predictor
 from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap
-from pneumoscope.data.sources import png_bytes
-from pneumoscope.fsio import atomic_write_bytes
+from pneumoscope.tasks import CLASSES
 
 
 def _out_names(paths: list[Path]) -> list[str]:
@@ -28,9 +32,16 @@ def _out_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def explain_images(run_dir: str | Path, images: list[str | Path], out: str | Path | None = None,
-                   *, threshold_rule: str | None = None, alpha: float = 0.4, strict: bool = False,
-                   show_progress: bool = True) -> list[dict]:
+def explain_images(
+    run_dir: str | Path,
+    images: list[str | Path],
+    out: str | Path | None = None,
+    *,
+    threshold_rule: str | None = None,
+    alpha: float = 0.4,
+    strict: bool = False,
+    show_progress: bool = True,
+) -> list[dict]:
     """For each readable image (files, or folders searched for images): the Grad-CAM
     overlay written to OUT (default RUN_DIR/explain) and a dict with path, p_pneumonia,
     label (at the run's threshold, or `threshold_rule`'s), threshold and overlay path.
@@ -52,10 +63,18 @@ def explain_images(run_dir: str | Path, images: list[str | Path], out: str | Pat
     probs = predictor.predict_images(np.stack([image for _, image in loaded]))
     results = []
     names = _out_names([path for path, _ in loaded])
-    for (path, image), p, name in tqdm(list(zip(loaded, probs, names)), desc="Grad-CAM", unit="img",
-                                       disable=not show_progress):
+    for (path, image), p, name in tqdm(
+        list(zip(loaded, probs, names)), desc="Grad-CAM", unit="img", disable=not show_progress
+    ):
         overlay = overlay_heatmap(image, gradcam_heatmap(predictor.model, image), alpha=alpha)
         atomic_write_bytes(out / name, png_bytes(overlay))
-        results.append({"path": str(path), "p_pneumonia": float(p), "label": CLASSES[int(p >= threshold)],
-                        "threshold": threshold, "overlay": str(out / name)})
+        results.append(
+            {
+                "path": str(path),
+                "p_pneumonia": float(p),
+                "label": CLASSES[int(p >= threshold)],
+                "threshold": threshold,
+                "overlay": str(out / name),
+            }
+        )
     return results

@@ -29,8 +29,7 @@ from matplotlib import colormaps
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
-from pneumoscope.models.classifier import images_to_input
-from pneumoscope.models.classifier import PNEUMONIA_INDEX
+from pneumoscope.models.classifier import PNEUMONIA_INDEX, images_to_input
 
 _LOCK = threading.Lock()
 _COLORMAP = colormaps["jet"]
@@ -107,17 +106,23 @@ def gradcam_heatmap(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     """
     image = np.asarray(image)
     if image.ndim != 2 or image.dtype != np.uint8:
-        raise ValueError(f"gradcam_heatmap: expected a uint8 (S, S) image, got {image.dtype} {image.shape}")
+        raise ValueError(
+            f"gradcam_heatmap: expected a uint8 (S, S) image, got {image.dtype} {image.shape}"
+        )
     return gradcam_heatmaps(model, image[None])[0]
 
 
-def gradcam_heatmaps(model: torch.nn.Module, images: np.ndarray, target_class: int | None = None) -> np.ndarray:
+def gradcam_heatmaps(
+    model: torch.nn.Module, images: np.ndarray, target_class: int | None = None
+) -> np.ndarray:
     """gradcam_heatmap for a uint8 batch (N, S, S) in one forward/backward pass (the model
     runs in eval mode, so images do not affect each other): float32 (N, S, S).
     target_class: None for the pneumonia log-odds, else that class's (ClassLogOdds)."""
     images = np.asarray(images)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"gradcam_heatmaps: expected uint8 (N, S, S) images, got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"gradcam_heatmaps: expected uint8 (N, S, S) images, got {images.dtype} {images.shape}"
+        )
     device = next(model.parameters()).device
     with _LOCK, _model_left_as_found(model), torch.inference_mode(False), torch.enable_grad():
         # Made here, not under the caller's inference_mode. It requires grad so that the
@@ -142,7 +147,9 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) 
     """The X-ray in gray with the heatmap (jet colours) blended over it: uint8 (S, S, 3)."""
     image, heatmap = np.asarray(image), np.asarray(heatmap, dtype=np.float32)
     if image.shape != heatmap.shape or image.ndim != 2:
-        raise ValueError(f"overlay_heatmap: image {image.shape} and heatmap {heatmap.shape} must be the same (S, S)")
+        raise ValueError(
+            f"overlay_heatmap: image {image.shape} and heatmap {heatmap.shape} must be the same (S, S)"
+        )
     gray = np.repeat(image.astype(np.float32)[..., None] / 255.0, 3, axis=2)
     colour = _COLORMAP(np.clip(heatmap, 0.0, 1.0))[..., :3].astype(np.float32)
     blended = (1.0 - alpha) * gray + alpha * colour

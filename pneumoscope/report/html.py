@@ -9,8 +9,13 @@ from html import escape
 from pneumoscope.evaluation.metrics import CI_METRICS
 
 METRIC_NAMES = {
-    "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
-    "precision": "Precision (PPV)", "f1": "F1", "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)",
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "precision": "Precision (PPV)",
+    "f1": "F1",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
 }
 
 CSS = """
@@ -42,8 +47,10 @@ def data_uri(png: bytes) -> str:
 
 def figure(png: bytes, alt: str, caption: str, file_name: str, anchor: str = "") -> str:
     ident = f' id="{anchor}"' if anchor else ""
-    return (f'<figure{ident}><img src="{data_uri(png)}" alt="{escape(alt)}">'
-            f'<figcaption>{caption} <code>{escape(file_name)}</code></figcaption></figure>')
+    return (
+        f'<figure{ident}><img src="{data_uri(png)}" alt="{escape(alt)}">'
+        f"<figcaption>{caption} <code>{escape(file_name)}</code></figcaption></figure>"
+    )
 
 
 def metrics_table(metrics: dict) -> str:
@@ -53,17 +60,27 @@ def metrics_table(metrics: dict) -> str:
     for key in CI_METRICS:
         lo_hi = ci.get(key)
         span = f"{lo_hi[0]:.3f} – {lo_hi[1]:.3f}" if lo_hi else "–"
-        rows.append(f"<tr><td>{METRIC_NAMES[key]}</td><td class=num>{metrics[key]:.3f}</td>"
-                    f"<td class=num>{span}</td></tr>")
+        rows.append(
+            f"<tr><td>{METRIC_NAMES[key]}</td><td class=num>{metrics[key]:.3f}</td>"
+            f"<td class=num>{span}</td></tr>"
+        )
     c = metrics["confusion"]
-    rows.append(f"<tr><td>Confusion</td><td colspan=2>TP {c['tp']} · FP {c['fp']} · "
-                f"TN {c['tn']} · FN {c['fn']}</td></tr>")
-    return ("<table><tr><th>Metric</th><th>Value</th><th>95% CI</th></tr>" + "".join(rows) + "</table>")
+    rows.append(
+        f"<tr><td>Confusion</td><td colspan=2>TP {c['tp']} · FP {c['fp']} · "
+        f"TN {c['tn']} · FN {c['fn']}</td></tr>"
+    )
+    return (
+        "<table><tr><th>Metric</th><th>Value</th><th>95% CI</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def key_values(pairs: list[tuple[str, str]]) -> str:
     """A two-column table; values are HTML (escape them before)."""
-    return "<table class=kv>" + "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in pairs) + "</table>"
+    return (
+        "<table class=kv>"
+        + "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in pairs)
+        + "</table>"
+    )
 
 
 def counts_table(rows: list[tuple[str, dict]], classes: tuple[str, ...]) -> str:
@@ -82,11 +99,16 @@ def section(anchor: str, title: str, body: str) -> str:
 
 
 def grid(*items: str) -> str:
-    return '<div class=grid>' + "".join(f"<div>{item}</div>" for item in items) + "</div>"
+    return "<div class=grid>" + "".join(f"<div>{item}</div>" for item in items) + "</div>"
 
 
-def page(title: str, subtitle: str, sections: list[tuple[str, str, str]], footer: str,
-         nav: list[tuple[str, str]]) -> str:
+def page(
+    title: str,
+    subtitle: str,
+    sections: list[tuple[str, str, str]],
+    footer: str,
+    nav: list[tuple[str, str]],
+) -> str:
     """sections: (anchor, title, body html); nav: (anchor, label) links of the sticky bar."""
     nav = "".join(f'<a href="#{a}">{escape(t)}</a>' for a, t in nav)
     body = "".join(section(a, t, b) for a, t, b in sections)
@@ -106,14 +128,30 @@ def drift_table(drift: dict) -> str:
     """The drift numbers (pneumoscope drift's console table) as HTML."""
     v, f = drift["scores"]["validation"], drift["scores"]["folder"]
     rows = [("Images", f"{v['n']}", f"{f['n']}")]
-    rows += [(f"p(pneumonia) {key[1:]}th percentile", f"{v['quantiles'][key]:.3f}", f"{f['quantiles'][key]:.3f}")
-             for key in ("q05", "q25", "q50", "q75", "q95")]
-    rows.append((f"Predicted positive (threshold {drift['threshold']:.3f})", f"{v['share_positive']:.1%}",
-                 f"{f['share_positive']:.1%}"))
-    body = "".join(f"<tr><td>{escape(a)}</td><td class=num>{b}</td><td class=num>{c}</td></tr>" for a, b, c in rows)
+    rows += [
+        (
+            f"p(pneumonia) {key[1:]}th percentile",
+            f"{v['quantiles'][key]:.3f}",
+            f"{f['quantiles'][key]:.3f}",
+        )
+        for key in ("q05", "q25", "q50", "q75", "q95")
+    ]
+    rows.append(
+        (
+            f"Predicted positive (threshold {drift['threshold']:.3f})",
+            f"{v['share_positive']:.1%}",
+            f"{f['share_positive']:.1%}",
+        )
+    )
+    body = "".join(
+        f"<tr><td>{escape(a)}</td><td class=num>{b}</td><td class=num>{c}</td></tr>"
+        for a, b, c in rows
+    )
     o = drift["outside"]
-    return (f"<p><b>Domain AUC {drift['domain_auc']:.3f}</b>: {escape(drift['verdict'])}.</p>"
-            "<table><tr><th></th><th>Validation</th><th>Folder</th></tr>" + body + "</table>"
-            f"<p class=note>Outside validation: {o['embedding']:.1%} of the folder by embedding distance "
-            f"({escape(o['embedding_definition'])}), {o['score']:.1%} by score "
-            f"({escape(o['score_definition'])}).</p>")
+    return (
+        f"<p><b>Domain AUC {drift['domain_auc']:.3f}</b>: {escape(drift['verdict'])}.</p>"
+        "<table><tr><th></th><th>Validation</th><th>Folder</th></tr>" + body + "</table>"
+        f"<p class=note>Outside validation: {o['embedding']:.1%} of the folder by embedding distance "
+        f"({escape(o['embedding_definition'])}), {o['score']:.1%} by score "
+        f"({escape(o['score_definition'])}).</p>"
+    )

@@ -17,8 +17,13 @@ from pneumoscope.rundir import MODEL_CARD, SUMMARY
 
 TRACKERS = ("tensorboard", "mlflow")
 EXTRA = "pip install 'pneumoscope[track]'"
-EPOCH_SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_roc_auc": "val/roc_auc",
-                 "val_pr_auc": "val/pr_auc", "lr": "lr"}
+EPOCH_SCALARS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "val_roc_auc": "val/roc_auc",
+    "val_pr_auc": "val/pr_auc",
+    "lr": "lr",
+}
 N_GRADCAM = 4  # overlays at the end: the first validation images of each class, two apiece
 
 
@@ -30,7 +35,9 @@ def parse_log(spec: str) -> list[str]:
     names = [s.strip().lower() for s in (spec or "").split(",") if s.strip()]
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise OptionError(f"--log: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+        raise OptionError(
+            f"--log: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -50,7 +57,9 @@ class TensorBoardTracker:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def start(self, params: dict) -> None:
-        self.writer.add_text("config", "```\n" + json.dumps(params, indent=2, default=str) + "\n```")
+        self.writer.add_text(
+            "config", "```\n" + json.dumps(params, indent=2, default=str) + "\n```"
+        )
 
     def log_epoch(self, row: dict) -> None:
         for key, tag in EPOCH_SCALARS.items():
@@ -78,13 +87,16 @@ class MlflowTracker:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "pneumoscope")
         found = self.client.get_experiment_by_name(name)
         experiment = found.experiment_id if found else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(experiment, run_name=run_dir.name,
-                                             tags={"run_dir": str(run_dir.resolve())}).info.run_id
+        self.run_id = self.client.create_run(
+            experiment, run_name=run_dir.name, tags={"run_dir": str(run_dir.resolve())}
+        ).info.run_id
 
     def start(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.client.log_batch(
+            self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
 
     def log_epoch(self, row: dict) -> None:
         import time
@@ -92,8 +104,12 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), row["epoch"] + 1
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(row[key]), now, step)
-                                                    for key in EPOCH_SCALARS if key in row])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(key, float(row[key]), now, step) for key in EPOCH_SCALARS if key in row
+            ],
+        )
 
     def finish(self, run_dir: Path) -> None:
         from pneumoscope.rundir import BEST_MODEL, CONFIG, THRESHOLD
@@ -124,12 +140,12 @@ def end_of_run_figures(run_dir: Path):
     """The validation ROC curve (a matplotlib figure) and N_GRADCAM (name, overlay) pairs."""
     import numpy as np
 
-    from pneumoscope.inference import decode_sources
     from pneumoscope.deploy.scoring import load_predictor
     from pneumoscope.evaluation.metrics import evaluate_predictions
-    from pneumoscope.report.model_card import read_val_predictions
+    from pneumoscope.inference import decode_sources
     from pneumoscope.report.figures import roc_figure
     from pneumoscope.report.gradcam import gradcam_heatmaps, overlay_heatmap
+    from pneumoscope.report.model_card import read_val_predictions
 
     predictor = load_predictor(run_dir)
     paths, labels, probs = read_val_predictions(run_dir)

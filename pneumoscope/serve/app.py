@@ -34,14 +34,23 @@ from pneumoscope.data.decode import ImageDecodeError
 from pneumoscope.serve import DEFAULT_MAX_UPLOAD_BYTES
 from pneumoscope.serve.engine import InferenceEngine
 from pneumoscope.serve.security import (
-    DEFAULT_RATE_LIMIT, HostCheck, RateLimit, SecurityHeaders, TokenCheck, allowed_host_names,
+    DEFAULT_RATE_LIMIT,
+    HostCheck,
+    RateLimit,
+    SecurityHeaders,
+    TokenCheck,
+    allowed_host_names,
 )
 
-DISCLAIMER = ("Research tool, not a medical device: its output is not a diagnosis and must not "
-              "guide the care of a patient.")
+DISCLAIMER = (
+    "Research tool, not a medical device: its output is not a diagnosis and must not "
+    "guide the care of a patient."
+)
 # The page is self-contained: everything from this origin, images from data: URLs.
-PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 # Problems (ImageDecodeError.problem prefixes) that mean "not a supported image type".
 _UNSUPPORTED = ("unsupported format", "not an image", "not a readable DICOM file")
@@ -59,19 +68,32 @@ class Prediction(BaseModel):
     p_pneumonia: float = Field(description="probability of pneumonia, in [0, 1]")
     label: Literal["NORMAL", "PNEUMONIA", "BACTERIAL", "VIRAL"] = Field(
         description="binary runs: PNEUMONIA when p_pneumonia >= threshold; three-class runs: NORMAL below "
-                    "it, else BACTERIAL when p_bacterial / p_pneumonia >= bacterial_vs_viral_threshold, else VIRAL")
+        "it, else BACTERIAL when p_bacterial / p_pneumonia >= bacterial_vs_viral_threshold, else VIRAL"
+    )
     probabilities: dict[str, float] | None = Field(
-        None, description="three-class runs: p of normal, bacterial and viral (summing to 1)")
+        None, description="three-class runs: p of normal, bacterial and viral (summing to 1)"
+    )
     bacterial_vs_viral_threshold: float | None = Field(
-        None, description="three-class runs: threshold on p(bacterial | pneumonia), chosen on validation")
-    threshold: float = Field(description="the run's operating threshold, chosen on validation "
-                             "(or on a site sample by `pneumoscope calibrate`)")
+        None,
+        description="three-class runs: threshold on p(bacterial | pneumonia), chosen on validation",
+    )
+    threshold: float = Field(
+        description="the run's operating threshold, chosen on validation "
+        "(or on a site sample by `pneumoscope calibrate`)"
+    )
     threshold_rule: str
     model: ModelInfo
-    input_png: str | None = Field(None, description="with ?heatmap=true: the model's input image, base64 PNG")
-    heatmap_png: str | None = Field(None, description="with ?heatmap=true: Grad-CAM overlay, base64 PNG")
-    heatmap_empty: bool | None = Field(None, description="with ?heatmap=true: no region raised the "
-                                                         "pneumonia score (the map is all zero)")
+    input_png: str | None = Field(
+        None, description="with ?heatmap=true: the model's input image, base64 PNG"
+    )
+    heatmap_png: str | None = Field(
+        None, description="with ?heatmap=true: Grad-CAM overlay, base64 PNG"
+    )
+    heatmap_empty: bool | None = Field(
+        None,
+        description="with ?heatmap=true: no region raised the "
+        "pneumonia score (the map is all zero)",
+    )
 
 
 class Health(BaseModel):
@@ -92,12 +114,19 @@ def _static_dir() -> Path:
     return Path(str(resources.files("pneumoscope.serve").joinpath("static")))
 
 
-def create_app(run_dir: str | Path, *, onnx_path: str | Path | None = None,
-               threshold_rule: str | None = None, device: str | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               engine: InferenceEngine | None = None, host: str = "127.0.0.1",
-               allowed_hosts: tuple[str, ...] = (), token: str | None = None,
-               rate_limit: int | None = DEFAULT_RATE_LIMIT) -> FastAPI:
+def create_app(
+    run_dir: str | Path,
+    *,
+    onnx_path: str | Path | None = None,
+    threshold_rule: str | None = None,
+    device: str | None = None,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    engine: InferenceEngine | None = None,
+    host: str = "127.0.0.1",
+    allowed_hosts: tuple[str, ...] = (),
+    token: str | None = None,
+    rate_limit: int | None = DEFAULT_RATE_LIMIT,
+) -> FastAPI:
     """The web app for one run. `onnx_path`: probabilities from that ONNX export
     (Grad-CAM still uses the run's torch model). `engine`: an already loaded model.
     `host`: the address it will be bound to (with `allowed_hosts`, the Host header names
@@ -109,9 +138,14 @@ def create_app(run_dir: str | Path, *, onnx_path: str | Path | None = None,
         app.state.engine = engine or InferenceEngine(run_dir, onnx_path, threshold_rule, device)
         yield
 
-    app = FastAPI(title="pneumoscope", version=__version__, lifespan=lifespan,
-                  description=f"Chest X-ray pneumonia classifier. {DISCLAIMER}",
-                  docs_url=None, redoc_url=None)  # Swagger UI / ReDoc load from a CDN
+    app = FastAPI(
+        title="pneumoscope",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"Chest X-ray pneumonia classifier. {DISCLAIMER}",
+        docs_url=None,
+        redoc_url=None,
+    )  # Swagger UI / ReDoc load from a CDN
     static = _static_dir()
     app.mount("/static", StaticFiles(directory=static), name="static")
     _add_error_handlers(app, max_upload_bytes)
@@ -119,23 +153,35 @@ def create_app(run_dir: str | Path, *, onnx_path: str | Path | None = None,
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(static / "index.html", headers={
-            "Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff",
-            "Cache-Control": "no-cache"})
+        return FileResponse(
+            static / "index.html",
+            headers={
+                "Content-Security-Policy": PAGE_CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     @app.get("/healthz", response_model=Health)
     async def healthz(request: Request) -> dict:
         return {"status": "ok", "model": request.app.state.engine.info, "version": __version__}
 
     @app.post(
-        "/v1/predict", response_model=Prediction, response_model_exclude_none=True,
-        max_body_size=max_upload_bytes, openapi_extra=UPLOAD_BODY,
-        responses={413: {"description": f"upload larger than {max_upload_bytes} bytes"},
-                   415: {"description": "not a JPEG, PNG or DICOM image"},
-                   422: {"description": "unreadable image (corrupt, truncated, empty, too many pixels)"}},
+        "/v1/predict",
+        response_model=Prediction,
+        response_model_exclude_none=True,
+        max_body_size=max_upload_bytes,
+        openapi_extra=UPLOAD_BODY,
+        responses={
+            413: {"description": f"upload larger than {max_upload_bytes} bytes"},
+            415: {"description": "not a JPEG, PNG or DICOM image"},
+            422: {"description": "unreadable image (corrupt, truncated, empty, too many pixels)"},
+        },
     )
-    async def predict(request: Request,
-                      heatmap: bool = Query(False, description="add the Grad-CAM overlay (slower)")) -> dict:
+    async def predict(
+        request: Request,
+        heatmap: bool = Query(False, description="add the Grad-CAM overlay (slower)"),
+    ) -> dict:
         engine_: InferenceEngine = request.app.state.engine
         name, data = await read_upload(request)
         try:
@@ -147,10 +193,26 @@ def create_app(run_dir: str | Path, *, onnx_path: str | Path | None = None,
 
 
 # The request body /v1/predict reads itself (read_upload), described for /openapi.json.
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "chest X-ray: JPEG, PNG (8/16-bit) or DICOM"}}}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "chest X-ray: JPEG, PNG (8/16-bit) or DICOM",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class InMemoryMultiPartParser(MultiPartParser):
@@ -165,7 +227,9 @@ class InMemoryMultiPartParser(MultiPartParser):
 async def read_upload(request: Request) -> tuple[str, bytes]:
     """(file name, bytes) of the one `file` field of a multipart upload, read in memory."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise HTTPException(422, "expected a multipart/form-data upload with the image in the field `file`")
+        raise HTTPException(
+            422, "expected a multipart/form-data upload with the image in the field `file`"
+        )
     parser = InMemoryMultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8)
     try:
         form = await parser.parse()
@@ -180,8 +244,14 @@ async def read_upload(request: Request) -> tuple[str, bytes]:
         await form.close()
 
 
-def _add_guards(app: FastAPI, max_upload_bytes: int, host: str, allowed_hosts: tuple[str, ...],
-                token: str | None, rate_limit: int | None) -> None:
+def _add_guards(
+    app: FastAPI,
+    max_upload_bytes: int,
+    host: str,
+    allowed_hosts: tuple[str, ...],
+    token: str | None,
+    rate_limit: int | None,
+) -> None:
     """The middleware, innermost first: the upload limit, the token, the rate limit, the
     Host check, and the security headers around them all (refusals get them too)."""
     app.add_middleware(ContentLengthLimit, max_bytes=max_upload_bytes, paths=("/v1/predict",))
@@ -227,8 +297,11 @@ class ContentLengthLimit:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 if int(declared) <= DRAIN_LIMIT_BYTES:
                     await _discard_body(receive)
-                response = JSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413,
-                                        headers={"Connection": "close"})
+                response = JSONResponse(
+                    {"detail": _too_large(self.max_bytes)},
+                    status_code=413,
+                    headers={"Connection": "close"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

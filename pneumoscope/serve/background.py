@@ -9,8 +9,14 @@ import time
 
 
 class BackgroundServer:
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 start_timeout_s: float = 300.0):
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        start_timeout_s: float = 300.0,
+    ):
         import uvicorn
 
         # Bound here (port 0: the OS picks a free one) and handed to uvicorn, so no other
@@ -21,10 +27,11 @@ class BackgroundServer:
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.start_timeout_s = start_timeout_s
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True, name="uvicorn")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="uvicorn"
+        )
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s
         while not self.server.started:  # set once the lifespan (model load) has finished

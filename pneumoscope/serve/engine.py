@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.inference import Predictor
-from pneumoscope.deploy.scoring import fast_scorer
-from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap
 from pneumoscope.data.sources import png_bytes
+from pneumoscope.deploy.scoring import fast_scorer
+from pneumoscope.inference import Predictor
+from pneumoscope.report.gradcam import gradcam_heatmap, overlay_heatmap
 from pneumoscope.tasks import BINARY, KEYS, bv_threshold_of, p_pneumonia, prediction_rows
-
 
 # Decodes that may run at once: bounds the server's memory under a burst of big images.
 DECODE_SLOTS = max(2, min(4, os.cpu_count() or 2))
@@ -70,8 +69,14 @@ class Batcher:
 
 
 class InferenceEngine:
-    def __init__(self, run_dir: str | Path, onnx_path: str | Path | None = None,
-                 threshold_rule: str | None = None, device: str | None = None, engine: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        onnx_path: str | Path | None = None,
+        threshold_rule: str | None = None,
+        device: str | None = None,
+        engine: str | None = None,
+    ):
         # The torch model always loads: Grad-CAM needs its gradients even when the
         # probability comes from onnxruntime.
         self.torch = Predictor.from_run(run_dir, device=device)
@@ -81,7 +86,9 @@ class InferenceEngine:
             self.scorer = OnnxPredictor.from_file(onnx_path, run_dir=run_dir)
         else:
             self.scorer = fast_scorer(run_dir, self.torch, engine)
-        if hasattr(self.scorer, "check_now"):  # the engine's check at start-up, not on a user's film
+        if hasattr(
+            self.scorer, "check_now"
+        ):  # the engine's check at start-up, not on a user's film
             self.scorer.check_now()
         self.runtime = self.scorer.runtime
         self.batcher = Batcher(self.scorer)

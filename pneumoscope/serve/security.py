@@ -57,8 +57,10 @@ def serving_token(bind_host: str, given: str | None) -> str | None:
     bind beyond the loopback interface without one is refused."""
     token = given or os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(bind_host):
-        raise OptionError(f"--host {bind_host} lets other machines reach the server: give it an access token "
-                          f"(set {TOKEN_ENV}, or --token TOKEN), or serve on 127.0.0.1")
+        raise OptionError(
+            f"--host {bind_host} lets other machines reach the server: give it an access token "
+            f"(set {TOKEN_ENV}, or --token TOKEN), or serve on 127.0.0.1"
+        )
     return token
 
 
@@ -92,7 +94,9 @@ def host_name(header: str) -> str:
         end = header.find("]")
         rest = header[end + 1 :] if end > 0 else None
         if rest is None or not (rest == "" or (rest.startswith(":") and rest[1:].isdigit())):
-            return header  # not a Host a browser sends ('[::1].evil.example'): matches no allowed name
+            return (
+                header  # not a Host a browser sends ('[::1].evil.example'): matches no allowed name
+            )
         return header[1:end]
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
@@ -111,8 +115,11 @@ class HostCheck:
         if scope["type"] == "http":
             header = Headers(scope=scope).get("host", "")
             if host_name(header) not in self.allowed:
-                response = _refuse(400, f"Host header {header!r} is not a name of this server (a page of another "
-                                        "site reaching it by DNS rebinding?); serve with --allowed-hosts to add it")
+                response = _refuse(
+                    400,
+                    f"Host header {header!r} is not a name of this server (a page of another "
+                    "site reaching it by DNS rebinding?); serve with --allowed-hosts to add it",
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -134,9 +141,14 @@ class TokenCheck:
             given = Headers(scope=scope).get("authorization", "")
             scheme, _, value = given.partition(" ")
             # compare_digest: the time taken does not tell how much of a guess was right
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8"), self.token):
-                response = _refuse(401, "this server needs its access token: send Authorization: Bearer TOKEN",
-                                   headers={"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                value.strip().encode("utf-8"), self.token
+            ):
+                response = _refuse(
+                    401,
+                    "this server needs its access token: send Authorization: Bearer TOKEN",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -167,8 +179,11 @@ class TokenBuckets:
 
     def _forget_full(self, now: float) -> None:
         """Drop the buckets that have refilled: a client seen again starts full anyway."""
-        self.buckets = {c: (tokens, at) for c, (tokens, at) in self.buckets.items()
-                        if tokens + (now - at) * self.rate < self.capacity}
+        self.buckets = {
+            c: (tokens, at)
+            for c, (tokens, at) in self.buckets.items()
+            if tokens + (now - at) * self.rate < self.capacity
+        }
 
 
 class RateLimit:
@@ -184,9 +199,12 @@ class RateLimit:
             wait = self.buckets.take(client)
             if wait > 0:
                 retry = max(1, round(wait + 0.5))
-                response = _refuse(429, f"too many requests from {client}: the limit is "
-                                        f"{self.buckets.capacity:.0f} a minute; retry in {retry} s",
-                                   headers={"Retry-After": str(retry)})
+                response = _refuse(
+                    429,
+                    f"too many requests from {client}: the limit is "
+                    f"{self.buckets.capacity:.0f} a minute; retry in {retry} s",
+                    headers={"Retry-After": str(retry)},
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

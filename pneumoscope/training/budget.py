@@ -47,11 +47,17 @@ def budget_seconds() -> float:
     try:
         return float(value) if value else DEFAULT_BUDGET_S
     except ValueError:
-        log.warning("PNEUMOSCOPE_TIME_BUDGET=%r is not a number of seconds; using %g", value, DEFAULT_BUDGET_S)
+        log.warning(
+            "PNEUMOSCOPE_TIME_BUDGET=%r is not a number of seconds; using %g",
+            value,
+            DEFAULT_BUDGET_S,
+        )
         return DEFAULT_BUDGET_S
 
 
-def estimate_seconds(n_train: int, n_val: int, views: int, epochs: int, trunk_s: float, top_s: float) -> float:
+def estimate_seconds(
+    n_train: int, n_val: int, views: int, epochs: int, trunk_s: float, top_s: float
+) -> float:
     """Cold wall time of a cpu-fast run: every train image through the trunk once clean
     and once per view, the validation images once; the top trained `epochs` times over
     the train images and scored on the validation ones (about a third of a step each)."""
@@ -60,8 +66,17 @@ def estimate_seconds(n_train: int, n_val: int, views: int, epochs: int, trunk_s:
     return OVERHEAD_S + trunk + top
 
 
-def fit_to_budget(n_train: int, n_val: int, views: int, epochs: int, trunk_s: float, top_s: float,
-                  budget: float, fixed: frozenset[str] = frozenset(), image_size: int = 128) -> dict:
+def fit_to_budget(
+    n_train: int,
+    n_val: int,
+    views: int,
+    epochs: int,
+    trunk_s: float,
+    top_s: float,
+    budget: float,
+    fixed: frozenset[str] = frozenset(),
+    image_size: int = 128,
+) -> dict:
     """The cut settings {"image_size", "views", "epochs", "estimate"}: the input size first
     (to SMALL_IMAGE_SIZE; the per-image costs scale with the pixels), then views down to
     MIN_VIEWS, then epochs down to MIN_EPOCHS; names in `fixed` are left as they are."""
@@ -117,7 +132,9 @@ def probe(cfg, model, device: torch.device) -> tuple[float, float]:
 
     trunk_s = _seconds_per_image(run_trunk, PROBE_BATCH)
     act = run_trunk().float().clone()
-    act = act[torch.randint(len(act), (cfg.batch_size,), generator=gen)].contiguous(memory_format=torch.channels_last)
+    act = act[torch.randint(len(act), (cfg.batch_size,), generator=gen)].contiguous(
+        memory_format=torch.channels_last
+    )
     top = TopNet(model, k, device).train()
     optimizer = torch.optim.AdamW([p for p in top.parameters() if p.requires_grad], lr=1e-6)
     step_precision = resolve_precision(cfg.precision, device)
@@ -137,7 +154,11 @@ def apply_budget(cfg, model, device: torch.device, n_train: int, n_val: int) -> 
     """Cut cfg.image_size / cfg.views / cfg.epochs (in place) to the budget where --recipe
     auto chose cpu-fast on a CPU; returns what config.json records, or None where it does
     not apply."""
-    if cfg.recipe != "cpu-fast" or cfg.recipe_requested != "auto" or torch.device(device).type != "cpu":
+    if (
+        cfg.recipe != "cpu-fast"
+        or cfg.recipe_requested != "auto"
+        or torch.device(device).type != "cpu"
+    ):
         return None
     cuttable = ("image_size", "views", "epochs")
     fixed = frozenset(name for name in cuttable if name not in cfg.recipe_filled)
@@ -147,18 +168,34 @@ def apply_budget(cfg, model, device: torch.device, n_train: int, n_val: int) -> 
     started = time.perf_counter()
     trunk_s, top_s = probe(cfg, model, device)
     asked = {name: getattr(cfg, name) for name in cuttable}
-    chosen = fit_to_budget(n_train, n_val, cfg.views, cfg.epochs, trunk_s, top_s, budget, fixed, cfg.image_size)
+    chosen = fit_to_budget(
+        n_train, n_val, cfg.views, cfg.epochs, trunk_s, top_s, budget, fixed, cfg.image_size
+    )
     for name in cuttable:
         setattr(cfg, name, chosen[name])
-    record = {"budget_s": budget, "estimate_s": round(chosen["estimate"], 1), "recipe_values": asked,
-              "chosen": {name: chosen[name] for name in cuttable},
-              "trunk_ms_per_image": round(trunk_s * 1e3, 3), "top_ms_per_image": round(top_s * 1e3, 3),
-              "probe_seconds": round(time.perf_counter() - started, 1), "fits": chosen["estimate"] <= budget}
+    record = {
+        "budget_s": budget,
+        "estimate_s": round(chosen["estimate"], 1),
+        "recipe_values": asked,
+        "chosen": {name: chosen[name] for name in cuttable},
+        "trunk_ms_per_image": round(trunk_s * 1e3, 3),
+        "top_ms_per_image": round(top_s * 1e3, 3),
+        "probe_seconds": round(time.perf_counter() - started, 1),
+        "fits": chosen["estimate"] <= budget,
+    }
     cut = [f"{k} {asked[k]} -> {v}" for k, v in record["chosen"].items() if v != asked[k]]
     if cut:
-        log.warning("--recipe auto: %s to fit the %.0f s budget on this CPU (estimated %.0f s cold; "
-                    "config.json 'budget')", ", ".join(cut), budget, chosen["estimate"])
+        log.warning(
+            "--recipe auto: %s to fit the %.0f s budget on this CPU (estimated %.0f s cold; "
+            "config.json 'budget')",
+            ", ".join(cut),
+            budget,
+            chosen["estimate"],
+        )
     if not record["fits"]:
-        log.warning("--recipe auto: estimated %.0f s cold, over the %.0f s budget even after the cuts it may make",
-                    chosen["estimate"], budget)
+        log.warning(
+            "--recipe auto: estimated %.0f s cold, over the %.0f s budget even after the cuts it may make",
+            chosen["estimate"],
+            budget,
+        )
     return record

@@ -38,12 +38,16 @@ class TrainConfig:
     cache_dir: str = ""  # decode/activation cache ("": $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)
     # precision, trunk_precision, trunk_engine and device: as given, then replaced by what they resolve
     # to when training starts (config.json records what ran; full: no trunk, None).
-    trunk_precision: str | None = "auto"  # cpu-fast trunk pass: auto (trunk_engine.resolve_trunk_precision) | bf16 | fp32
-    trunk_engine: str | None = "auto"  # cpu-fast trunk pass: auto | torch | onnxruntime (training.trunk_engine)
+    trunk_precision: str | None = (
+        "auto"  # cpu-fast trunk pass: auto (trunk_engine.resolve_trunk_precision) | bf16 | fp32
+    )
+    trunk_engine: str | None = (
+        "auto"  # cpu-fast trunk pass: auto | torch | onnxruntime (training.trunk_engine)
+    )
     strict: bool = False  # stop before any work if a file is unreadable
     patients: str = ""  # CSV of file -> patient id ("": ids from Kermany file names)
     device: str = "auto"
-    # Scale-out and the GPU fast path (README "Scaling out"); none of them changes the recipe.
+    # Scale-out and the GPU fast path (docs/scale-out.md); none of them changes the recipe.
     precision: str = "auto"  # auto | bf16 | fp32: pneumoscope.models.precision (bf16 where native: CUDA; CPU too in cpu-fast)
     compile: bool = False  # torch.compile the training step's model
     scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
@@ -58,18 +62,42 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
 # Options that must match for --resume to continue a run rather than start another.
 RESUME_KEYS = (
-    "backbone", "weights", "epochs", "image_size", "batch_size", "balance", "val_fraction", "seed", "split_seed",
-    "lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "head_epochs",
-    "trainable_stages", "augment", "dropout", "label_smoothing", "recipe", "views", "task",
+    "backbone",
+    "weights",
+    "epochs",
+    "image_size",
+    "batch_size",
+    "balance",
+    "val_fraction",
+    "seed",
+    "split_seed",
+    "lr",
+    "backbone_lr_scale",
+    "weight_decay",
+    "warmup_epochs",
+    "head_epochs",
+    "trainable_stages",
+    "augment",
+    "dropout",
+    "label_smoothing",
+    "recipe",
+    "views",
+    "task",
 )
 # What the run resolved from auto (config.json records these values, not "auto"); a
 # --resume that would resolve any of them otherwise is refused, naming it.
-RESOLVED_FIELDS = ("backbone", "device", "precision", "trunk_precision", "trunk_engine")  # TrainConfig fields
+RESOLVED_FIELDS = (
+    "backbone",
+    "device",
+    "precision",
+    "trunk_precision",
+    "trunk_engine",
+)  # TrainConfig fields
 RESOLVED_KEYS = ("recipe", *RESOLVED_FIELDS, "decode_version")

@@ -4,7 +4,7 @@ A run started by torchrun finds RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in 
 environment; one started without it is a world of one, and every helper here is then a
 no-op (no process group is created), so single-process training is unchanged.
 
-Design (see README "Scaling out"): every rank draws the same epoch order from the same
+Design (see docs/scale-out.md): every rank draws the same epoch order from the same
 seeded generator and takes its own slice of it (`shard_order`); validation is split the
 same way and the predictions are gathered back in order (`gather_by_index`), so the AUC
 is computed on all predictions, identically on every rank; rank 0 alone writes files.
@@ -98,7 +98,9 @@ class DistEnv:
         row = values.shape[1:]  # (N,) or (N, C): rows travel flattened
         all_val = np.concatenate(self.all_gather_arrays(values.reshape(-1))).reshape(-1, *row)
         if len(all_idx) != n or len(np.unique(all_idx)) != n:
-            raise RuntimeError(f"gather_by_index: ranks covered {len(np.unique(all_idx))} of {n} positions")
+            raise RuntimeError(
+                f"gather_by_index: ranks covered {len(np.unique(all_idx))} of {n} positions"
+            )
         out = np.empty((n, *row), dtype=all_val.dtype)
         out[all_idx] = all_val
         return out
@@ -139,10 +141,14 @@ def init_from_env(device_name: str = "auto") -> DistEnv:
         return DistEnv(device=_single_device(device_name))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    use_cuda = device_name.startswith("cuda") or (
+        device_name == "auto" and torch.cuda.is_available()
+    )
     if use_cuda:
         if not torch.cuda.is_available():
-            raise OptionError(f"--device {device_name}: no CUDA device on this machine (rank {rank})")
+            raise OptionError(
+                f"--device {device_name}: no CUDA device on this machine (rank {rank})"
+            )
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     else:
@@ -154,7 +160,9 @@ def init_from_env(device_name: str = "auto") -> DistEnv:
     if rank != 0:
         logging.getLogger("pneumoscope").setLevel(logging.WARNING)  # one voice: rank 0's
     log.info("distributed: rank %d of %d (%s, %s)", rank, world, backend, device)
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+    return DistEnv(
+        rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend
+    )
 
 
 def _single_device(name: str) -> torch.device:

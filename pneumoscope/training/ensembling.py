@@ -35,11 +35,10 @@ import torch
 from pneumoscope.data.cache import decode_samples, require_both_classes
 from pneumoscope.data.manifest import files_by_role, read_manifest
 from pneumoscope.errors import OptionError
+from pneumoscope.fsio import atomic_write_bytes, atomic_write_json, file_sha256
 from pneumoscope.inference import load_trained_model, predict_class_probs
 from pneumoscope.models.ensemble import Ensemble, tta_views
-from pneumoscope.fsio import file_sha256
 from pneumoscope.rundir import BEST_MODEL, MANIFEST, SUMMARY, RunDir, save_model_weights
-from pneumoscope.fsio import atomic_write_bytes, atomic_write_json
 from pneumoscope.tasks import BINARY, relabel, task_of
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,9 @@ class EnsembleError(OptionError):
 def split_of(run_dir: Path) -> dict[str, frozenset]:
     path = run_dir / MANIFEST
     if not path.exists():
-        raise EnsembleError(f"{run_dir}: no {MANIFEST}; cannot check that it shares the members' split")
+        raise EnsembleError(
+            f"{run_dir}: no {MANIFEST}; cannot check that it shares the members' split"
+        )
     return files_by_role(path)
 
 
@@ -69,31 +70,44 @@ def check_members(run_dirs: list[Path], configs: list[dict]) -> None:
     split = split_of(first)
     for run_dir, config in zip(run_dirs, configs):
         if task_of(config) != task:
-            raise EnsembleError(f"{run_dir}: is a {task_of(config)} run, {first} a {task} run; "
-                                "members share one task (--task)")
+            raise EnsembleError(
+                f"{run_dir}: is a {task_of(config)} run, {first} a {task} run; "
+                "members share one task (--task)"
+            )
         if int(config["image_size"]) != size:
-            raise EnsembleError(f"{run_dir}: image size {config['image_size']} differs from {first}'s {size}; "
-                                "members share one input")
+            raise EnsembleError(
+                f"{run_dir}: image size {config['image_size']} differs from {first}'s {size}; "
+                "members share one input"
+            )
         other = split_of(run_dir)
         if other != split:
-            diff = {role: len(other.get(role, frozenset()) ^ split.get(role, frozenset()))
-                    for role in set(other) | set(split)}
+            diff = {
+                role: len(other.get(role, frozenset()) ^ split.get(role, frozenset()))
+                for role in set(other) | set(split)
+            }
             raise EnsembleError(
                 f"{run_dir}: its train/validation split differs from {first}'s ("
                 + ", ".join(f"{n} {role} files differ" for role, n in sorted(diff.items()) if n)
                 + "); members must share the split (train them with the same --split-seed "
-                "and data)")
+                "and data)"
+            )
 
 
 def member_record(run_dir: Path, config: dict) -> dict:
     weights = RunDir(run_dir).best_model_path()
-    return {"run_dir": str(run_dir.resolve()), "backbone": config["backbone"],
-            "dropout": config.get("dropout", 0.0), "seed": config.get("seed"),
-            "weights_file": weights.name, "weights_sha256": file_sha256(weights)}
+    return {
+        "run_dir": str(run_dir.resolve()),
+        "backbone": config["backbone"],
+        "dropout": config.get("dropout", 0.0),
+        "seed": config.get("seed"),
+        "weights_file": weights.name,
+        "weights_sha256": file_sha256(weights),
+    }
 
 
-def build_ensemble(run_dirs: list[str | Path], out: str | Path, tta: str = "none",
-                   show_progress: bool = True) -> dict:
+def build_ensemble(
+    run_dirs: list[str | Path], out: str | Path, tta: str = "none", show_progress: bool = True
+) -> dict:
     """Write ENS_DIR from finished runs (see the module docstring); returns the summary."""
     from pneumoscope.training.loop import validation_metrics
     from pneumoscope.training.outputs import write_selection
@@ -108,36 +122,51 @@ def build_ensemble(run_dirs: list[str | Path], out: str | Path, tta: str = "none
     views = tta_views(tta)
     size, task = int(configs[0]["image_size"]), task_of(configs[0])
     recorded = {"task": task} if task != BINARY else {}  # binary ensembles' files stay as they were
-    model = Ensemble([load_trained_model(RunDir(r), c) for r, c in zip(run_dirs, configs)], views, size)
+    model = Ensemble(
+        [load_trained_model(RunDir(r), c) for r, c in zip(run_dirs, configs)], views, size
+    )
     model = model.to(memory_format=torch.channels_last)  # the layout Predictor runs it in
 
     val = read_manifest(run_dirs[0] / MANIFEST)["val"]
     data = decode_samples(val, size, desc="decode val", show_progress=show_progress, report=False)
     require_both_classes({"validation": data})
-    data = replace(data, samples=relabel(data.samples, task))  # three-class: 0 normal, 1 bacterial, 2 viral
-    probs = predict_class_probs(model, data.images, show_progress=show_progress, desc="ensemble val")
+    data = replace(
+        data, samples=relabel(data.samples, task)
+    )  # three-class: 0 normal, 1 bacterial, 2 viral
+    probs = predict_class_probs(
+        model, data.images, show_progress=show_progress, desc="ensemble val"
+    )
 
     members = [member_record(r, c) for r, c in zip(run_dirs, configs)]
     run = RunDir(out)
     out.mkdir(parents=True, exist_ok=True)
-    run.write_config({
-        "kind": "ensemble",
-        **recorded,
-        "backbone": "ensemble(" + " + ".join(m["backbone"] for m in members) + f"; tta {tta})",
-        "weights": "members' model_best.safetensors",
-        "image_size": size,
-        "preprocessing": configs[0].get("preprocessing", {}),
-        "members": members,
-        "tta": {"preset": tta, "views": views},
-        "combine": COMBINE,
-    })
+    run.write_config(
+        {
+            "kind": "ensemble",
+            **recorded,
+            "backbone": "ensemble(" + " + ".join(m["backbone"] for m in members) + f"; tta {tta})",
+            "weights": "members' model_best.safetensors",
+            "image_size": size,
+            "preprocessing": configs[0].get("preprocessing", {}),
+            "members": members,
+            "tta": {"preset": tta, "views": views},
+            "combine": COMBINE,
+        }
+    )
     atomic_write_bytes(out / MANIFEST, (run_dirs[0] / MANIFEST).read_bytes())
     save_model_weights(run / BEST_MODEL, model.state_dict(), {"kind": "ensemble", "tta": tta})
     thresholds = write_selection(run, data, probs, task)
-    summary = {"kind": "ensemble", "members": [m["run_dir"] for m in members], "tta": tta,
-               "n_views": len(views), "forward_passes_per_image": len(members) * len(views),
-               # binary: ROC AUC of p(pneumonia); three-class: macro one-vs-rest, as train's summary
-               "val_roc_auc": validation_metrics(data.labels, probs)["val_roc_auc"],
-               "n_val": len(data.samples), "thresholds": thresholds, **recorded}
+    summary = {
+        "kind": "ensemble",
+        "members": [m["run_dir"] for m in members],
+        "tta": tta,
+        "n_views": len(views),
+        "forward_passes_per_image": len(members) * len(views),
+        # binary: ROC AUC of p(pneumonia); three-class: macro one-vs-rest, as train's summary
+        "val_roc_auc": validation_metrics(data.labels, probs)["val_roc_auc"],
+        "n_val": len(data.samples),
+        "thresholds": thresholds,
+        **recorded,
+    }
     atomic_write_json(out / SUMMARY, summary)
     return summary

@@ -8,14 +8,16 @@ validation probabilities, and is otherwise the same for every recipe.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 
 class ImageInputs:
-    def __init__(self, feed, replicas, predict: Callable[[torch.nn.Module], np.ndarray], precision: str):
+    def __init__(
+        self, feed, replicas, predict: Callable[[torch.nn.Module], np.ndarray], precision: str
+    ):
         self._feed, self._replicas, self._predict = feed, replicas, predict
         self.precision = precision  # of the training step
 
@@ -32,8 +34,20 @@ class ImageInputs:
         return self._predict(model)
 
 
-def make_inputs(cfg, model, train_set, val_set, device, *, feed, replicas, predict, precision,
-                show_progress=True, train_parts=None):
+def make_inputs(
+    cfg,
+    model,
+    train_set,
+    val_set,
+    device,
+    *,
+    feed,
+    replicas,
+    predict,
+    precision,
+    show_progress=True,
+    train_parts=None,
+):
     """The inputs of cfg.recipe (cpu-fast: computes or loads the cached trunk first).
     precision: the step's, as resolved for the full recipe (cpu-fast resolves its own).
     train_parts: cpu-fast, train_set's parts, each cached apart (trunk.CachedTrunk)."""
@@ -41,5 +55,6 @@ def make_inputs(cfg, model, train_set, val_set, device, *, feed, replicas, predi
         return ImageInputs(feed, replicas, predict, precision)
     from pneumoscope.training.trunk import cached_trunk_for
 
-    return cached_trunk_for(cfg, model, train_set, val_set, device, show_progress=show_progress,
-                            train_parts=train_parts)
+    return cached_trunk_for(
+        cfg, model, train_set, val_set, device, show_progress=show_progress, train_parts=train_parts
+    )

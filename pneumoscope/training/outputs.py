@@ -14,8 +14,22 @@ import numpy as np
 from pneumoscope.data.cache import DecodedSet, decode_version
 from pneumoscope.fsio import atomic_write_csv, atomic_write_json
 from pneumoscope.rundir import (
-    BEST_MODEL, CONFIG, DRIFT, EVALUATION, EVALUATIONS, LAST_CHECKPOINT, MANIFEST, METRICS, MODEL_CARD,
-    ONNX_MODEL, SUMMARY, THRESHOLD, VAL_PREDICTIONS, RunDir, RunDirError, load_training_state,
+    BEST_MODEL,
+    CONFIG,
+    DRIFT,
+    EVALUATION,
+    EVALUATIONS,
+    LAST_CHECKPOINT,
+    MANIFEST,
+    METRICS,
+    MODEL_CARD,
+    ONNX_MODEL,
+    SUMMARY,
+    THRESHOLD,
+    VAL_PREDICTIONS,
+    RunDir,
+    RunDirError,
+    load_training_state,
     save_training_state,
 )
 from pneumoscope.tasks import BINARY, choose_task_thresholds, p_pneumonia, prediction_columns
@@ -23,11 +37,29 @@ from pneumoscope.training.config import RESOLVED_KEYS, RESUME_KEYS, TrainConfig
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = (CONFIG, MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS, SUMMARY)
+RUN_FILES = (
+    CONFIG,
+    MANIFEST,
+    METRICS,
+    LAST_CHECKPOINT,
+    BEST_MODEL,
+    THRESHOLD,
+    VAL_PREDICTIONS,
+    SUMMARY,
+)
 # What the other verbs write into RUN_DIR by default: they describe the model --overwrite replaces.
 # (An MLflow store, RUN_DIR/mlruns, stays: it keeps each run apart and the new one is added.)
-DERIVED_FILES = (EVALUATION, "metrics_predictions.csv", "metrics_*.json", "metrics_*_predictions.csv",
-                 DRIFT, ONNX_MODEL, ONNX_MODEL + ".json", MODEL_CARD, EVALUATIONS)
+DERIVED_FILES = (
+    EVALUATION,
+    "metrics_predictions.csv",
+    "metrics_*.json",
+    "metrics_*_predictions.csv",
+    DRIFT,
+    ONNX_MODEL,
+    ONNX_MODEL + ".json",
+    MODEL_CARD,
+    EVALUATIONS,
+)
 DERIVED_DIRS = ("report", "explain", "tensorboard")
 # What a run leaves once an epoch has ended: a folder with any of them holds a run's results.
 RESULT_FILES = (METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, SUMMARY)
@@ -39,11 +71,15 @@ def open_run(run: RunDir, resume: bool, overwrite: bool) -> None:
     before that check, so a refused call leaves the folder as it was. A run killed before
     its first epoch ended (config and manifest only) is simply started over."""
     if resume and overwrite:
-        raise RunDirError(f"{run.path}: --resume continues the run and --overwrite replaces it: give one")
+        raise RunDirError(
+            f"{run.path}: --resume continues the run and --overwrite replaces it: give one"
+        )
     results = [name for name in RESULT_FILES if (run / name).exists()]
     if results and not resume and not overwrite:
-        raise RunDirError(f"{run.path}: holds a training run ({', '.join(results)}); --resume continues it, "
-                          "--overwrite replaces it, or choose another --out")
+        raise RunDirError(
+            f"{run.path}: holds a training run ({', '.join(results)}); --resume continues it, "
+            "--overwrite replaces it, or choose another --out"
+        )
     run.path.mkdir(parents=True, exist_ok=True)
     if overwrite:
         for name in RUN_FILES:
@@ -75,8 +111,10 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
     saved["trunk_engine"] = saved_trunk_engine(saved)
     saved_world = saved.get("distributed", {}).get("world_size", 1)
     if saved_world != world_size:  # the epoch order and the effective batch depend on it
-        raise RunDirError(f"{run.path}: --resume with {world_size} process(es); the run was "
-                          f"trained with {saved_world} (start it the same way)")
+        raise RunDirError(
+            f"{run.path}: --resume with {world_size} process(es); the run was "
+            f"trained with {saved_world} (start it the same way)"
+        )
     now = {**cfg.to_dict(), "decode_version": decode_version()}
     changed = [k for k in dict.fromkeys(RESUME_KEYS + RESOLVED_KEYS) if saved.get(k) != now.get(k)]
     if changed:
@@ -88,10 +126,15 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
 
 
 def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> None:
-    save_training_state(run / LAST_CHECKPOINT, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), **state,
-    })
+    save_training_state(
+        run / LAST_CHECKPOINT,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **state,
+        },
+    )
 
 
 def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> dict:
@@ -102,9 +145,19 @@ def write_selection(run: RunDir, val: DecodedSet, probs, task: str = BINARY) -> 
     thresholds = choose_task_thresholds(task, val.labels, probs)
     atomic_write_json(run / THRESHOLD, thresholds)
     columns = prediction_columns(task)
-    values = p_pneumonia(probs)[:, None] if task == BINARY else np.column_stack([probs, p_pneumonia(probs)])
+    values = (
+        p_pneumonia(probs)[:, None]
+        if task == BINARY
+        else np.column_stack([probs, p_pneumonia(probs)])
+    )
     # repr: the shortest text that reads back as the same float64, so a threshold (one film's
     # probability) compares equal to its row; 9 significant digits could read back below it
-    atomic_write_csv(run / VAL_PREDICTIONS, ["path", "label", *columns],
-                     [[str(s.path), s.label, *(repr(float(v)) for v in row)] for s, row in zip(val.samples, values)])
+    atomic_write_csv(
+        run / VAL_PREDICTIONS,
+        ["path", "label", *columns],
+        [
+            [str(s.path), s.label, *(repr(float(v)) for v in row)]
+            for s, row in zip(val.samples, values)
+        ],
+    )
     return thresholds

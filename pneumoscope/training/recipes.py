@@ -21,9 +21,20 @@ RECIPE_NAMES = ("auto", "cpu-fast", "full")
 
 RECIPES: dict[str, dict] = {
     "full": {
-        "epochs": 12, "image_size": 224, "batch_size": 32, "lr": 1e-3, "backbone_lr_scale": 0.1,
-        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 1, "trainable_stages": -1,
-        "patience": 4, "augment": "medium", "dropout": 0.2, "label_smoothing": 0.0, "views": 0,
+        "epochs": 12,
+        "image_size": 224,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "backbone_lr_scale": 0.1,
+        "weight_decay": 0.05,
+        "warmup_epochs": 1.0,
+        "head_epochs": 1,
+        "trainable_stages": -1,
+        "patience": 4,
+        "augment": "medium",
+        "dropout": 0.2,
+        "label_smoothing": 0.0,
+        "views": 0,
     },
     # Chosen on the site sample and validation together (benchmarks/RESULTS.md, "The site
     # sample"): blocks6 + head trained on a cached Lite0 trunk at 128 px, clean + 2 "robust"
@@ -31,9 +42,20 @@ RECIPES: dict[str, dict] = {
     # 128 px rather than 224: over three seeds each, the site sample's ROC AUC rose
     # 0.971 -> 0.983 -> 0.987 from 224 to 160 to 128 px while validation's fell 0.998 -> 0.996.
     "cpu-fast": {
-        "epochs": 8, "image_size": 128, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 1.0,
-        "weight_decay": 0.05, "warmup_epochs": 1.0, "head_epochs": 0, "trainable_stages": 2,
-        "patience": 3, "augment": "robust", "dropout": 0.2, "label_smoothing": 0.0, "views": 2,
+        "epochs": 8,
+        "image_size": 128,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "backbone_lr_scale": 1.0,
+        "weight_decay": 0.05,
+        "warmup_epochs": 1.0,
+        "head_epochs": 0,
+        "trainable_stages": 2,
+        "patience": 3,
+        "augment": "robust",
+        "dropout": 0.2,
+        "label_smoothing": 0.0,
+        "views": 2,
     },
 }
 RECIPE_FIELDS = tuple(RECIPES["full"])
@@ -65,14 +87,18 @@ def apply_recipe(cfg) -> None:
     may cut: the options a --recipe auto filled, never those given."""
     cfg.recipe_requested = cfg.recipe
     cfg.recipe = resolve_recipe_name(cfg.recipe, cfg.device, cfg.weights)
-    cfg.recipe_filled = frozenset(name for name in RECIPES[cfg.recipe] if getattr(cfg, name) is None)
+    cfg.recipe_filled = frozenset(
+        name for name in RECIPES[cfg.recipe] if getattr(cfg, name) is None
+    )
     for name in cfg.recipe_filled:
         setattr(cfg, name, RECIPES[cfg.recipe][name])
     if cfg.backbone == "auto" and cfg.recipe in RECIPE_BACKBONE:
         cfg.backbone = RECIPE_BACKBONE[cfg.recipe]
     if cfg.recipe == "cpu-fast" and cfg.trainable_stages < 1:  # before any work is done
-        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                          f"give 1 or more (got {cfg.trainable_stages}), or use --recipe full")
+        raise OptionError(
+            "--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+            f"give 1 or more (got {cfg.trainable_stages}), or use --recipe full"
+        )
 
 
 def recipe_help(name: str) -> str:

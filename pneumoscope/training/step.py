@@ -52,8 +52,11 @@ class BatchFeed:
         self.on_device = device.type != "cuda" or _fits_on_gpu(host.nbytes, device)
         if device.type == "cuda":
             self.images = host.to(device) if self.on_device else host.pin_memory()
-            log.info("image cache: %.0f MB %s", host.nbytes / 2**20,
-                     "on the GPU" if self.on_device else "in pinned host memory")
+            log.info(
+                "image cache: %.0f MB %s",
+                host.nbytes / 2**20,
+                "on the GPU" if self.on_device else "in pinned host memory",
+            )
         else:
             self.images = host
 
@@ -76,8 +79,17 @@ def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     return nbytes <= GPU_CACHE_FRACTION * free
 
 
-def train_step(net, optimizer, scheduler, x, y, *, loss_weights=None, label_smoothing: float = 0.0,
-               precision: str = "fp32") -> torch.Tensor:
+def train_step(
+    net,
+    optimizer,
+    scheduler,
+    x,
+    y,
+    *,
+    loss_weights=None,
+    label_smoothing: float = 0.0,
+    precision: str = "fp32",
+) -> torch.Tensor:
     """One optimisation step; returns the batch's mean loss as a detached device tensor
     (read it with .item() only when needed: that waits for the GPU)."""
     with autocast(x.device, precision):

@@ -31,19 +31,29 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch import nn
 from timm.layers import Conv2dSame
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm import tqdm
 
 from pneumoscope.data.augment import PRESETS, AugmentConfig, augment_batch
 from pneumoscope.data.cache import DecodedSet
-from pneumoscope.data.diskcache import array_digest, prune, read_array, resolve_cache_dir, write_array
+from pneumoscope.data.diskcache import (
+    array_digest,
+    prune,
+    read_array,
+    resolve_cache_dir,
+    write_array,
+)
 from pneumoscope.errors import OptionError
 from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.precision import autocast, resolve_precision
 from pneumoscope.training import seeds
-from pneumoscope.training.trunk_engine import build_engine, resolve_trunk_engine, resolve_trunk_precision
+from pneumoscope.training.trunk_engine import (
+    build_engine,
+    resolve_trunk_engine,
+    resolve_trunk_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +75,11 @@ def _fold_children(module: nn.Module) -> int:
     names = list(module._modules)
     for a, b in zip(names, names[1:]):
         conv, bn = module._modules[a], module._modules[b]
-        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+        if not (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(bn, nn.BatchNorm2d)
+            and bn.track_running_stats
+        ):
             continue
         if type(bn) is nn.BatchNorm2d:
             rest = nn.Identity()
@@ -121,9 +135,18 @@ def trunk_digest(model, k: int) -> str:
 
 
 @torch.inference_mode()
-def trunk_activations(trunk: FrozenTrunk, images: np.ndarray, *, augment: AugmentConfig | None,
-                      gen: torch.Generator | None, precision: str, device: torch.device,
-                      desc: str = "trunk", show_progress: bool = True, engine=None) -> np.ndarray:
+def trunk_activations(
+    trunk: FrozenTrunk,
+    images: np.ndarray,
+    *,
+    augment: AugmentConfig | None,
+    gen: torch.Generator | None,
+    precision: str,
+    device: torch.device,
+    desc: str = "trunk",
+    show_progress: bool = True,
+    engine=None,
+) -> np.ndarray:
     """float16 (N, H, W, C) outputs of the trunk for uint8 images (N, S, S); engine: what
     runs it (trunk_engine.build_engine; default the torch module itself)."""
     trunk = trunk.to(device).to(memory_format=torch.channels_last)
@@ -157,7 +180,9 @@ class ActivationStore:
     def get(self, fields: dict, compute) -> np.ndarray:
         if self.folder is None:
             return compute()
-        key = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=20).hexdigest()
+        key = hashlib.blake2b(
+            json.dumps(fields, sort_keys=True).encode(), digest_size=20
+        ).hexdigest()
         path = self.folder / f"{key}.npy"
         found = read_array(path)
         if found is not None:
@@ -214,8 +239,12 @@ def _contiguous_while_training(module: nn.Module, inputs: tuple) -> tuple | None
 
 
 def _wide_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-            and max(module.kernel_size) >= 5)
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and module.groups == module.in_channels
+        and max(module.kernel_size) >= 5
+    )
 
 
 class _Fp32WhileTraining:
@@ -260,18 +289,40 @@ class CachedTrunk:
     found in the cache) once under its own key, then its rows taken; `train` must hold the
     same images in that order (its labels are the epoch's)."""
 
-    def __init__(self, model, k: int, train: DecodedSet, val: DecodedSet, *, augment: AugmentConfig | None,
-                 views: int, seed: int, precision: str, device: torch.device, cache_dir=None,
-                 show_progress: bool = True, engine: str = "torch", train_parts: list | None = None):
+    def __init__(
+        self,
+        model,
+        k: int,
+        train: DecodedSet,
+        val: DecodedSet,
+        *,
+        augment: AugmentConfig | None,
+        views: int,
+        seed: int,
+        precision: str,
+        device: torch.device,
+        cache_dir=None,
+        show_progress: bool = True,
+        engine: str = "torch",
+        train_parts: list | None = None,
+    ):
         if not 1 <= k < model.n_stages:
-            raise ValueError(f"the cached trunk needs 1 <= frozen stages < {model.n_stages}, got {k} "
-                             "(set --trainable-stages, or use --recipe full)")
+            raise ValueError(
+                f"the cached trunk needs 1 <= frozen stages < {model.n_stages}, got {k} "
+                "(set --trainable-stages, or use --recipe full)"
+            )
         self.k, self.seed, self.device = k, seed, device
         self.precision = "fp32"  # of the top's training step
         self._top = TopNet(model, k, device)
         trunk = FrozenTrunk(model, k)
-        base = {"format": FORMAT, "trunk": trunk_digest(model, k), "k": k, "precision": precision,
-                "batch": TRUNK_BATCH, "folded": True}
+        base = {
+            "format": FORMAT,
+            "trunk": trunk_digest(model, k),
+            "k": k,
+            "precision": precision,
+            "batch": TRUNK_BATCH,
+            "folded": True,
+        }
         if engine != "torch":  # torch's keys stay as they were: caches of earlier runs still hit
             base["engine"] = engine
         store = ActivationStore(cache_dir)
@@ -287,19 +338,37 @@ class CachedTrunk:
             aug = augment if v is not None else None
             # the file contents and the decoded size: the same files at another --image-size
             # are other activations
-            fields = {**base, "images": keys_digest(data), "shape": list(data.images.shape[1:]),
-                      "augment": aug.as_dict() if aug else None,
-                      "seed": seed if aug else None, "view": v}
+            fields = {
+                **base,
+                "images": keys_digest(data),
+                "shape": list(data.images.shape[1:]),
+                "augment": aug.as_dict() if aug else None,
+                "seed": seed if aug else None,
+                "view": v,
+            }
             desc = f"trunk {role} " + (f"view {v + 1}/{views}" if v is not None else "clean")
-            return store.get(fields, lambda: trunk_activations(
-                trunk, data.images, augment=aug, gen=view_generator(seed, v) if aug else None,
-                precision=precision, device=device, desc=desc, show_progress=show_progress, engine=run_trunk))
+            return store.get(
+                fields,
+                lambda: trunk_activations(
+                    trunk,
+                    data.images,
+                    augment=aug,
+                    gen=view_generator(seed, v) if aug else None,
+                    precision=precision,
+                    device=device,
+                    desc=desc,
+                    show_progress=show_progress,
+                    engine=run_trunk,
+                ),
+            )
 
         parts = train_parts or [("train", train, None)]
 
         def train_view(v: int | None) -> np.ndarray:
-            arrays = [view(data, role, v) if rows is None else view(data, role, v)[rows]
-                      for role, data, rows in parts]
+            arrays = [
+                view(data, role, v) if rows is None else view(data, role, v)[rows]
+                for role, data, rows in parts
+            ]
             return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
         self.val_acts = view(val, "val", None)
@@ -311,10 +380,12 @@ class CachedTrunk:
     def net(self) -> nn.Module:
         return self._top
 
-    def feed(self, epoch: int) -> "EpochFeed":
+    def feed(self, epoch: int) -> EpochFeed:
         """idx -> (activations, labels): each image in the view drawn for it this epoch."""
         gen = seeds.generator(self.seed, "view_choice", epoch)
-        choice = torch.randint(len(self.train_views), (len(self.train_labels),), generator=gen).numpy()
+        choice = torch.randint(
+            len(self.train_views), (len(self.train_labels),), generator=gen
+        ).numpy()
         return EpochFeed(self.train_views, choice, self.train_labels, self.device)
 
     def step_cfg(self, cfg):
@@ -328,7 +399,11 @@ class CachedTrunk:
             act = activations_to_input(self.val_acts[start : start + batch_size], self.device)
             logits = model.forward_from(self.k, act)
             out.append(torch.softmax(logits.float(), dim=1).cpu())
-        return torch.cat(out).numpy() if out else np.empty((0, model.head.out_features), dtype=np.float32)
+        return (
+            torch.cat(out).numpy()
+            if out
+            else np.empty((0, model.head.out_features), dtype=np.float32)
+        )
 
 
 class EpochFeed:
@@ -344,7 +419,9 @@ class EpochFeed:
         for v in np.unique(picked):
             rows = picked == v
             acts[rows] = self.views[v][idx[rows]]
-        return activations_to_input(acts, self.device), self.labels[torch.as_tensor(idx)].to(self.device)
+        return activations_to_input(acts, self.device), self.labels[torch.as_tensor(idx)].to(
+            self.device
+        )
 
 
 def keys_digest(data: DecodedSet) -> str:
@@ -353,19 +430,38 @@ def keys_digest(data: DecodedSet) -> str:
     return hashlib.blake2b("\n".join(data.keys).encode(), digest_size=20).hexdigest()
 
 
-def cached_trunk_for(cfg, model, train: DecodedSet, val: DecodedSet, device: torch.device,
-                     show_progress: bool = True, train_parts: list | None = None) -> CachedTrunk:
+def cached_trunk_for(
+    cfg,
+    model,
+    train: DecodedSet,
+    val: DecodedSet,
+    device: torch.device,
+    show_progress: bool = True,
+    train_parts: list | None = None,
+) -> CachedTrunk:
     """The cpu-fast inputs of a TrainConfig: stages below the top cfg.trainable_stages cached
     (train_parts: as CachedTrunk's)."""
     if cfg.trainable_stages < 1:
-        raise OptionError("--recipe cpu-fast trains the top --trainable-stages on cached activations: "
-                          f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full")
+        raise OptionError(
+            "--recipe cpu-fast trains the top --trainable-stages on cached activations: "
+            f"give 1..{model.n_stages - 1} (got {cfg.trainable_stages}), or use --recipe full"
+        )
     precision = resolve_trunk_precision(cfg.trunk_precision, device, engine=cfg.trunk_engine)
-    inputs = CachedTrunk(model, model.n_stages - cfg.trainable_stages, train, val, augment=PRESETS[cfg.augment],
-                         views=cfg.views, seed=cfg.seed, precision=precision, device=device,
-                         cache_dir=cfg.cache_dir or None, show_progress=show_progress,
-                         engine=resolve_trunk_engine(cfg.trunk_engine, device, precision),
-                         train_parts=train_parts)
+    inputs = CachedTrunk(
+        model,
+        model.n_stages - cfg.trainable_stages,
+        train,
+        val,
+        augment=PRESETS[cfg.augment],
+        views=cfg.views,
+        seed=cfg.seed,
+        precision=precision,
+        device=device,
+        cache_dir=cfg.cache_dir or None,
+        show_progress=show_progress,
+        engine=resolve_trunk_engine(cfg.trunk_engine, device, precision),
+        train_parts=train_parts,
+    )
     # The top's step: --precision, where auto means what the trunk pass uses (bf16 on CPUs
     # with native bf16: about 2x faster there, same validation AUC; benchmarks/RESULTS.md).
     inputs.precision = resolve_precision(cfg.precision, device)

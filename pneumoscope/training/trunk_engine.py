@@ -16,7 +16,6 @@ config.json records what ran, and the activation cache keeps the two engines' ou
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import warnings
 
@@ -44,8 +43,9 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def resolve_trunk_precision(precision: str, device: torch.device, saved: str | None = None,
-                            engine: str = "auto") -> str:
+def resolve_trunk_precision(
+    precision: str, device: torch.device, saved: str | None = None, engine: str = "auto"
+) -> str:
     """What `--trunk-precision` means here: fp32 or bf16. auto on a CPU is fp32 where the
     pass will run on onnxruntime (`--trunk-engine` auto or onnxruntime, and onnxruntime
     runs: its fp32 pass beat torch's bf16 one on the AMX CPU measured, benchmarks/RESULTS.md,
@@ -60,7 +60,9 @@ def resolve_trunk_precision(precision: str, device: torch.device, saved: str | N
     return resolve_precision(precision, device, option="--trunk-precision")
 
 
-def resolve_trunk_engine(engine: str, device: torch.device, precision: str, saved: str | None = None) -> str:
+def resolve_trunk_engine(
+    engine: str, device: torch.device, precision: str, saved: str | None = None
+) -> str:
     """What `--trunk-engine` means here: torch or onnxruntime. saved: the engine of the run
     being resumed, which `auto` keeps where it still applies (a run goes on as it began)."""
     if engine not in TRUNK_ENGINES:
@@ -69,11 +71,15 @@ def resolve_trunk_engine(engine: str, device: torch.device, precision: str, save
     if engine == "onnxruntime":
         if not applies:
             hint = "--trunk-precision fp32" if device.type == "cpu" else "a CPU device"
-            raise OptionError(f"--trunk-engine onnxruntime runs an fp32 trunk pass on a CPU (here: {device.type}, "
-                              f"{precision}); use --trunk-engine torch or {hint}")
+            raise OptionError(
+                f"--trunk-engine onnxruntime runs an fp32 trunk pass on a CPU (here: {device.type}, "
+                f"{precision}); use --trunk-engine torch or {hint}"
+            )
         if not onnxruntime_available():
-            raise OptionError("--trunk-engine onnxruntime needs the onnxruntime package (pip install onnxruntime); "
-                              "or use --trunk-engine torch")
+            raise OptionError(
+                "--trunk-engine onnxruntime needs the onnxruntime package (pip install onnxruntime); "
+                "or use --trunk-engine torch"
+            )
         return engine
     if engine == "auto":
         if saved == "torch":
@@ -95,20 +101,34 @@ class OnnxTrunk:
         try:
             # torch augments the next batch between runs: spinning threads would take its cores
             # (11% fewer augmented images/s with spinning on the 2-core VM)
-            self.session = open_session(_export(trunk), threads or torch.get_num_threads(), spinning=False)
+            self.session = open_session(
+                _export(trunk), threads or torch.get_num_threads(), spinning=False
+            )
             self.input_name = self.session.get_inputs()[0].name
         except TrunkEngineError:
             raise
-        except Exception as err:  # onnxruntime's own errors (a graph it cannot load, a broken install)
+        except (
+            Exception
+        ) as err:  # onnxruntime's own errors (a graph it cannot load, a broken install)
             raise TrunkEngineError(f"onnxruntime could not load the exported trunk: {err}") from err
         self.checked = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            out = torch.from_numpy(self.session.run(None, {self.input_name: np.ascontiguousarray(
-                x.detach().cpu().numpy(), dtype=np.float32)})[0])
+            out = torch.from_numpy(
+                self.session.run(
+                    None,
+                    {
+                        self.input_name: np.ascontiguousarray(
+                            x.detach().cpu().numpy(), dtype=np.float32
+                        )
+                    },
+                )[0]
+            )
         except Exception as err:
-            raise TrunkEngineError(f"onnxruntime failed on the trunk pass: {err}; run with --trunk-engine torch") from err
+            raise TrunkEngineError(
+                f"onnxruntime failed on the trunk pass: {err}; run with --trunk-engine torch"
+            ) from err
         if not self.checked:
             _check_against(self.trunk, x[:2], out[:2])
             self.checked = True
@@ -125,15 +145,30 @@ def _export(trunk: torch.nn.Module) -> bytes:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(trunk, (example,), buffer, input_names=["image"], output_names=["act"],
-                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}},
-                              opset_version=OPSET, dynamo=False)
+            torch.onnx.export(
+                trunk,
+                (example,),
+                buffer,
+                input_names=["image"],
+                output_names=["act"],
+                dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
         return buffer.getvalue()
     except Exception as first:
         try:
-            program = torch.onnx.export(trunk, (example,), None, input_names=["image"], output_names=["act"],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                        dynamo=True, external_data=False, verbose=False)
+            program = torch.onnx.export(
+                trunk,
+                (example,),
+                None,
+                input_names=["image"],
+                output_names=["act"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
             return program.model_proto.SerializeToString()
         except Exception as err:
             raise TrunkEngineError(f"could not export the trunk to ONNX: {first}; {err}") from err
@@ -142,8 +177,12 @@ def _export(trunk: torch.nn.Module) -> bytes:
 @torch.inference_mode()
 def _check_against(trunk: torch.nn.Module, x: torch.Tensor, got: torch.Tensor) -> None:
     want = trunk(x.to(next(trunk.parameters()).device)).float().cpu()
-    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
-        raise TrunkEngineError("onnxruntime's trunk output differs from torch's; run with --trunk-engine torch")
+    if want.shape != got.shape or not torch.allclose(
+        want, got, rtol=1e-3, atol=1e-3 * float(want.abs().max())
+    ):
+        raise TrunkEngineError(
+            "onnxruntime's trunk output differs from torch's; run with --trunk-engine torch"
+        )
 
 
 def build_engine(trunk: torch.nn.Module, engine: str):

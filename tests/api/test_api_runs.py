@@ -18,6 +18,7 @@ from PIL import Image
 import pneumoscope
 from pneumoscope.cli import main
 
+
 @pytest.fixture(scope="session")
 def cli_run(small_run_dir) -> Path:
     """The session's small run, trained through the CLI (tests/conftest.py; read-only)."""
@@ -41,8 +42,13 @@ def mlflow_uri(tmp_path_factory):
 def api_run(small_data_root, small_run_options, tmp_path_factory, mlflow_uri) -> Path:
     """The same run through the API, with both trackers on (they change no number)."""
     out = tmp_path_factory.mktemp("api") / "run"
-    run = pneumoscope.train(data=small_data_root, out=out, show_progress=False, log="tensorboard,mlflow",
-                            **small_run_options)
+    run = pneumoscope.train(
+        data=small_data_root,
+        out=out,
+        show_progress=False,
+        log="tensorboard,mlflow",
+        **small_run_options,
+    )
     assert run == out
     return run
 
@@ -56,8 +62,11 @@ def test_api_train_gives_the_cli_numbers(cli_run, api_run):
     for name in ("val_predictions.csv",):
         ours, theirs = read_csv(api_run / name), read_csv(cli_run / name)
         assert [r["path"] for r in ours] == [r["path"] for r in theirs]
-        np.testing.assert_allclose([float(r["p_pneumonia"]) for r in ours],
-                                   [float(r["p_pneumonia"]) for r in theirs], atol=1e-5)
+        np.testing.assert_allclose(
+            [float(r["p_pneumonia"]) for r in ours],
+            [float(r["p_pneumonia"]) for r in theirs],
+            atol=1e-5,
+        )
     t_api, t_cli = (json.loads((r / "threshold.json").read_text()) for r in (api_run, cli_run))
     for rule, value in t_cli["rules"].items():
         assert t_api["rules"][rule] == pytest.approx(value, abs=1e-5)
@@ -74,17 +83,23 @@ def test_load_predict_matches_cli_predict(cli_run, small_data_root, capsys):
     model = pneumoscope.load(cli_run)
     rows = model.predict([folder])
     assert [r["path"] for r in rows] == [r["path"] for r in cli_rows] and len(rows) == 24
-    np.testing.assert_allclose([r["p_pneumonia"] for r in rows],
-                               [float(r["p_pneumonia"]) for r in cli_rows], atol=1e-5)
+    np.testing.assert_allclose(
+        [r["p_pneumonia"] for r in rows], [float(r["p_pneumonia"]) for r in cli_rows], atol=1e-5
+    )
     assert [r["label"] for r in rows] == [r["label"] for r in cli_rows]
     # uint8 arrays go through the same decode as the files they came from
     files = [Path(r["path"]) for r in rows[:3]]
     arrays = [np.asarray(Image.open(f).convert("L")) for f in files]
     from_arrays = model.predict(arrays + [np.stack([arrays[0]] * 3, axis=2)])
     assert [r["path"] for r in from_arrays] == [None] * 4
-    np.testing.assert_allclose([r["p_pneumonia"] for r in from_arrays],
-                               [r["p_pneumonia"] for r in rows[:3]] + [rows[0]["p_pneumonia"]], atol=1e-5)
-    assert model.predict(files[0])[0]["p_pneumonia"] == pytest.approx(rows[0]["p_pneumonia"], abs=1e-6)
+    np.testing.assert_allclose(
+        [r["p_pneumonia"] for r in from_arrays],
+        [r["p_pneumonia"] for r in rows[:3]] + [rows[0]["p_pneumonia"]],
+        atol=1e-5,
+    )
+    assert model.predict(files[0])[0]["p_pneumonia"] == pytest.approx(
+        rows[0]["p_pneumonia"], abs=1e-6
+    )
     with pytest.raises(ValueError, match="uint8"):
         model.predict([arrays[0].astype(np.float32)])
 
@@ -110,13 +125,31 @@ def test_a_comma_in_a_path_stays_one_field(cli_run, small_data_root, tmp_path, c
     assert main(["-q", "explain", str(cli_run), str(odd), "--out", str(tmp_path / "x")]) == 0
     explained = capsys.readouterr().out
     for rows in (read_csv(out), read_csv(printed), read_csv(explained)):
-        assert len(rows) == 1 and rows[0]["path"] == str(odd) and rows[0]["label"] in ("NORMAL", "PNEUMONIA")
+        assert (
+            len(rows) == 1
+            and rows[0]["path"] == str(odd)
+            and rows[0]["label"] in ("NORMAL", "PNEUMONIA")
+        )
     assert Path(read_csv(explained)[0]["overlay"]).is_file()
 
 
 def test_replay_from_config_json(cli_run, small_data_root, tmp_path):
     new = tmp_path / "replay"
-    assert main(["-q", "train", "--config", str(cli_run / "config.json"), "--out", str(new), "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--config",
+                str(cli_run / "config.json"),
+                "--out",
+                str(new),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     old_cfg, new_cfg = (json.loads((r / "config.json").read_text()) for r in (cli_run, new))
     # a replay gives every option the first run resolved, so the time budget has nothing to cut: no record
     assert "budget" in old_cfg and "budget" not in new_cfg
@@ -134,7 +167,9 @@ def test_tensorboard_events(api_run):
     for tag in ("loss/train", "loss/val", "val/roc_auc", "lr"):
         assert [e.step for e in acc.Scalars(tag)] == [1, 2], tag
     rows = [json.loads(line) for line in (api_run / "metrics.jsonl").read_text().splitlines()]
-    assert [e.value for e in acc.Scalars("val/roc_auc")] == pytest.approx([r["val_roc_auc"] for r in rows])
+    assert [e.value for e in acc.Scalars("val/roc_auc")] == pytest.approx(
+        [r["val_roc_auc"] for r in rows]
+    )
     assert "val/roc_curve" in tags["images"]
     gradcams = [t for t in tags["images"] if t.startswith("gradcam/")]
     assert len(gradcams) == 4
@@ -149,40 +184,79 @@ def test_mlflow_store(api_run, mlflow_uri):
     experiment = client.get_experiment_by_name("api-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["image_size"] == "64"
-    assert run.data.params["backbone"] == "efficientnet_lite0" and run.data.params["recipe"] == "cpu-fast"
+    assert (
+        run.data.params["backbone"] == "efficientnet_lite0"
+        and run.data.params["recipe"] == "cpu-fast"
+    )
     history = client.get_metric_history(run.info.run_id, "val_roc_auc")
     assert sorted(m.step for m in history) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model_best.safetensors", "threshold.json", "config.json", "MODEL_CARD.md"} <= artifacts
 
 
-def test_model_card_written_and_updated_by_evaluate(cli_run, small_run_copy, small_data_root, tmp_path):
+def test_model_card_written_and_updated_by_evaluate(
+    cli_run, small_run_copy, small_data_root, tmp_path
+):
     card = (cli_run / "MODEL_CARD.md").read_text()
-    for heading in ("## Intended use", "## Data", "## Model and recipe", "## Validation metrics",
-                    "## Evaluated folders", "## Known limitations", "## How to reproduce"):
+    for heading in (
+        "## Intended use",
+        "## Data",
+        "## Model and recipe",
+        "## Validation metrics",
+        "## Evaluated folders",
+        "## Known limitations",
+        "## How to reproduce",
+    ):
         assert heading in card, heading
     assert "not for diagnosis" in card and "CC BY 4.0" in card and "benchmarks/RESULTS.md" in card
     assert "Pediatric" in card and "efficientnet_lite0" in card and "None yet" in card
     manifest = read_csv(cli_run / "manifest.csv")
     n_val = sum(r["role"] == "val" for r in manifest)
-    assert f"| val | " in card and f"{n_val} images of" in card
+    assert "| val | " in card and f"{n_val} images of" in card
     assert f"pneumoscope train --config {cli_run / 'config.json'}" in card
     test_dir, run = small_data_root / "test", small_run_copy  # evaluate writes into the run: a copy
-    assert main(["-q", "evaluate", str(run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(run),
+                "--data",
+                str(test_dir),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     card = (run / "MODEL_CARD.md").read_text()
     assert "None yet" not in card and f"`{test_dir.resolve()}` | 24 |" in card
     assert f"{metrics['roc_auc']:.3f} [" in card
     # evaluating the same folder again replaces its line
-    assert main(["-q", "evaluate", str(run), "--data", str(test_dir), "--out", str(tmp_path / "m.json"),
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(run),
+                "--data",
+                str(test_dir),
+                "--out",
+                str(tmp_path / "m.json"),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert (run / "MODEL_CARD.md").read_text().count(f"`{test_dir.resolve()}`") == 1
 
 
 def test_cli_train_goes_through_the_api(monkeypatch, tmp_path):
     import pneumoscope.api
-
     from pneumoscope.errors import UserError
 
     calls = []
@@ -204,6 +278,8 @@ def test_load_with_onnx_predicts_like_the_torch_model(cli_run, small_data_root, 
     model = pneumoscope.load(cli_run, onnx=onnx)
     by_onnx = model.predict(files)
     assert [r["path"] for r in by_onnx] == [r["path"] for r in by_torch]
-    assert np.allclose([r["p_pneumonia"] for r in by_onnx], [r["p_pneumonia"] for r in by_torch], atol=1e-4)
+    assert np.allclose(
+        [r["p_pneumonia"] for r in by_onnx], [r["p_pneumonia"] for r in by_torch], atol=1e-4
+    )
     assert [r["label"] for r in by_onnx] == [r["label"] for r in by_torch]
     assert model.explain(files[0]).shape[2] == 3  # Grad-CAM from the torch model beside the export

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -74,22 +73,43 @@ def encode_as(gray: np.ndarray, fmt: str) -> tuple[bytes, str]:
         # MONOCHROME1 (white = low), 12 bits stored, rescale 0.5x - 100, then a window
         # that maps the rescaled range [-96, 1944] onto 0..255 before the inversion.
         stored = (255 - g) * 16 + 8
-        return dicom_bytes(stored, PhotometricInterpretation="MONOCHROME1", BitsStored=12, HighBit=11,
-                           RescaleSlope=0.5, RescaleIntercept=-100, WindowCenter=924.5,
-                           WindowWidth=2041), ".dcm"
+        return dicom_bytes(
+            stored,
+            PhotometricInterpretation="MONOCHROME1",
+            BitsStored=12,
+            HighBit=11,
+            RescaleSlope=0.5,
+            RescaleIntercept=-100,
+            WindowCenter=924.5,
+            WindowWidth=2041,
+        ), ".dcm"
     raise ValueError(fmt)
 
 
-def shared_jpegs(shared_data: Path, cls: str, n: int, offset: int = 0,
-                 exclude_patients: frozenset[str] = frozenset()) -> list[Path]:
-    files = sorted(f for f in (shared_data / "train" / cls).glob("*.jpeg")
-                   if patient_id(f.name) not in exclude_patients)
+def shared_jpegs(
+    shared_data: Path,
+    cls: str,
+    n: int,
+    offset: int = 0,
+    exclude_patients: frozenset[str] = frozenset(),
+) -> list[Path]:
+    files = sorted(
+        f
+        for f in (shared_data / "train" / cls).glob("*.jpeg")
+        if patient_id(f.name) not in exclude_patients
+    )
     step = max(1, len(files) // (n + offset + 1))
     return files[(offset + 1) * step :: step][:n]
 
 
-def write_mixed_split(dest: Path, mirror: Path | None, shared_data: Path, n: int, offset: int,
-                      exclude_patients: frozenset[str] = frozenset()) -> None:
+def write_mixed_split(
+    dest: Path,
+    mirror: Path | None,
+    shared_data: Path,
+    n: int,
+    offset: int,
+    exclude_patients: frozenset[str] = frozenset(),
+) -> None:
     """dest/{NORMAL,PNEUMONIA}: real images cycling through FORMATS (patient names kept),
     none of `exclude_patients`; mirror/: the same images as the original JPEGs."""
     for cls in ("NORMAL", "PNEUMONIA"):
@@ -118,8 +138,14 @@ def mixed_root(tmp_path_factory, shared_data) -> Path:
     root = tmp_path_factory.mktemp("mixed")
     write_mixed_split(root / "train", None, shared_data, n=12, offset=0)
     train_patients = frozenset(patient_id(f.name) for f in (root / "train").rglob("*.*"))
-    write_mixed_split(root / "test", root / "test_jpeg", shared_data, n=8, offset=2,
-                      exclude_patients=train_patients)
+    write_mixed_split(
+        root / "test",
+        root / "test_jpeg",
+        shared_data,
+        n=8,
+        offset=2,
+        exclude_patients=train_patients,
+    )
     assert not train_patients & {patient_id(f.name) for f in (root / "test").rglob("*.*")}
     return root
 
@@ -128,9 +154,28 @@ def mixed_root(tmp_path_factory, shared_data) -> Path:
 def deploy_run(mixed_root, tmp_path_factory) -> Path:
     """A small trained run (efficientnet_lite0, 64 px, 2 epochs) on the mixed-format data."""
     out = tmp_path_factory.mktemp("deploy") / "run"
-    code = main(["-q", "train", "--data", str(mixed_root), "--out", str(out), "--backbone",
-                 "efficientnet_lite0", "--image-size", "64", "--batch-size", "8", "--epochs", "2",
-                 "--head-epochs", "0", "--val-fraction", "0.25"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(mixed_root),
+            "--out",
+            str(out),
+            "--backbone",
+            "efficientnet_lite0",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "2",
+            "--head-epochs",
+            "0",
+            "--val-fraction",
+            "0.25",
+        ]
+    )
     assert code == 0
     return out
 
@@ -150,7 +195,9 @@ def live_server(deploy_run):
     from pneumoscope.serve import create_app
     from pneumoscope.serve.background import BackgroundServer
 
-    with BackgroundServer(create_app(deploy_run, max_upload_bytes=TEST_MAX_UPLOAD, device="cpu")) as server:
+    with BackgroundServer(
+        create_app(deploy_run, max_upload_bytes=TEST_MAX_UPLOAD, device="cpu")
+    ) as server:
         yield server
 
 

@@ -28,8 +28,11 @@ PATIENT = {"PatientName": "Doe^Jane", "PatientID": "MRN-0042", "InstitutionName"
 
 def sample_films(shared_data, n_per_class: int = 4):
     """Real films of the embedded sample's val/ part, both classes."""
-    return [f for cls in ("NORMAL", "PNEUMONIA")
-            for f in sorted((shared_data / "val" / cls).glob("*.jpeg"))[:n_per_class]]
+    return [
+        f
+        for cls in ("NORMAL", "PNEUMONIA")
+        for f in sorted((shared_data / "val" / cls).glob("*.jpeg"))[:n_per_class]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,9 @@ def test_a_dicom_of_a_jpegs_pixels_predicts_as_the_jpeg(predictor, shared_data, 
         gray = decode_gray(jpeg)
         dicom = make_dicom(gray, **PATIENT)
         np.testing.assert_array_equal(decode_gray(dicom, name="film.dcm"), gray)
-        assert p_of(predictor, dicom, "film.dcm") == pytest.approx(p_of(predictor, jpeg.read_bytes(), jpeg.name),
-                                                                    abs=1e-6), jpeg.name
+        assert p_of(predictor, dicom, "film.dcm") == pytest.approx(
+            p_of(predictor, jpeg.read_bytes(), jpeg.name), abs=1e-6
+        ), jpeg.name
 
 
 def test_an_8bit_monochrome1_dicom_is_the_inverted_picture(shared_data, make_dicom):
@@ -67,18 +71,28 @@ def test_an_8bit_monochrome1_dicom_is_the_inverted_picture(shared_data, make_dic
 
 
 @pytest.mark.parametrize("window", list(TWELVE_BIT_WINDOWS))
-def test_a_12bit_dicom_with_its_voi_window_matches_the_jpeg(window, predictor, shared_data, make_dicom):
+def test_a_12bit_dicom_with_its_voi_window_matches_the_jpeg(
+    window, predictor, shared_data, make_dicom
+):
     """12 bits stored and a VOI window: the window the file carries decides the picture,
     within TWELVE_BIT_WINDOWS' grey levels and p(pneumonia) tolerance of the JPEG."""
     (center, width), max_levels, tolerance = TWELVE_BIT_WINDOWS[window]
     diffs = []
     for i, jpeg in enumerate(sample_films(shared_data)):
         gray = decode_gray(jpeg)
-        dicom = make_dicom(twelve_bit(gray, seed=i), BitsStored=12, HighBit=11,
-                           WindowCenter=center, WindowWidth=width, **PATIENT)
+        dicom = make_dicom(
+            twelve_bit(gray, seed=i),
+            BitsStored=12,
+            HighBit=11,
+            WindowCenter=center,
+            WindowWidth=width,
+            **PATIENT,
+        )
         levels = decode_gray(dicom, name="film.dcm").astype(int) - gray
         assert np.abs(levels).max() <= max_levels, jpeg.name
-        diffs.append(abs(p_of(predictor, dicom, "film.dcm") - p_of(predictor, jpeg.read_bytes(), jpeg.name)))
+        diffs.append(
+            abs(p_of(predictor, dicom, "film.dcm") - p_of(predictor, jpeg.read_bytes(), jpeg.name))
+        )
     print(f"12-bit DICOM ({window} window) vs JPEG: largest |dp| {max(diffs):.6f}")
     assert max(diffs) <= tolerance
 
@@ -88,7 +102,10 @@ def test_the_run_and_its_onnx_contract_record_the_dicom_rule(deploy_run, onnx_mo
     assert config["preprocessing"]["dicom_decode"] == dicom_decode_contract()
     contract = json.loads((onnx_model.parent / (onnx_model.name + ".json")).read_text())
     assert contract["preprocessing"]["dicom_decode"] == dicom_decode_contract()
-    assert dicom_decode_contract()["version"] == 2 and "BitsStored <= 8" in dicom_decode_contract()["rule"]
+    assert (
+        dicom_decode_contract()["version"] == 2
+        and "BitsStored <= 8" in dicom_decode_contract()["rule"]
+    )
 
 
 def test_a_run_from_before_the_rule_still_loads(deploy_run, tmp_path, shared_data):

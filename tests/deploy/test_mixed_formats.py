@@ -37,13 +37,34 @@ def test_train_used_every_file(deploy_run, mixed_root):
 def test_evaluate_mixed_folder_matches_jpeg_originals(deploy_run, mixed_root, tmp_path):
     mixed, original = tmp_path / "mixed.json", tmp_path / "jpeg.json"
     for data, out in ((mixed_root / "test", mixed), (mixed_root / "test_jpeg", original)):
-        assert main(["-q", "evaluate", str(deploy_run), "--data", str(data), "--out", str(out),
-                     "--bootstrap", "50", "--strict"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "evaluate",
+                    str(deploy_run),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--bootstrap",
+                    "50",
+                    "--strict",
+                ]
+            )
+            == 0
+        )
     m, o = json.loads(mixed.read_text()), json.loads(original.read_text())
     assert m["n"] == o["n"] == 16 and m["unreadable"] == []
     # each PNG/DICOM decodes to its JPEG's gray levels, so the model sees the same image
-    p_mixed = {Path(r["path"]).stem: float(r["p_pneumonia"]) for r in read_csv(tmp_path / "mixed_predictions.csv")}
-    p_jpeg = {Path(r["path"]).stem: float(r["p_pneumonia"]) for r in read_csv(tmp_path / "jpeg_predictions.csv")}
+    p_mixed = {
+        Path(r["path"]).stem: float(r["p_pneumonia"])
+        for r in read_csv(tmp_path / "mixed_predictions.csv")
+    }
+    p_jpeg = {
+        Path(r["path"]).stem: float(r["p_pneumonia"])
+        for r in read_csv(tmp_path / "jpeg_predictions.csv")
+    }
     assert p_mixed.keys() == p_jpeg.keys()
     for stem in p_mixed:
         assert p_mixed[stem] == pytest.approx(p_jpeg[stem], abs=1e-4), stem
@@ -52,7 +73,20 @@ def test_evaluate_mixed_folder_matches_jpeg_originals(deploy_run, mixed_root, tm
 
 def test_predict_mixed_folder(deploy_run, mixed_root, tmp_path, run_threshold):
     out = tmp_path / "pred.csv"
-    assert main(["-q", "predict", str(deploy_run), str(mixed_root / "test"), "--out", str(out), "--strict"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(deploy_run),
+                str(mixed_root / "test"),
+                "--out",
+                str(out),
+                "--strict",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert len(rows) == 16
     assert {Path(r["path"]).suffix for r in rows} == SUFFIXES

@@ -10,12 +10,12 @@ import onnx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE
 from pneumoscope.cli import main
 from pneumoscope.data.decode import load_image
+from pneumoscope.deploy.onnx_predictor import OnnxPredictor
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE
 from pneumoscope.inference import Predictor
 from pneumoscope.models import PNEUMONIA_INDEX
-from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 from pneumoscope.models.onnx_session import open_session
 
 
@@ -43,7 +43,10 @@ def test_contract_beside_the_model(onnx_model, deploy_run):
     assert contract["preprocessing"]["image_size"] == config["image_size"] == 64
     assert contract["preprocessing"]["geometry"] == "stretch"
     assert contract["input"]["shape"] == ["batch", 1, 64, 64]
-    assert contract["thresholds"] == thresholds and contract["thresholds"]["default"] == DEFAULT_THRESHOLD_RULE
+    assert (
+        contract["thresholds"] == thresholds
+        and contract["thresholds"]["default"] == DEFAULT_THRESHOLD_RULE
+    )
     assert contract["backbone"] == "efficientnet_lite0"
     assert set(contract["outputs"]) == {"logits", "p_pneumonia"}
     assert contract["pneumoscope_version"]
@@ -89,12 +92,28 @@ def test_predict_onnx_gives_the_torch_labels(onnx_model, deploy_run, mixed_root,
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     data = str(mixed_root / "test")
     assert main(["-q", "predict", str(deploy_run), data, "--out", str(torch_csv)]) == 0
-    assert main(["-q", "predict", str(deploy_run), data, "--onnx", str(onnx_model), "--out", str(onnx_csv)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(deploy_run),
+                data,
+                "--onnx",
+                str(onnx_model),
+                "--out",
+                str(onnx_csv),
+            ]
+        )
+        == 0
+    )
     t, o = read_rows(torch_csv), read_rows(onnx_csv)
     assert t.keys() == o.keys() and len(t) == 16
     for path in t:
         assert o[path]["label"] == t[path]["label"], path
-        assert float(o[path]["p_pneumonia"]) == pytest.approx(float(t[path]["p_pneumonia"]), abs=1e-4)
+        assert float(o[path]["p_pneumonia"]) == pytest.approx(
+            float(t[path]["p_pneumonia"]), abs=1e-4
+        )
 
 
 def test_stale_export_is_refused(onnx_model, deploy_run, tmp_path, mixed_root, capsys):
@@ -104,12 +123,16 @@ def test_stale_export_is_refused(onnx_model, deploy_run, tmp_path, mixed_root, c
     weights = load_file(run / "model_best.safetensors")
     weights["head.bias"] = weights["head.bias"] + 1.0
     save_file(weights, run / "model_best.safetensors")
-    code = main(["-q", "predict", str(run), str(mixed_root / "test"), "--onnx", str(run / "model.onnx")])
+    code = main(
+        ["-q", "predict", str(run), str(mixed_root / "test"), "--onnx", str(run / "model.onnx")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "exported from other weights" in err and "pneumoscope export" in err
 
 
-def test_model_not_matching_its_contract_is_refused(onnx_model, deploy_run, tmp_path, mixed_root, capsys):
+def test_model_not_matching_its_contract_is_refused(
+    onnx_model, deploy_run, tmp_path, mixed_root, capsys
+):
     """A model.onnx swapped after export (here: another export's contract beside it)."""
     other = tmp_path / "other.onnx"
     shutil.copy(onnx_model, other)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.deploy.archive import predict_archive, shard
 from pneumoscope.cli import main
+from pneumoscope.deploy.archive import predict_archive, shard
 from pneumoscope.deploy.scoring import ENGINE_FILE, CheckedOnnx, load_scorer
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -51,7 +51,9 @@ def test_default_engine_is_onnxruntime_and_equals_torch(run, films, tmp_path, ca
     assert main(["-q", "predict", str(run), *films, "--out", str(onnx_csv)]) == 0
     assert "[onnxruntime]" in capsys.readouterr().out
     assert (run / ENGINE_FILE).is_file() and (run / f"{ENGINE_FILE}.json").is_file()
-    assert main(["-q", "predict", str(run), *films, "--out", str(torch_csv), "--engine", "torch"]) == 0
+    assert (
+        main(["-q", "predict", str(run), *films, "--out", str(torch_csv), "--engine", "torch"]) == 0
+    )
     assert "[torch]" in capsys.readouterr().out
     got, want = probabilities(read_rows(onnx_csv)), probabilities(read_rows(torch_csv))
     assert list(got) == list(want) == films
@@ -64,11 +66,16 @@ def test_engine_is_reused_and_rebuilt_when_it_no_longer_fits(run, films):
     stamp = (run / ENGINE_FILE).stat().st_mtime_ns
     scorer = load_scorer(run)
     assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_mtime_ns == stamp
-    (run / ENGINE_FILE).write_bytes(b"not the exported model")  # swapped: its SHA-256 no longer fits
+    (run / ENGINE_FILE).write_bytes(
+        b"not the exported model"
+    )  # swapped: its SHA-256 no longer fits
     scorer = load_scorer(run)
     assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_size > 1000
     images = np.stack([scorer.load(f) for f in films[:6]])
-    assert np.abs(scorer.predict_class_probs(images) - scorer.torch.predict_class_probs(images)).max() <= 1e-4
+    assert (
+        np.abs(scorer.predict_class_probs(images) - scorer.torch.predict_class_probs(images)).max()
+        <= 1e-4
+    )
 
 
 def test_an_engine_that_disagrees_with_torch_is_dropped(run, films, caplog):
@@ -86,7 +93,9 @@ def test_torch_is_used_where_onnxruntime_is_not_asked_for(run, monkeypatch):
     assert load_scorer(run, engine="torch").runtime == "torch"
     monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "torch")
     assert load_scorer(run).runtime == "torch"
-    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")  # torch's autocast: not what the export computes
+    monkeypatch.setenv(
+        "PNEUMOSCOPE_PRECISION", "bf16"
+    )  # torch's autocast: not what the export computes
     monkeypatch.delenv("PNEUMOSCOPE_ENGINE")
     assert load_scorer(run).runtime == "torch"
 
@@ -111,7 +120,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_csv(run, films, tmp_path):
     assert (summary.resumed, summary.scored) == (24, len(films) - 24)
     assert killed.read_text() == full.read_text()
     again = predict_archive(run, films, killed, resume=True, show_progress=False)
-    assert (again.resumed, again.scored) == (len(films), 0) and killed.read_text() == full.read_text()
+    assert (again.resumed, again.scored) == (
+        len(films),
+        0,
+    ) and killed.read_text() == full.read_text()
 
 
 def test_resume_refuses_another_table(run, films, tmp_path, capsys):
@@ -124,7 +136,13 @@ def test_resume_refuses_another_table(run, films, tmp_path, capsys):
 
 def test_files_list_scores_the_listed_files(run, films, tmp_path):
     listing = tmp_path / "films.txt"
-    listing.write_text("# the films of the archive\n" + "\n".join(films[:10]) + "\n\n" + "\n".join(films[10:]) + "\n")
+    listing.write_text(
+        "# the films of the archive\n"
+        + "\n".join(films[:10])
+        + "\n\n"
+        + "\n".join(films[10:])
+        + "\n"
+    )
     by_list, by_name = tmp_path / "list.csv", tmp_path / "names.csv"
     assert main(["-q", "predict", str(run), "--files", str(listing), "--out", str(by_list)]) == 0
     assert main(["-q", "predict", str(run), *films, "--out", str(by_name)]) == 0
@@ -139,8 +157,23 @@ def test_unreadable_files_are_named_and_skipped(run, films, tmp_path, caplog):
     (folder / "broken.jpeg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
     out = tmp_path / "p.csv"
     with caplog.at_level(logging.WARNING):
-        assert main(["-q", "predict", str(run), str(folder), "--out", str(out), "--workers", "2",
-                     "--batch-size", "2"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "predict",
+                    str(run),
+                    str(folder),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "2",
+                    "--batch-size",
+                    "2",
+                ]
+            )
+            == 0
+        )
     assert len(read_rows(out)) == 1 + 5
     assert "broken.jpeg" in caplog.text
 
@@ -153,7 +186,9 @@ def test_nothing_to_score_is_one_line_and_exit_2(run, tmp_path, capsys, what):
     assert main(["-q", "predict", str(run), str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0]
-    assert err[0].startswith("pneumoscope predict: error: nothing scored: ")  # issue 28's one wording
+    assert err[0].startswith(
+        "pneumoscope predict: error: nothing scored: "
+    )  # issue 28's one wording
     assert ("No such file" in err[0]) if what == "missing" else ("no image files" in err[0])
 
 
@@ -170,8 +205,24 @@ def test_torchrun_two_ranks_join_the_single_process_csv(run, films, tmp_path):
     single, joined = tmp_path / "single.csv", tmp_path / "joined.csv"
     predict_archive(run, films, single, show_progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pneumoscope", "-q", "predict", str(run), *films, "--out", str(joined), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pneumoscope",
+        "-q",
+        "predict",
+        str(run),
+        *films,
+        "--out",
+        str(joined),
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert joined.read_text() == single.read_text()
@@ -186,8 +237,12 @@ def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, caps
     assert main(["-q", "predict", str(run), *films, "--out", str(int8_csv), "--int8"]) == 0
     said = capsys.readouterr().out
     record = read_json(run / CHECK_FILE)
-    assert record["films"] > 0 and {"val_roc_auc_fp32", "val_roc_auc_int8", "max_abs_dp"} <= set(record)
-    assert record["kept"] == (abs(record["val_roc_auc_int8"] - record["val_roc_auc_fp32"]) <= MAX_AUC_DIFF)
+    assert record["films"] > 0 and {"val_roc_auc_fp32", "val_roc_auc_int8", "max_abs_dp"} <= set(
+        record
+    )
+    assert record["kept"] == (
+        abs(record["val_roc_auc_int8"] - record["val_roc_auc_fp32"]) <= MAX_AUC_DIFF
+    )
     assert main(["-q", "predict", str(run), *films, "--out", str(fp32_csv)]) == 0
     capsys.readouterr()
     if record["kept"]:
@@ -214,5 +269,9 @@ def test_join_skips_a_rank_that_wrote_no_part(tmp_path):
     for rank, rows in ((0, ["a.jpeg,0.1,NORMAL\n"]), (2, ["c.jpeg,0.9,PNEUMONIA\n"])):
         part_path(out, rank, 3).write_text(",".join(header) + "\n" + "".join(rows))
     join_parts(out, env, header)
-    assert out.read_text().splitlines() == [",".join(header), "a.jpeg,0.1,NORMAL", "c.jpeg,0.9,PNEUMONIA"]
+    assert out.read_text().splitlines() == [
+        ",".join(header),
+        "a.jpeg,0.1,NORMAL",
+        "c.jpeg,0.9,PNEUMONIA",
+    ]
     assert not any(part_path(out, r, 3).exists() for r in range(3))

@@ -44,11 +44,19 @@ def post(client, name, data, **params):
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares width x height 8-bit gray, with a tiny IDAT."""
+
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_healthz(client):
@@ -56,7 +64,9 @@ def test_healthz(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"]["backbone"] == "efficientnet_lite0"
-    assert body["model"]["runtime"] == "onnxruntime"  # the default engine on a CPU (pneumoscope.deploy.scoring)
+    assert (
+        body["model"]["runtime"] == "onnxruntime"
+    )  # the default engine on a CPU (pneumoscope.deploy.scoring)
 
 
 def test_openapi_without_swagger_ui(client):
@@ -95,13 +105,21 @@ def test_heatmap_is_a_png_overlay(client, xray):
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 20  # coloured, not a gray copy
 
 
-@pytest.mark.parametrize("name,data,status,words", [
-    ("random.bin", bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), 415, "unsupported format"),
-    ("notes.txt", b"patient notes, not an image\n" * 20, 415, "not an image"),
-    ("empty.jpeg", b"", 422, "empty"),
-    ("bomb.png", png_header(30000, 30000), 422, "too large"),
-    ("cut.png", None, 422, "truncated or corrupt"),
-])
+@pytest.mark.parametrize(
+    "name,data,status,words",
+    [
+        (
+            "random.bin",
+            bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)),
+            415,
+            "unsupported format",
+        ),
+        ("notes.txt", b"patient notes, not an image\n" * 20, 415, "not an image"),
+        ("empty.jpeg", b"", 422, "empty"),
+        ("bomb.png", png_header(30000, 30000), 422, "too large"),
+        ("cut.png", None, 422, "truncated or corrupt"),
+    ],
+)
 def test_bad_uploads_are_4xx_with_a_message(client, xray, name, data, status, words):
     if data is None:  # a real PNG cut in half
         buf = io.BytesIO()
@@ -128,8 +146,10 @@ def test_oversize_upload_is_413_by_content_length(client, max_upload):
 def test_oversize_chunked_upload_is_413_while_reading(live_server, max_upload):
     """No Content-Length (chunked transfer): the limit is enforced as bytes arrive."""
     boundary = "pneumoscope-test"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
 
     def body():
         yield head
@@ -138,8 +158,12 @@ def test_oversize_chunked_upload_is_413_while_reading(live_server, max_upload):
         yield f"\r\n--{boundary}--\r\n".encode()
 
     with httpx.Client(base_url=live_server.url, timeout=60) as c:
-        request = c.build_request("POST", "/v1/predict", content=body(),
-                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        request = c.build_request(
+            "POST",
+            "/v1/predict",
+            content=body(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         assert "content-length" not in request.headers
         try:
             r = c.send(request)
@@ -199,9 +223,24 @@ def test_cli_serve_in_a_subprocess(deploy_run):
     with socket.socket() as s:  # a port that was free a moment ago
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscope", "serve", str(deploy_run), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pneumoscope",
+            "serve",
+            str(deploy_run),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, body = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -210,7 +249,9 @@ def test_cli_serve_in_a_subprocess(deploy_run):
                 break
             except httpx.TransportError:
                 time.sleep(0.3)
-        assert body is not None and body["status"] == "ok", proc.stdout.read() if proc.poll() is not None else ""
+        assert body is not None and body["status"] == "ok", (
+            proc.stdout.read() if proc.poll() is not None else ""
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -236,7 +277,9 @@ def test_page_files_are_package_data():
     import pneumoscope.serve
 
     repo = Path(__file__).resolve().parents[2]
-    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pneumoscope.serve"]
+    globs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["pneumoscope.serve"]
     static = Path(pneumoscope.serve.__file__).parent / "static"
     files = [p.relative_to(static.parent).as_posix() for p in static.rglob("*") if p.is_file()]
     assert {"static/index.html", "static/app.js", "static/style.css"} <= set(files)

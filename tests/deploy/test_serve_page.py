@@ -21,7 +21,8 @@ def wait_result(page):
     page.wait_for_function(
         "() => ['heatmap-img', 'input-img'].every(id => {"
         " const im = document.getElementById(id); return im.complete && im.naturalWidth > 0; })",
-        timeout=60_000)
+        timeout=60_000,
+    )
 
 
 def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_data, artifacts_dir):
@@ -31,12 +32,15 @@ def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_da
     page.set_input_files("#file", str(xray))
     wait_result(page)
 
-    api = httpx.post(live_server.url + "/v1/predict", files={"file": (xray.name, xray.read_bytes())},
-                     timeout=120).json()
+    api = httpx.post(
+        live_server.url + "/v1/predict", files={"file": (xray.name, xray.read_bytes())}, timeout=120
+    ).json()
     assert page.inner_text("#prob") == f"{100 * api['p_pneumonia']:.1f}%"
     assert page.inner_text("#label") == api["label"]
     assert f"{api['threshold']:.3f}" in page.inner_text("#threshold-line")
-    assert api["threshold_rule"] == DEFAULT_THRESHOLD_RULE  # the default rule, named in words on the page
+    assert (
+        api["threshold_rule"] == DEFAULT_THRESHOLD_RULE
+    )  # the default rule, named in words on the page
     target = DEFAULT_THRESHOLD_RULE.removeprefix("sensitivity")
     assert f"({target}% sensitivity on validation)" in page.inner_text("#threshold-line")
     assert page.is_hidden("#classes")  # the three-class table is for three-class runs only
@@ -45,8 +49,9 @@ def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_da
     page.screenshot(path=str(artifacts_dir / "webapp.png"), full_page=True)
 
     assert page.outside == []
-    assert page.requests and all(u.startswith(live_server.url + "/") or u.startswith("data:")
-                                 for u in page.requests), page.requests
+    assert page.requests and all(
+        u.startswith(live_server.url + "/") or u.startswith("data:") for u in page.requests
+    ), page.requests
     assert page.console_errors == []
 
 
@@ -54,7 +59,9 @@ def test_dicom_through_the_page(page, live_server, shared_data, encode):
     xray = sorted((shared_data / "val" / "NORMAL").glob("*.jpeg"))[0]
     data, _ = encode(np.asarray(Image.open(xray).convert("L")), "dcm_mono1_12")
     page.goto(live_server.url + "/")
-    page.set_input_files("#file", files=[{"name": "chest.dcm", "mimeType": "application/dicom", "buffer": data}])
+    page.set_input_files(
+        "#file", files=[{"name": "chest.dcm", "mimeType": "application/dicom", "buffer": data}]
+    )
     wait_result(page)
     assert page.inner_text("#prob").endswith("%")
     assert page.inner_text("#label") in ("NORMAL", "PNEUMONIA")
@@ -62,8 +69,10 @@ def test_dicom_through_the_page(page, live_server, shared_data, encode):
 
 def test_bad_file_shows_the_servers_message(page, live_server):
     page.goto(live_server.url + "/")
-    page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain",
-                                          "buffer": b"not an x-ray\n" * 10}])
+    page.set_input_files(
+        "#file",
+        files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an x-ray\n" * 10}],
+    )
     page.wait_for_selector("#status.error", timeout=60_000)
     message = page.inner_text("#status")
     assert "notes.txt" in message and "not an image" in message

@@ -77,10 +77,14 @@ def open_files() -> set[str]:
 def big_dicom(xray: Path, make_dicom) -> bytes:
     """A real film as a ~6 MB 16-bit DICOM with a patient's name in its header."""
     gray = np.asarray(Image.open(xray).convert("L").resize((2000, 1500)))
-    return make_dicom(gray.astype(np.uint16) * 257, WindowCenter=32767.5, WindowWidth=65536, **PATIENT)
+    return make_dicom(
+        gray.astype(np.uint16) * 257, WindowCenter=32767.5, WindowWidth=65536, **PATIENT
+    )
 
 
-def test_a_large_upload_never_touches_the_disk(deploy_run, server_for, xray, make_dicom, tmp_path, monkeypatch):
+def test_a_large_upload_never_touches_the_disk(
+    deploy_run, server_for, xray, make_dicom, tmp_path, monkeypatch
+):
     """Halfway through a 6 MB DICOM upload (Starlette spooled anything over 1 MiB to a
     file in /tmp), the server holds no new open file and the temporary folder is empty."""
     private_tmp = tmp_path / "tmp"
@@ -88,12 +92,17 @@ def test_a_large_upload_never_touches_the_disk(deploy_run, server_for, xray, mak
     monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))  # where a spooled part would go
     data = big_dicom(xray, make_dicom)
     assert len(data) > 4 * 2**20
-    app = PauseMidBody(create_app(deploy_run, device="cpu", max_upload_bytes=BIG_UPLOAD_LIMIT), after=3 * 2**20)
+    app = PauseMidBody(
+        create_app(deploy_run, device="cpu", max_upload_bytes=BIG_UPLOAD_LIMIT), after=3 * 2**20
+    )
     with server_for(app) as server:
         before = open_files()
         answer = {}
-        upload = threading.Thread(target=lambda: answer.update(r=post(httpx.Client(base_url=server.url,
-                                                                                    timeout=300), "big.dcm", data)))
+        upload = threading.Thread(
+            target=lambda: answer.update(
+                r=post(httpx.Client(base_url=server.url, timeout=300), "big.dcm", data)
+            )
+        )
         upload.start()
         try:
             assert app.paused.wait(timeout=300), "the upload never reached the middle of its body"
@@ -129,7 +138,9 @@ def test_a_foreign_host_header_is_refused(live_server, xray):
         assert r.status_code == 400
         port = live_server.url.rsplit(":", 1)[1]
         for name in ("127.0.0.1", "localhost"):
-            assert client.get("/healthz", headers={"Host": f"{name}:{port}"}).status_code == 200, name
+            assert client.get("/healthz", headers={"Host": f"{name}:{port}"}).status_code == 200, (
+                name
+            )
 
 
 def test_allowed_hosts_adds_names(deploy_run, server_for):
@@ -146,8 +157,12 @@ def test_a_token_guards_everything_but_the_page(deploy_run, server_for, xray):
     token = "s3cret-token"
     with server_for(create_app(deploy_run, device="cpu", token=token)) as server:
         with httpx.Client(base_url=server.url, timeout=120) as client:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
-                            {"Authorization": f"Bearer {token}x"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Basic {token}"},
+                {"Authorization": f"Bearer {token}x"},
+            ):
                 r = post(client, xray.name, xray.read_bytes(), headers=headers)
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
                 assert client.get("/healthz", headers=headers).status_code == 401
@@ -178,10 +193,17 @@ def test_serve_announces_its_guards(deploy_run, monkeypatch, capsys):
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
     monkeypatch.setenv("PNEUMOSCOPE_TOKEN", "from-the-environment")
-    assert main(["serve", str(deploy_run), "--host", "0.0.0.0", "--device", "cpu", "--rate-limit", "30"]) == 0
+    assert (
+        main(
+            ["serve", str(deploy_run), "--host", "0.0.0.0", "--device", "cpu", "--rate-limit", "30"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert started["host"] == "0.0.0.0"
-    assert "token required" in out and "30 requests a minute" in out and "never written to disk" in out
+    assert (
+        "token required" in out and "30 requests a minute" in out and "never written to disk" in out
+    )
     assert "from-the-environment" not in out  # the token itself is not printed
 
 
@@ -195,8 +217,11 @@ def test_rate_limit_per_client_is_429(deploy_run, server_for):
             refused = client.get("/healthz")
             page = client.get("/")  # the page and its files are not counted
         # another client (another loopback source address) has its own allowance
-        other = httpx.Client(base_url=server.url, timeout=60,
-                             transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        other = httpx.Client(
+            base_url=server.url,
+            timeout=60,
+            transport=httpx.HTTPTransport(local_address="127.0.0.2"),
+        )
         with other:
             assert other.get("/healthz").status_code == 200
     assert codes == [200, 200, 200, 429]
@@ -206,11 +231,16 @@ def test_rate_limit_per_client_is_429(deploy_run, server_for):
 
 def test_every_response_has_a_content_security_policy(live_server, xray):
     with httpx.Client(base_url=live_server.url, timeout=120) as client:
-        answers = {"page": client.get("/"), "health": client.get("/healthz"), "openapi": client.get("/openapi.json"),
-                   "missing": client.get("/nothing-here"), "script": client.get("/static/app.js"),
-                   "bad upload": post(client, "x.txt", b"hello"),
-                   "prediction": post(client, xray.name, xray.read_bytes()),
-                   "foreign host": client.get("/", headers={"Host": "evil.example"})}
+        answers = {
+            "page": client.get("/"),
+            "health": client.get("/healthz"),
+            "openapi": client.get("/openapi.json"),
+            "missing": client.get("/nothing-here"),
+            "script": client.get("/static/app.js"),
+            "bad upload": post(client, "x.txt", b"hello"),
+            "prediction": post(client, xray.name, xray.read_bytes()),
+            "foreign host": client.get("/", headers={"Host": "evil.example"}),
+        }
     for what, r in answers.items():
         assert r.headers.get("content-security-policy"), what
         assert r.headers.get("x-content-type-options") == "nosniff", what

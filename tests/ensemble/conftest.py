@@ -17,8 +17,18 @@ from pneumoscope.data.decode import load_image
 def _member(data_root: Path, out: Path, seed: int) -> Path:
     from pneumoscope.training import TrainConfig, fit
 
-    cfg = TrainConfig(data=str(data_root), out=str(out), backbone="efficientnet_lite0", image_size=64,
-                      batch_size=8, val_fraction=0.25, head_epochs=0, epochs=2, seed=seed, split_seed=0)
+    cfg = TrainConfig(
+        data=str(data_root),
+        out=str(out),
+        backbone="efficientnet_lite0",
+        image_size=64,
+        batch_size=8,
+        val_fraction=0.25,
+        head_epochs=0,
+        epochs=2,
+        seed=seed,
+        split_seed=0,
+    )
     fit(cfg, show_progress=False)
     return out
 

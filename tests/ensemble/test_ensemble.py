@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from pneumoscope.cli import main
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 from pneumoscope.inference import Predictor, predict_probs
 from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models.ensemble import TTA_PRESETS
-from pneumoscope.deploy.onnx_predictor import OnnxPredictor
 from pneumoscope.serve import create_app
 from pneumoscope.serve.background import BackgroundServer
 
@@ -51,7 +51,9 @@ def test_tta_averages_members_over_the_recorded_views(members, tta_dir, real_ima
     assert config["tta"] == {"preset": "zoom3", "views": TTA_PRESETS["zoom3"]}
     zooms = [v["zoom"] for v in config["tta"]["views"]]
     predictors = [Predictor.from_run(m, device="cpu") for m in members]
-    expected = np.mean([_member_p(p, _zoomed(real_images, z)) for p in predictors for z in zooms], axis=0)
+    expected = np.mean(
+        [_member_p(p, _zoomed(real_images, z)) for p in predictors for z in zooms], axis=0
+    )
     got = Predictor.from_run(tta_dir, device="cpu").predict_images(real_images)
     assert np.max(np.abs(got - expected)) < 1e-5
     plain = np.mean([p.predict_images(real_images) for p in predictors], axis=0)
@@ -68,8 +70,13 @@ def test_directory_records_members_split_and_thresholds(members, ens_dir):
     assert "probabilit" in config["combine"]
     assert (ens_dir / "manifest.csv").read_bytes() == (members[0] / "manifest.csv").read_bytes()
     thresholds = json.loads((ens_dir / "threshold.json").read_text())
-    member = json.loads((members[0] / "threshold.json").read_text())  # the same rules as training writes
-    assert set(thresholds["rules"]) == set(member["rules"]) and thresholds["default"] == member["default"]
+    member = json.loads(
+        (members[0] / "threshold.json").read_text()
+    )  # the same rules as training writes
+    assert (
+        set(thresholds["rules"]) == set(member["rules"])
+        and thresholds["default"] == member["default"]
+    )
     with open(ens_dir / "val_predictions.csv") as f:
         val = list(csv.DictReader(f))
     val_files = read_manifest(ens_dir / "manifest.csv")["val"]
@@ -107,8 +114,22 @@ def test_an_ensemble_is_not_a_member(members, ens_dir, tmp_path, capsys):
 def test_evaluate_and_predict_read_the_ensemble(tta_dir, small_data_root, real_images, tmp_path):
     test_dir = small_data_root / "test"
     metrics_path = tmp_path / "metrics.json"
-    assert main(["-q", "evaluate", str(tta_dir), "--data", str(test_dir), "--out", str(metrics_path),
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(tta_dir),
+                "--data",
+                str(test_dir),
+                "--out",
+                str(metrics_path),
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n"] == 24 and 0.0 <= metrics["roc_auc"] <= 1.0
     assert metrics["threshold"] == json.loads((tta_dir / "threshold.json").read_text())["threshold"]
@@ -116,7 +137,9 @@ def test_evaluate_and_predict_read_the_ensemble(tta_dir, small_data_root, real_i
     assert main(["-q", "predict", str(tta_dir), str(test_dir), "--out", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    expected = Predictor.from_run(tta_dir, device="cpu").predict_images(real_images)  # same sorted files
+    expected = Predictor.from_run(tta_dir, device="cpu").predict_images(
+        real_images
+    )  # same sorted files
     assert np.allclose([float(r["p_pneumonia"]) for r in rows], expected, atol=1e-5)
 
 
@@ -124,9 +147,14 @@ def test_onnx_export_is_one_graph_with_the_ensemble_probability(tta_dir, real_im
     onnx_path = tmp_path / "ens.onnx"
     assert main(["-q", "export", str(tta_dir), "--out", str(onnx_path)]) == 0
     contract = json.loads((tmp_path / "ens.onnx.json").read_text())
-    assert contract["backbone"].startswith("ensemble(") and contract["export_check"]["max_abs_diff_p"] < 1e-4
+    assert (
+        contract["backbone"].startswith("ensemble(")
+        and contract["export_check"]["max_abs_diff_p"] < 1e-4
+    )
     torch_p = Predictor.from_run(tta_dir, device="cpu").predict_images(real_images)
-    onnx_p = OnnxPredictor.from_file(onnx_path, run_dir=tta_dir).predict_images(real_images, batch_size=7)
+    onnx_p = OnnxPredictor.from_file(onnx_path, run_dir=tta_dir).predict_images(
+        real_images, batch_size=7
+    )
     assert onnx_p.shape == (24,) and np.max(np.abs(onnx_p - torch_p)) < 1e-4
     assert np.ptp(torch_p) > 1e-3
 
@@ -135,11 +163,16 @@ def test_serve_answers_with_the_ensemble(tta_dir, small_data_root):
     xray = sorted((small_data_root / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
     predictor = Predictor.from_run(tta_dir, device="cpu")
     expected = float(predictor.predict_images(predictor.load(xray)[None])[0])
-    with BackgroundServer(create_app(tta_dir, device="cpu")) as server, \
-            httpx.Client(base_url=server.url, timeout=300) as client:
+    with (
+        BackgroundServer(create_app(tta_dir, device="cpu")) as server,
+        httpx.Client(base_url=server.url, timeout=300) as client,
+    ):
         health = client.get("/healthz").json()
-        r = client.post("/v1/predict", files={"file": (xray.name, xray.read_bytes())},
-                        params={"heatmap": "true"})
+        r = client.post(
+            "/v1/predict",
+            files={"file": (xray.name, xray.read_bytes())},
+            params={"heatmap": "true"},
+        )
     assert health["model"]["backbone"].startswith("ensemble(")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -149,8 +182,24 @@ def test_serve_answers_with_the_ensemble(tta_dir, small_data_root):
 
 def test_report_reads_the_ensemble(tta_dir, small_data_root, tmp_path):
     out = tmp_path / "report"
-    assert main(["-q", "report", str(tta_dir), "--data", str(small_data_root / "test"), "--out", str(out),
-                 "--bootstrap", "50", "--perplexity", "5"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "report",
+                str(tta_dir),
+                "--data",
+                str(small_data_root / "test"),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "50",
+                "--perplexity",
+                "5",
+            ]
+        )
+        == 0
+    )
     html = (out / "index.html").read_text()
     assert "ensemble(" in html
     assert json.loads((out / "metrics.json").read_text())["n"] == 24

@@ -79,7 +79,9 @@ def test_normalisation_per_backbone():
     x = torch.full((1, 1, 4, 4), 127.0 / 255.0)
     lite = Classifier("efficientnet_lite0")
     assert torch.allclose(lite.normalise(x), torch.zeros(1, 3, 4, 4), atol=1e-6)  # (127-127)/128
-    assert torch.allclose(lite.normalise(torch.ones(1, 1, 2, 2)), torch.full((1, 3, 2, 2), 128 / 128))
+    assert torch.allclose(
+        lite.normalise(torch.ones(1, 1, 2, 2)), torch.full((1, 3, 2, 2), 128 / 128)
+    )
     r50 = Classifier("resnet50")
     out = r50.normalise(torch.ones(1, 1, 2, 2))
     expect = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
@@ -102,8 +104,10 @@ def test_freeze_stages_keeps_frozen_bn_in_eval():
         assert all(p.requires_grad != frozen for p in stage.parameters()), i
     assert model.head.weight.requires_grad and model.training
 
-    before = [s.state_dict()["bn1.running_mean" if i == 0 else "0.bn1.running_mean"].clone()
-              for i, s in enumerate(model.stages)]
+    before = [
+        s.state_dict()["bn1.running_mean" if i == 0 else "0.bn1.running_mean"].clone()
+        for i, s in enumerate(model.stages)
+    ]
     logits = model(_batch())
     logits.sum().backward()
     for i, stage in enumerate(model.stages):
@@ -140,15 +144,26 @@ def test_state_dict_layout_is_stable(tmp_path):
 
     r50 = Classifier("resnet50")
     keys = set(r50.state_dict())
-    assert {"stages.0.conv1.weight", "stages.1.0.conv1.weight", "stages.4.2.bn3.bias",
-            "head.weight", "head.bias"} <= keys
+    assert {
+        "stages.0.conv1.weight",
+        "stages.1.0.conv1.weight",
+        "stages.4.2.bn3.bias",
+        "head.weight",
+        "head.bias",
+    } <= keys
     assert not any(k.startswith(("fc.", "norm_")) for k in keys)
     assert r50.state_dict()["head.weight"].shape == (2, 2048)
 
     lite = Classifier("efficientnet_lite0")
     keys = set(lite.state_dict())
-    assert {"stages.0.conv_stem.weight", "stages.0.bn1.running_var", "stages.1.0.conv_dw.weight",
-            "stages.7.0.conv_pwl.weight", "stages.8.conv_head.weight", "stages.8.bn2.weight"} <= keys
+    assert {
+        "stages.0.conv_stem.weight",
+        "stages.0.bn1.running_var",
+        "stages.1.0.conv_dw.weight",
+        "stages.7.0.conv_pwl.weight",
+        "stages.8.conv_head.weight",
+        "stages.8.bn2.weight",
+    } <= keys
     assert not any(k.startswith(("classifier.", "norm_")) for k in keys)
 
     # The training code saves with safetensors: a round trip restores the same model.
@@ -181,7 +196,9 @@ def test_stages_cover_every_backbone_parameter(name):
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ValueError, match="resnet50.*efficientnet_lite0|efficientnet_lite0.*resnet50"):
+    with pytest.raises(
+        ValueError, match="resnet50.*efficientnet_lite0|efficientnet_lite0.*resnet50"
+    ):
         get_spec("vgg16")
     with pytest.raises(ValueError, match="valid backbones"):
         build_model("vgg16", weights="none")

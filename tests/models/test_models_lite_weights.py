@@ -63,11 +63,15 @@ def test_block_member_names_follow_block_type():
     # lukemelas name (_bn1) lands on different timm names.
     source = torch.load(lite_weights_file(0), map_location="cpu", weights_only=True)
     mapped = lukemelas_to_timm(source, EXPECTED[0][1])
-    assert torch.equal(mapped["blocks.0.0.conv_pw.weight"], source["_blocks.0._project_conv.weight"])
+    assert torch.equal(
+        mapped["blocks.0.0.conv_pw.weight"], source["_blocks.0._project_conv.weight"]
+    )
     assert torch.equal(mapped["blocks.0.0.bn2.weight"], source["_blocks.0._bn2.weight"])
     assert torch.equal(mapped["blocks.1.0.conv_pw.weight"], source["_blocks.1._expand_conv.weight"])
     assert torch.equal(mapped["blocks.1.0.bn2.weight"], source["_blocks.1._bn1.weight"])
-    assert torch.equal(mapped["blocks.1.1.conv_pwl.weight"], source["_blocks.2._project_conv.weight"])
+    assert torch.equal(
+        mapped["blocks.1.1.conv_pwl.weight"], source["_blocks.2._project_conv.weight"]
+    )
     assert torch.equal(mapped["blocks.6.0.bn3.bias"], source["_blocks.15._bn2.bias"])
     assert torch.equal(mapped["bn2.running_var"], source["_bn1.running_var"])
     assert torch.equal(mapped["classifier.weight"], source["_fc.weight"])
@@ -91,12 +95,14 @@ def _imagenet_top1(raw, image: np.ndarray, size: int = 224) -> tuple[int, float]
 
 def test_lite0_top1_cat(lite0_raw):
     from skimage import data  # the test extra; missing, the test fails
+
     cls, _ = _imagenet_top1(lite0_raw, data.chelsea())
     assert 281 <= cls <= 285  # measured: 282 tiger cat (285 Egyptian cat a close second)
 
 
 def test_lite0_top1_espresso(lite0_raw):
     from skimage import data  # the test extra; missing, the test fails
+
     cls, prob = _imagenet_top1(lite0_raw, data.coffee())
     assert cls == 967 and prob > 0.5  # measured: espresso at ~0.95
 
@@ -105,6 +111,7 @@ def test_random_init_is_not_a_cat():
     # Control for the two tests above: an unloaded model does not find the cat by chance
     # (seeded; a random 1000-way guess lands in 281..285 with p = 0.005).
     from skimage import data  # the test extra; missing, the test fails
+
     torch.manual_seed(0)
     raw = get_spec("efficientnet_lite0").builder().eval()
     cls, _ = _imagenet_top1(raw, data.chelsea())

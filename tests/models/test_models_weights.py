@@ -17,7 +17,10 @@ def resnet_state():
     torch.manual_seed(1)
     raw = get_spec("resnet50").builder()
     # Random, non-default values everywhere, so "loaded" is distinguishable from "fresh".
-    return {k: (torch.randn_like(v) if v.is_floating_point() else v + 3) for k, v in raw.state_dict().items()}
+    return {
+        k: (torch.randn_like(v) if v.is_floating_point() else v + 3)
+        for k, v in raw.state_dict().items()
+    }
 
 
 def _load(path):
@@ -36,7 +39,11 @@ def _assert_backbone_equal(raw, state):
 
 @pytest.mark.parametrize("with_head", [True, False])
 def test_pth_state_dict_loads_exactly(tmp_path, resnet_state, with_head):
-    state = resnet_state if with_head else {k: v for k, v in resnet_state.items() if not k.startswith("fc.")}
+    state = (
+        resnet_state
+        if with_head
+        else {k: v for k, v in resnet_state.items() if not k.startswith("fc.")}
+    )
     path = tmp_path / "r50.pth"
     torch.save(state, path)
     _assert_backbone_equal(_load(path), resnet_state)

@@ -26,6 +26,8 @@ def report_split(small_data_root) -> Path:
 @pytest.fixture(scope="session")
 def built_report(report_run, report_split, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "report"
-    index = build_report(report_run, report_split, out, n_boot=200, perplexity=5, show_progress=False)
+    index = build_report(
+        report_run, report_split, out, n_boot=200, perplexity=5, show_progress=False
+    )
     assert index == out / "index.html"
     return out

@@ -41,8 +41,13 @@ def test_card_of_the_kermany_set_counts_that_folder_and_names_the_source(officia
     patients = {patient_id(f.name) for f in files}
     card = data_card(tmp_path, CONFIG, samples, 0, str(official_val))
     normal = len(list((official_val / "NORMAL").glob("*.jpeg")))
-    assert f"{len(files)} readable (NORMAL {normal}, PNEUMONIA {len(files) - normal}); 0 unreadable" in card
-    assert f"{len(patients)} patients" in card and len(patients) < len(files)  # several films per patient
+    assert (
+        f"{len(files)} readable (NORMAL {normal}, PNEUMONIA {len(files) - normal}); 0 unreadable"
+        in card
+    )
+    assert f"{len(patients)} patients" in card and len(patients) < len(
+        files
+    )  # several films per patient
     assert "Guangzhou" in card and "doi:10.17632/rscbjbr9sj" in card and "CC BY 4.0" in card
 
 
@@ -59,8 +64,15 @@ def test_card_of_another_data_set_claims_no_kermany_source(official_val, tmp_pat
 
 def test_report_page_on_other_data_drops_the_kermany_footer(report_run, report_split, tmp_path):
     other = renamed_copy(report_split, tmp_path / "site_b")
-    index = build_report(report_run, other, tmp_path / "report", n_boot=50, perplexity=5,
-                         per_group=1, show_progress=False)
+    index = build_report(
+        report_run,
+        other,
+        tmp_path / "report",
+        n_boot=50,
+        perplexity=5,
+        per_group=1,
+        show_progress=False,
+    )
     page = index.read_text(encoding="utf-8")
     assert "Guangzhou" not in page and "Kermany et al. 2018, CC BY 4.0" not in page
     assert "not known to pneumoscope" in page and str(other) in page

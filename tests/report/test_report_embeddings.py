@@ -8,9 +8,9 @@ import torch
 
 from pneumoscope.inference import Predictor
 from pneumoscope.report.build import pick_examples
-from pneumoscope.report.reliability import reliability
 from pneumoscope.report.embeddings import embed_and_predict, extract_embeddings, tsne_2d, umap_2d
 from pneumoscope.report.gradcam import gradcam_heatmap
+from pneumoscope.report.reliability import reliability
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,9 @@ def test_reliability_and_ece():
     y = np.array([0, 0, 1, 1, 1, 0, 1, 1])
     p = np.array([0.05, 0.15, 0.15, 0.85, 0.95, 0.95, 1.0, 0.9])
     rel = reliability(y, p, n_bins=10)
-    assert rel.count.sum() == len(y) and rel.count[0] == 1 and rel.count[1] == 2 and rel.count[9] == 4
+    assert (
+        rel.count.sum() == len(y) and rel.count[0] == 1 and rel.count[1] == 2 and rel.count[9] == 4
+    )
     # bins: [0,.1): p .05 obs 0; [.1,.2): p .15 obs .5; [.8,.9): p .85 obs 1; [.9,1]: p .95 obs .75
     expected = (1 * 0.05 + 2 * 0.35 + 1 * 0.15 + 4 * abs(0.75 - 0.95)) / 8
     assert rel.ece == pytest.approx(expected)

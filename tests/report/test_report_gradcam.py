@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pneumoscope.data.sources import png_bytes
 from pneumoscope.inference import Predictor
 from pneumoscope.report.gradcam import gradcam_heatmap, gradcam_heatmaps, overlay_heatmap
-from pneumoscope.data.sources import png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,17 @@ def predictor(report_run) -> Predictor:
 @pytest.fixture(scope="module")
 def pneumonia_image(predictor, report_split) -> np.ndarray:
     """The test image the trained model finds most like pneumonia."""
-    images = np.stack([predictor.load(p) for p in sorted((report_split / "PNEUMONIA").glob("*.jpeg"))])
+    images = np.stack(
+        [predictor.load(p) for p in sorted((report_split / "PNEUMONIA").glob("*.jpeg"))]
+    )
     return images[int(np.argmax(predictor.predict_images(images)))]
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in model.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
 
 
 def test_heatmap_shape_range_and_not_constant(predictor, pneumonia_image):
@@ -113,7 +117,9 @@ def test_threads_get_their_own_heatmaps(predictor, report_split):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert hook_count(predictor.model) == 0
     # The batch form gives each image its own map, as one-by-one calls do.
-    np.testing.assert_allclose(gradcam_heatmaps(predictor.model, np.stack(images)), np.stack(serial), atol=1e-4)
+    np.testing.assert_allclose(
+        gradcam_heatmaps(predictor.model, np.stack(images)), np.stack(serial), atol=1e-4
+    )
 
 
 def test_overlay_and_png(pneumonia_image):

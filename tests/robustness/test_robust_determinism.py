@@ -23,7 +23,10 @@ OPTIONS = ["--epochs", "3", "--balance", "sampler", "--augment", "strong", "--se
 
 def without_timings(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
-    return [{k: v for k, v in r.items() if "seconds" not in k and not k.endswith("_per_s")} for r in rows]
+    return [
+        {k: v for k, v in r.items() if "seconds" not in k and not k.endswith("_per_s")}
+        for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,17 @@ def two_runs(small_data_root, small_run, cli, tmp_path_factory) -> tuple[Path, P
     for name in ("first", "second"):
         folder = tmp_path_factory.mktemp("determinism")
         out, cache = folder / name, folder / "cache"
-        proc = cli("-q", "train", "--data", small_data_root, "--out", out, *small_run, *OPTIONS,
-                   env={"PNEUMOSCOPE_CACHE": str(cache)})
+        proc = cli(
+            "-q",
+            "train",
+            "--data",
+            small_data_root,
+            "--out",
+            out,
+            *small_run,
+            *OPTIONS,
+            env={"PNEUMOSCOPE_CACHE": str(cache)},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert list(cache.rglob("*.npy")), "the run wrote nothing to its own cache"
         runs.append(out)
@@ -54,5 +66,7 @@ def test_same_seed_same_model_thresholds_and_predictions(two_runs):
     a, b = load_file(first / BEST_MODEL), load_file(second / BEST_MODEL)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((first / THRESHOLD).read_text()) == json.loads((second / THRESHOLD).read_text())
+    assert json.loads((first / THRESHOLD).read_text()) == json.loads(
+        (second / THRESHOLD).read_text()
+    )
     assert (first / VAL_PREDICTIONS).read_text() == (second / VAL_PREDICTIONS).read_text()

@@ -21,7 +21,14 @@ from safetensors.torch import load_file
 
 from pneumoscope.cli import main
 from pneumoscope.models import get_spec
-from pneumoscope.rundir import BEST_MODEL, CONFIG, FORMAT_VERSION, LAST_CHECKPOINT, METRICS, THRESHOLD
+from pneumoscope.rundir import (
+    BEST_MODEL,
+    CONFIG,
+    FORMAT_VERSION,
+    LAST_CHECKPOINT,
+    METRICS,
+    THRESHOLD,
+)
 
 
 class Payload:
@@ -50,9 +57,25 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 def resume_args(run: Path) -> list[str]:
     config = json.loads((run / CONFIG).read_text())
-    return ["-q", "train", "--data", config["data"], "--out", str(run), "--backbone", config["backbone"],
-            "--image-size", str(config["image_size"]), "--batch-size", str(config["batch_size"]),
-            "--val-fraction", str(config["val_fraction"]), "--epochs", str(config["epochs"]), "--resume"]
+    return [
+        "-q",
+        "train",
+        "--data",
+        config["data"],
+        "--out",
+        str(run),
+        "--backbone",
+        config["backbone"],
+        "--image-size",
+        str(config["image_size"]),
+        "--batch-size",
+        str(config["batch_size"]),
+        "--val-fraction",
+        str(config["val_fraction"]),
+        "--epochs",
+        str(config["epochs"]),
+        "--resume",
+    ]
 
 
 # ----------------------------------------------------------------------------- pickles
@@ -72,8 +95,22 @@ def test_pickle_weights_file_is_refused_unrun(small_data_root, tmp_path, capsys,
     marker = tmp_path / "PWNED"
     weights = tmp_path / f"evil{suffix}"
     torch.save({"conv_stem.weight": torch.zeros(1), "extra": Payload(marker)}, weights)
-    code = main(["-q", "train", "--data", str(small_data_root), "--out", str(tmp_path / "r"),
-                 "--backbone", "efficientnet_lite0", "--weights", str(weights), "--image-size", "64"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(small_data_root),
+            "--out",
+            str(tmp_path / "r"),
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            str(weights),
+            "--image-size",
+            "64",
+        ]
+    )
     assert code == 2
     err = one_line_error(capsys)
     assert str(weights) in err and "refused" in err
@@ -88,8 +125,10 @@ def test_model_best_is_safetensors_and_a_pickle_there_is_refused(run_copy, tmp_p
     assert load_file(run_copy / BEST_MODEL)  # loads without any pickle
     marker = tmp_path / "PWNED"
     torch.save({"stem.weight": Payload(marker)}, run_copy / BEST_MODEL)
-    for argv in (["-q", "evaluate", str(run_copy), "--data", str(tmp_path), "--bootstrap", "10"],
-                 ["-q", "predict", str(run_copy), str(tmp_path)]):
+    for argv in (
+        ["-q", "evaluate", str(run_copy), "--data", str(tmp_path), "--bootstrap", "10"],
+        ["-q", "predict", str(run_copy), str(tmp_path)],
+    ):
         assert main(argv) == 2
         err = one_line_error(capsys)
         assert BEST_MODEL in err
@@ -105,14 +144,30 @@ def lite0_state() -> dict:
     return get_spec("efficientnet_lite0").builder().state_dict()
 
 
-def test_weights_with_wrong_keys_and_shapes_name_them(small_data_root, tmp_path, capsys, lite0_state):
+def test_weights_with_wrong_keys_and_shapes_name_them(
+    small_data_root, tmp_path, capsys, lite0_state
+):
     state = dict(lite0_state)
     state["conv_stem.renamed"] = state.pop("conv_stem.weight")
     state["bn1.weight"] = torch.zeros(7)
     path = tmp_path / "wrong.pth"
     torch.save(state, path)
-    code = main(["-q", "train", "--data", str(small_data_root), "--out", str(tmp_path / "r"),
-                 "--backbone", "efficientnet_lite0", "--weights", str(path), "--image-size", "64"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(small_data_root),
+            "--out",
+            str(tmp_path / "r"),
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            str(path),
+            "--image-size",
+            "64",
+        ]
+    )
     assert code == 2
     err = one_line_error(capsys)
     for word in (str(path), "conv_stem.weight", "conv_stem.renamed", "bn1.weight", "(7,)"):
@@ -128,9 +183,11 @@ def test_newer_run_directory_is_refused_with_its_version(run_copy, small_data_ro
     config["format_version"] = FORMAT_VERSION + 1
     config["pneumoscope_version"] = "99.0.0"
     (run_copy / CONFIG).write_text(json.dumps(config))
-    for argv in (["-q", "evaluate", str(run_copy), "--data", str(small_data_root / "test")],
-                 ["-q", "predict", str(run_copy), str(small_data_root / "test")],
-                 resume_args(run_copy)):
+    for argv in (
+        ["-q", "evaluate", str(run_copy), "--data", str(small_data_root / "test")],
+        ["-q", "predict", str(run_copy), str(small_data_root / "test")],
+        resume_args(run_copy),
+    ):
         assert main(argv) == 2, argv
         err = one_line_error(capsys)
         assert f"format version {FORMAT_VERSION + 1}" in err and "99.0.0" in err, err

@@ -52,7 +52,9 @@ def recipes() -> list[list[str]]:
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     help_text = sub.choices["train"].format_help()
-    return [[]] + ([["--recipe", "full"]] if "--recipe" in help_text and "full" in help_text else [])
+    return [[]] + (
+        [["--recipe", "full"]] if "--recipe" in help_text and "full" in help_text else []
+    )
 
 
 def start(cli_cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
@@ -69,7 +71,9 @@ def inode(path: Path) -> int | None:
         return None
 
 
-def wait_until(condition, proc: subprocess.Popen, timeout: float = 240.0, every: float = 0.002) -> bool:
+def wait_until(
+    condition, proc: subprocess.Popen, timeout: float = 240.0, every: float = 0.002
+) -> bool:
     """Poll until condition() holds (True) or the process has ended (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,10 +105,14 @@ def checkpoint_epochs(run: Path) -> int:
     """Epochs the checkpoint holds (what --resume continues from)."""
     if not (run / LAST_CHECKPOINT).exists():
         return 0
-    return int(torch.load(run / LAST_CHECKPOINT, map_location="cpu", weights_only=True)["epoch"]) + 1
+    return (
+        int(torch.load(run / LAST_CHECKPOINT, map_location="cpu", weights_only=True)["epoch"]) + 1
+    )
 
 
-def kill_when(when: str, proc: subprocess.Popen, run: Path, rng: random.Random, ref: dict) -> float | None:
+def kill_when(
+    when: str, proc: subprocess.Popen, run: Path, rng: random.Random, ref: dict
+) -> float | None:
     """Wait for the moment `when`; the delay used, or None when the run ended first."""
     started = time.monotonic()
     if when == "startup":  # decoding, caching the trunk, or the first epoch
@@ -113,8 +121,9 @@ def kill_when(when: str, proc: subprocess.Popen, run: Path, rng: random.Random, 
     elif when == "during_checkpoint_write":  # a new temporary file of a later checkpoint
         delay = 0.0
         old = set(run.glob(f".{LAST_CHECKPOINT}.*.tmp"))  # left by an earlier kill
-        alive = (wait_until(lambda: (run / LAST_CHECKPOINT).exists(), proc)
-                 and wait_until(lambda: bool(set(run.glob(f".{LAST_CHECKPOINT}.*.tmp")) - old), proc))
+        alive = wait_until(lambda: (run / LAST_CHECKPOINT).exists(), proc) and wait_until(
+            lambda: bool(set(run.glob(f".{LAST_CHECKPOINT}.*.tmp")) - old), proc
+        )
     else:  # mid_epoch: after this process finished an epoch, a random part of another
         first = inode(run / LAST_CHECKPOINT)
         alive = wait_until(lambda: inode(run / LAST_CHECKPOINT) not in (None, first), proc)
@@ -137,24 +146,42 @@ def reference_run(cmd: list[str], run: Path, env: dict, log: Path) -> dict:
 
 # Kills per recipe: the default recipe (what a user runs) at three kinds of moment; the
 # full fine-tune (slower epochs) once, in the most delicate one.
-PLANS = {"default": ("startup", "during_checkpoint_write", "mid_epoch"), "full": ("during_checkpoint_write",)}
+PLANS = {
+    "default": ("startup", "during_checkpoint_write", "mid_epoch"),
+    "full": ("during_checkpoint_write",),
+}
 
 
 @pytest.mark.parametrize("recipe_name", ["default", "full"])
-def test_sigkill_then_resume_gives_the_uninterrupted_result(recipe_name, small_data_root, small_run,
-                                                             cli_env, tmp_path, artifacts_dir):
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    recipe_name, small_data_root, small_run, cli_env, tmp_path, artifacts_dir
+):
     recipe = [] if recipe_name == "default" else ["--recipe", recipe_name]
     assert recipe in recipes(), f"the CLI lost --recipe {recipe_name}"
 
     def train_cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "pneumoscope", "train", "--data", str(small_data_root),
-                "--out", str(out), *small_run, *OPTIONS, *recipe, "--resume"]
+        return [
+            sys.executable,
+            "-m",
+            "pneumoscope",
+            "train",
+            "--data",
+            str(small_data_root),
+            "--out",
+            str(out),
+            *small_run,
+            *OPTIONS,
+            *recipe,
+            "--resume",
+        ]
 
     def env_for(name: str) -> dict:  # each its own persistent cache: both start cold
         return dict(cli_env, PNEUMOSCOPE_CACHE=str(tmp_path / f"cache_{name}"))
 
     reference = tmp_path / "reference"
-    ref = reference_run(train_cmd(reference), reference, env_for("reference"), tmp_path / "reference.log")
+    ref = reference_run(
+        train_cmd(reference), reference, env_for("reference"), tmp_path / "reference.log"
+    )
 
     run, log = tmp_path / "killed", tmp_path / "killed.log"
     rng = random.Random()
@@ -167,18 +194,29 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(recipe_name, small_d
             assert proc.wait() == 0, log.read_text()[-3000:]
             proc.log.close()
             break  # the run finished before this kill: nothing left to interrupt
-        lines_at_kill = len((run / METRICS).read_text().splitlines()) if (run / METRICS).exists() else 0
+        lines_at_kill = (
+            len((run / METRICS).read_text().splitlines()) if (run / METRICS).exists() else 0
+        )
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
         proc.log.close()
         assert_all_files_whole(run)
         held = checkpoint_epochs(run)
-        kills.append({"when": when, "delay_s": round(delay, 3), "epochs_in_checkpoint_before": before,
-                      "metrics_lines_at_kill": lines_at_kill, "epochs_in_checkpoint_after": held,
-                      "finished_epochs_redone": max(0, lines_at_kill - held)})
+        kills.append(
+            {
+                "when": when,
+                "delay_s": round(delay, 3),
+                "epochs_in_checkpoint_before": before,
+                "metrics_lines_at_kill": lines_at_kill,
+                "epochs_in_checkpoint_after": held,
+                "finished_epochs_redone": max(0, lines_at_kill - held),
+            }
+        )
     assert kills, "no kill landed: the run finished too fast to interrupt"
 
-    final = subprocess.run(train_cmd(run), capture_output=True, text=True, env=env_for("killed"), timeout=300)
+    final = subprocess.run(
+        train_cmd(run), capture_output=True, text=True, env=env_for("killed"), timeout=300
+    )
     assert final.returncode == 0, final.stderr[-3000:]
     assert not list(run.glob(".*.tmp"))
 
@@ -188,13 +226,22 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(recipe_name, small_d
     assert all(torch.equal(got[k], want[k]) for k in want)
     # bit for bit, header included (its metadata order was the writing process's hash order)
     assert (run / BEST_MODEL).read_bytes() == (reference / BEST_MODEL).read_bytes()
-    assert json.loads((run / THRESHOLD).read_text()) == json.loads((reference / THRESHOLD).read_text())
+    assert json.loads((run / THRESHOLD).read_text()) == json.loads(
+        (reference / THRESHOLD).read_text()
+    )
     summary, ref_summary = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     for key in ("best_epoch", "epochs_run", "val_roc_auc", "thresholds"):
         assert summary[key] == ref_summary[key], key
 
-    figures = {"recipe": recipe_name, "resolved_recipe": json.loads((run / CONFIG).read_text()).get("recipe"),
-               "epochs_run": summary["epochs_run"], "kills_survived": len(kills), "kills": kills,
-               "finished_epochs_redone": sum(k["finished_epochs_redone"] for k in kills)}
-    (artifacts_dir / f"robustness_kills_{recipe_name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    figures = {
+        "recipe": recipe_name,
+        "resolved_recipe": json.loads((run / CONFIG).read_text()).get("recipe"),
+        "epochs_run": summary["epochs_run"],
+        "kills_survived": len(kills),
+        "kills": kills,
+        "finished_epochs_redone": sum(k["finished_epochs_redone"] for k in kills),
+    }
+    (artifacts_dir / f"robustness_kills_{recipe_name}.json").write_text(
+        json.dumps(figures, indent=2) + "\n"
+    )
     print(json.dumps(figures))

@@ -57,7 +57,10 @@ def dicom_bytes(gray: np.ndarray) -> bytes:
     ds.WindowCenter, ds.WindowWidth = 32767.5, 65536
     ds.PixelData = (gray.astype("<u2") * 257).tobytes()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     buf = io.BytesIO()
@@ -82,8 +85,11 @@ def png_bytes(array: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def seeds(shared_data) -> dict[str, bytes]:
     """Real files to mutate: shared JPEGs of both classes, one as PNG 8/16-bit and DICOM."""
-    jpegs = [sorted((shared_data / "train" / cls).glob("*.jpeg"))[i] for cls in ("NORMAL", "PNEUMONIA")
-             for i in (0, 7)]
+    jpegs = [
+        sorted((shared_data / "train" / cls).glob("*.jpeg"))[i]
+        for cls in ("NORMAL", "PNEUMONIA")
+        for i in (0, 7)
+    ]
     files = {p.name: p.read_bytes() for p in jpegs}
     gray = np.asarray(Image.open(jpegs[0]).convert("L"))
     files["xray.png"] = png_bytes(gray)
@@ -124,13 +130,21 @@ def magic_then_noise(data: bytes, rng: random.Random) -> bytes:
 
 def splice(data: bytes, rng: random.Random, other: bytes = b"") -> bytes:
     cut = rng.randrange(len(data))
-    return data[:cut] + other[rng.randrange(max(1, len(other))):]
+    return data[:cut] + other[rng.randrange(max(1, len(other))) :]
 
 
 def huge_dimensions(data: bytes, rng: random.Random) -> bytes:
     """Declare absurd (or merely odd) width/height in the real header, keeping it valid."""
-    w, h = rng.choice([(100_000, 100_000), (65_535, 65_535), (0, 224), (1, 2**31 - 1),
-                       (9_000, 9_000), (rng.randrange(2**16), rng.randrange(2**16))])
+    w, h = rng.choice(
+        [
+            (100_000, 100_000),
+            (65_535, 65_535),
+            (0, 224),
+            (1, 2**31 - 1),
+            (9_000, 9_000),
+            (rng.randrange(2**16), rng.randrange(2**16)),
+        ]
+    )
     out = bytearray(data)
     if data.startswith(b"\x89PNG"):
         out[16:24] = struct.pack(">II", w, h)
@@ -157,12 +171,38 @@ def empty(data: bytes, rng: random.Random) -> bytes:
     return b""
 
 
-MUTATIONS = [truncate, flip_bits, corrupt_header, random_bytes, magic_then_noise, splice,
-             huge_dimensions, oversize, empty]
-CONTENT_TYPES = ["image/jpeg", "image/png", "application/dicom", "application/octet-stream",
-                 "text/plain", "image/gif", "application/json", ""]
-NAMES = ["{seed}", "upload", "x.exe", "../../etc/passwd", "r\u00f6ntgen.png", "a" * 300 + ".jpg",
-         "", "x.dcm", "x.jpeg\x00.png"]
+MUTATIONS = [
+    truncate,
+    flip_bits,
+    corrupt_header,
+    random_bytes,
+    magic_then_noise,
+    splice,
+    huge_dimensions,
+    oversize,
+    empty,
+]
+CONTENT_TYPES = [
+    "image/jpeg",
+    "image/png",
+    "application/dicom",
+    "application/octet-stream",
+    "text/plain",
+    "image/gif",
+    "application/json",
+    "",
+]
+NAMES = [
+    "{seed}",
+    "upload",
+    "x.exe",
+    "../../etc/passwd",
+    "r\u00f6ntgen.png",
+    "a" * 300 + ".jpg",
+    "",
+    "x.dcm",
+    "x.jpeg\x00.png",
+]
 
 
 def fuzz_request(rng: random.Random, seeds: dict[str, bytes]) -> tuple[str, dict]:
@@ -176,17 +216,24 @@ def fuzz_request(rng: random.Random, seeds: dict[str, bytes]) -> tuple[str, dict
         if kind == "no_file_field":
             return kind, {"data": {"note": "no file"}}
         if kind == "bad_boundary":
-            return kind, {"content": b"--x\r\n" + data[:500],
-                          "headers": {"content-type": "multipart/form-data; boundary=nope"}}
+            return kind, {
+                "content": b"--x\r\n" + data[:500],
+                "headers": {"content-type": "multipart/form-data; boundary=nope"},
+            }
         return kind, {"files": {"image": (seed_name, data)}}
     mutation = rng.choice(MUTATIONS)
-    body = (mutation(data, rng, seeds[rng.choice(sorted(seeds))]) if mutation is splice
-            else mutation(data, rng))
+    body = (
+        mutation(data, rng, seeds[rng.choice(sorted(seeds))])
+        if mutation is splice
+        else mutation(data, rng)
+    )
     name = rng.choice(NAMES).format(seed=seed_name)
     ctype = rng.choice(CONTENT_TYPES)
     params = {"heatmap": "true"} if rng.random() < 0.05 else {}
-    return (f"{mutation.__name__}({seed_name}) as {name[:40]!r} [{ctype}]",
-            {"files": {"file": (name, body, ctype) if ctype else (name, body)}, "params": params})
+    return (
+        f"{mutation.__name__}({seed_name}) as {name[:40]!r} [{ctype}]",
+        {"files": {"file": (name, body, ctype) if ctype else (name, body)}, "params": params},
+    )
 
 
 # ----------------------------------------------------------------------------- the server
@@ -217,10 +264,29 @@ def server(finished_run, cli_env, tmp_path_factory):
     for _attempt in range(3):  # the free port could be taken between probe and bind
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pneumoscope", "serve", str(finished_run), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--log-level", "warning",
-             "--max-upload-mb", str(MAX_UPLOAD_MB), "--rate-limit", "0"],  # 1,000 requests as fast as it answers
-            stdout=log, stderr=subprocess.STDOUT, env=cli_env)
+            [
+                sys.executable,
+                "-m",
+                "pneumoscope",
+                "serve",
+                str(finished_run),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+                "--max-upload-mb",
+                str(MAX_UPLOAD_MB),
+                "--rate-limit",
+                "0",
+            ],  # 1,000 requests as fast as it answers
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=cli_env,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:
@@ -293,10 +359,12 @@ def test_fuzz_then_load_no_5xx_bounded_memory(server, seeds, artifacts_dir):
     names = [sorted(valid)[i % len(valid)] for i in range(N_CONCURRENT)]
 
     async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=300,
-                                     limits=httpx.Limits(max_connections=N_CONCURRENT)) as aclient:
-            return await asyncio.gather(*(aclient.post("/v1/predict", files={"file": (n, valid[n])})
-                                          for n in names))
+        async with httpx.AsyncClient(
+            base_url=url, timeout=300, limits=httpx.Limits(max_connections=N_CONCURRENT)
+        ) as aclient:
+            return await asyncio.gather(
+                *(aclient.post("/v1/predict", files={"file": (n, valid[n])}) for n in names)
+            )
 
     answers = asyncio.run(burst())
     assert [a.status_code for a in answers] == [200] * N_CONCURRENT
@@ -305,11 +373,17 @@ def test_fuzz_then_load_no_5xx_bounded_memory(server, seeds, artifacts_dir):
     assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
     rss_after = rss_mib(proc.pid)
 
-    figures = {"fuzz_requests": N_FUZZ, "concurrent_requests": N_CONCURRENT,
-               "statuses": dict(sorted(statuses.items())), "5xx": len(server_errors),
-               "dropped_connections": len(dropped), "rss_mib_before": round(rss_before, 1),
-               "rss_mib_half_fuzz": round(rss_half, 1), "rss_mib_after_fuzz": round(rss_fuzzed, 1),
-               "rss_mib_after_load": round(rss_after, 1)}
+    figures = {
+        "fuzz_requests": N_FUZZ,
+        "concurrent_requests": N_CONCURRENT,
+        "statuses": dict(sorted(statuses.items())),
+        "5xx": len(server_errors),
+        "dropped_connections": len(dropped),
+        "rss_mib_before": round(rss_before, 1),
+        "rss_mib_half_fuzz": round(rss_half, 1),
+        "rss_mib_after_fuzz": round(rss_fuzzed, 1),
+        "rss_mib_after_load": round(rss_after, 1),
+    }
     (artifacts_dir / "robustness_fuzz.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures))
     assert statuses[200] > 0 and sum(statuses[c] for c in statuses if 400 <= c < 500) > N_FUZZ // 2
@@ -325,7 +399,12 @@ def big_png16(width: int, height: int) -> bytes:
     row = b"\x00" * (1 + 2 * width)
     idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
 
 
 N_BIG = 8
@@ -344,16 +423,26 @@ def test_burst_of_big_images_keeps_memory_bounded(server, artifacts_dir):
     rss_before = proc_status_mib(proc.pid, "VmRSS")
 
     async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=300,
-                                     limits=httpx.Limits(max_connections=N_BIG)) as aclient:
-            return await asyncio.gather(*(aclient.post("/v1/predict", files={"file": (f"big{i}.png", data)})
-                                          for i in range(N_BIG)))
+        async with httpx.AsyncClient(
+            base_url=url, timeout=300, limits=httpx.Limits(max_connections=N_BIG)
+        ) as aclient:
+            return await asyncio.gather(
+                *(
+                    aclient.post("/v1/predict", files={"file": (f"big{i}.png", data)})
+                    for i in range(N_BIG)
+                )
+            )
 
     answers = asyncio.run(burst())
     assert [a.status_code for a in answers] == [200] * N_BIG, [a.text[:200] for a in answers]
     peak_growth = proc_status_mib(proc.pid, "VmHWM") - rss_before  # an upper bound
-    figures = {"big_uploads": N_BIG, "upload_bytes": len(data), "pixels": 6_000 * 5_000,
-               "rss_mib_before": round(rss_before, 1), "peak_growth_mib_at_most": round(peak_growth, 1)}
+    figures = {
+        "big_uploads": N_BIG,
+        "upload_bytes": len(data),
+        "pixels": 6_000 * 5_000,
+        "rss_mib_before": round(rss_before, 1),
+        "peak_growth_mib_at_most": round(peak_growth, 1),
+    }
     (artifacts_dir / "robustness_big_burst.json").write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures))
     assert peak_growth < BIG_BURST_LIMIT_MIB, figures

@@ -49,8 +49,14 @@ def run_job(clone: Path, *args: str, cwd: Path | None = None, env_data: str | No
     env = {k: v for k, v in os.environ.items() if k != "PNEUMOSCOPE_DATA"}
     if env_data is not None:
         env["PNEUMOSCOPE_DATA"] = env_data
-    done = subprocess.run(["bash", str(clone / "scripts" / "main_job.sh"), *args], cwd=cwd or clone,
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(clone / "scripts" / "main_job.sh"), *args],
+        cwd=cwd or clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     log = clone / ".venv" / "bin" / "calls.log"
     calls = log.read_text().splitlines() if log.exists() else []
     return done, calls

@@ -11,5 +11,9 @@ from pneumoscope.training.options import given_options
 
 args = build_parser().parse_args(sys.argv[1:])  # options not given are absent (the CLI's rule)
 cfg = TrainConfig(**given_options(args))
-fit(cfg, resume=getattr(args, "resume", False), show_progress=False,
-      stop_after_epochs=int(os.environ["STOP_AFTER_EPOCHS"]))
+fit(
+    cfg,
+    resume=getattr(args, "resume", False),
+    show_progress=False,
+    stop_after_epochs=int(os.environ["STOP_AFTER_EPOCHS"]),
+)

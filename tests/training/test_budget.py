@@ -27,7 +27,11 @@ def _cut(chosen: dict) -> tuple:
 
 def test_size_goes_first_then_views_then_epochs_down_to_the_floors():
     # generous budget: nothing cut
-    assert _cut(fit_to_budget(1000, 200, 2, 8, 1e-4, 1e-5, budget=1e4, image_size=128)) == (128, 2, 8)
+    assert _cut(fit_to_budget(1000, 200, 2, 8, 1e-4, 1e-5, budget=1e4, image_size=128)) == (
+        128,
+        2,
+        8,
+    )
     # a budget the smaller input alone meets: only the size cut, the estimate scaled by the pixels
     full = estimate_seconds(1000, 200, 2, 8, 0.05, 0.001)
     small = estimate_seconds(1000, 200, 2, 8, 0.05 * (96 / 128) ** 2, 0.001 * (96 / 128) ** 2)
@@ -37,8 +41,17 @@ def test_size_goes_first_then_views_then_epochs_down_to_the_floors():
     chosen = fit_to_budget(1000, 200, 2, 8, 0.05, 0.05, budget=1.0, image_size=128)
     assert _cut(chosen) == (96, MIN_VIEWS, MIN_EPOCHS) and chosen["estimate"] > 1.0
     # what the user gave is never cut
-    chosen = fit_to_budget(1000, 200, 2, 8, 0.05, 0.05, budget=1.0, image_size=128,
-                           fixed=frozenset({"views", "image_size"}))
+    chosen = fit_to_budget(
+        1000,
+        200,
+        2,
+        8,
+        0.05,
+        0.05,
+        budget=1.0,
+        image_size=128,
+        fixed=frozenset({"views", "image_size"}),
+    )
     assert _cut(chosen) == (128, 2, MIN_EPOCHS)
 
 
@@ -48,20 +61,45 @@ def test_recipe_filled_names_only_what_the_recipe_set(tmp_path):
     assert "views" not in cfg.recipe_filled and "epochs" in cfg.recipe_filled
 
 
-def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(small_data_root, tmp_path, monkeypatch):
+def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(
+    small_data_root, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "1")  # no CPU trains anything in a second
     out = tmp_path / "run"
-    assert fit(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), show_progress=False,
-                 stop_after_epochs=1) is None  # an interrupted run
+    assert (
+        fit(
+            TrainConfig(data=str(small_data_root), out=str(out), **SMALL),
+            show_progress=False,
+            stop_after_epochs=1,
+        )
+        is None
+    )  # an interrupted run
     config = json.loads((out / "config.json").read_text())
     budget = config["budget"]
-    assert budget["recipe_values"] == {name: CPU_FAST[name] for name in ("image_size", "views", "epochs")}
-    assert budget["chosen"] == {"image_size": 96, "views": MIN_VIEWS, "epochs": MIN_EPOCHS} and not budget["fits"]
-    assert (config["image_size"], config["views"], config["epochs"]) == (96, MIN_VIEWS, MIN_EPOCHS)  # what ran
-    assert budget["trunk_ms_per_image"] > 0 and budget["top_ms_per_image"] > 0 and budget["probe_seconds"] > 0
+    assert budget["recipe_values"] == {
+        name: CPU_FAST[name] for name in ("image_size", "views", "epochs")
+    }
+    assert (
+        budget["chosen"] == {"image_size": 96, "views": MIN_VIEWS, "epochs": MIN_EPOCHS}
+        and not budget["fits"]
+    )
+    assert (config["image_size"], config["views"], config["epochs"]) == (
+        96,
+        MIN_VIEWS,
+        MIN_EPOCHS,
+    )  # what ran
+    assert (
+        budget["trunk_ms_per_image"] > 0
+        and budget["top_ms_per_image"] > 0
+        and budget["probe_seconds"] > 0
+    )
     # --resume (another budget now) keeps the cut the run started with
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "100000")
-    summary = fit(TrainConfig(data=str(small_data_root), out=str(out), **SMALL), resume=True, show_progress=False)
+    summary = fit(
+        TrainConfig(data=str(small_data_root), out=str(out), **SMALL),
+        resume=True,
+        show_progress=False,
+    )
     assert summary["epochs_run"] <= MIN_EPOCHS and summary["budget"] == budget
     assert json.loads((out / "config.json").read_text())["budget"] == budget
 
@@ -69,13 +107,27 @@ def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(small_data_root, 
 def test_given_options_and_named_recipes_are_never_cut(small_data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "1")
     out = tmp_path / "given"
-    fit(TrainConfig(data=str(small_data_root), out=str(out), views=1, epochs=2, image_size=64, **SMALL),
-          show_progress=False, stop_after_epochs=1)
+    fit(
+        TrainConfig(
+            data=str(small_data_root), out=str(out), views=1, epochs=2, image_size=64, **SMALL
+        ),
+        show_progress=False,
+        stop_after_epochs=1,
+    )
     config = json.loads((out / "config.json").read_text())
-    assert "budget" not in config and (config["views"], config["epochs"], config["image_size"]) == (1, 2, 64)
+    assert "budget" not in config and (config["views"], config["epochs"], config["image_size"]) == (
+        1,
+        2,
+        64,
+    )
     named = tmp_path / "named"
-    fit(TrainConfig(data=str(small_data_root), out=str(named), recipe="cpu-fast", image_size=64, **SMALL),
-          show_progress=False, stop_after_epochs=1)
+    fit(
+        TrainConfig(
+            data=str(small_data_root), out=str(named), recipe="cpu-fast", image_size=64, **SMALL
+        ),
+        show_progress=False,
+        stop_after_epochs=1,
+    )
     config = json.loads((named / "config.json").read_text())
     assert "budget" not in config and config["views"] == CPU_FAST["views"]
 

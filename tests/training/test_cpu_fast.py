@@ -14,24 +14,30 @@ import torch
 from safetensors.torch import load_file
 
 import pneumoscope.training.trunk as trunk_mod
-from pneumoscope.errors import UserError
-from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.errors import UserError
+from pneumoscope.evaluation.metrics import DEFAULT_THRESHOLD_RULE, SENSITIVITY_RULES
 from pneumoscope.inference import Predictor, predict_probs
-from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import build_model
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.rundir import BEST_MODEL, METRICS, THRESHOLD, VAL_PREDICTIONS
-from pneumoscope.training import TrainConfig, fit
+from pneumoscope.training import TrainConfig, fit, trunk_engine
 from pneumoscope.training.trunk import TRUNK_BATCH, CachedTrunk, FrozenTrunk, view_generator
-from pneumoscope.training import trunk_engine
 from pneumoscope.training.trunk_engine import resolve_trunk_engine, resolve_trunk_precision
 
 SIZE, K = 64, 7  # stem + blocks0..5 frozen and cached; blocks6 + head trained
-FAST = dict(backbone="efficientnet_lite0", image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=2,
-            views=2, trunk_precision="fp32")
+FAST = dict(
+    backbone="efficientnet_lite0",
+    image_size=SIZE,
+    batch_size=8,
+    val_fraction=0.25,
+    epochs=2,
+    views=2,
+    trunk_precision="fp32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +69,20 @@ def trunk_calls(monkeypatch):
 
 def cached(model, sets, cache_dir, precision="fp32", **kw):
     train_set, val_set = sets
-    return CachedTrunk(model, K, train_set, val_set, augment=PRESETS["medium"], views=2, seed=3,
-                       precision=precision, device=torch.device("cpu"), cache_dir=cache_dir,
-                       show_progress=False, **kw)
+    return CachedTrunk(
+        model,
+        K,
+        train_set,
+        val_set,
+        augment=PRESETS["medium"],
+        views=2,
+        seed=3,
+        precision=precision,
+        device=torch.device("cpu"),
+        cache_dir=cache_dir,
+        show_progress=False,
+        **kw,
+    )
 
 
 @torch.inference_mode()
@@ -95,18 +112,28 @@ def test_cached_activations_equal_a_fresh_forward_pass(model, sets, tmp_path):
     assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)  # fp16 storage, folded BN
     assert_close(ct.train_views[0], fresh(model, train_set.images), 2e-3)
     for v in range(2):
-        assert_close(ct.train_views[v + 1], fresh(model, train_set.images, PRESETS["medium"], view=v), 2e-3)
+        assert_close(
+            ct.train_views[v + 1], fresh(model, train_set.images, PRESETS["medium"], view=v), 2e-3
+        )
     # augmented views really differ from the clean one and from each other
     assert not np.allclose(ct.train_views[1], ct.train_views[0], atol=1e-2)
     assert not np.allclose(ct.train_views[1], ct.train_views[2], atol=1e-2)
 
 
-def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, trunk_calls, monkeypatch):
+def test_onnxruntime_trunk_equals_a_fresh_forward_pass(
+    model, sets, tmp_path, trunk_calls, monkeypatch
+):
     batches = []
     real_call = trunk_engine.OnnxTrunk.__call__
-    monkeypatch.setattr(trunk_engine.OnnxTrunk, "__call__", lambda self, x: batches.append(len(x)) or real_call(self, x))
+    monkeypatch.setattr(
+        trunk_engine.OnnxTrunk,
+        "__call__",
+        lambda self, x: batches.append(len(x)) or real_call(self, x),
+    )
     ct = cached(model, sets, tmp_path / "cache", engine="onnxruntime")
-    assert sum(batches) == len(sets[1].images) + 3 * len(sets[0].images)  # every pass ran in onnxruntime
+    assert sum(batches) == len(sets[1].images) + 3 * len(
+        sets[0].images
+    )  # every pass ran in onnxruntime
     train_set, val_set = sets
     assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)
     assert_close(ct.train_views[2], fresh(model, train_set.images, PRESETS["medium"], view=1), 2e-3)
@@ -119,7 +146,10 @@ def test_onnxruntime_trunk_equals_a_fresh_forward_pass(model, sets, tmp_path, tr
 def test_onnxruntime_trunk_threads_sleep_between_runs(model):
     """torch augments the next batch between runs: the session's threads must not spin on its cores."""
     session = trunk_engine.OnnxTrunk(FrozenTrunk(model, K)).session
-    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert (
+        session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        == "0"
+    )
 
 
 def top_step(top, act, y):
@@ -128,7 +158,9 @@ def top_step(top, act, y):
     torch.manual_seed(1)
     logits = top(act)
     torch.nn.functional.cross_entropy(logits, y).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in top.named_parameters() if p.grad is not None}
+    return logits.detach(), {
+        n: p.grad.clone() for n, p in top.named_parameters() if p.grad is not None
+    }
 
 
 def test_cpu_top_feeds_its_last_batchnorm_contiguous_with_the_same_numbers():
@@ -145,8 +177,9 @@ def test_cpu_top_feeds_its_last_batchnorm_contiguous_with_the_same_numbers():
     top = trunk_mod.TopNet(hooked, K, torch.device("cpu"))
     last_norm.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].is_contiguous()))
     # what the cached trunk feeds: (B, H, W, C) float16 activations as a channels_last view
-    act = trunk_mod.activations_to_input(np.random.default_rng(0).normal(size=(6, 2, 2, 192)).astype(np.float16),
-                                         "cpu")
+    act = trunk_mod.activations_to_input(
+        np.random.default_rng(0).normal(size=(6, 2, 2, 192)).astype(np.float16), "cpu"
+    )
     y = torch.tensor([0, 1, 0, 1, 1, 0])
     want_logits, want_grads = top_step(trunk_mod.TopNet(plain, K), act, y)
     got_logits, got_grads = top_step(top, act, y)
@@ -172,8 +205,14 @@ def test_cpu_top_runs_its_5x5_depthwise_convs_in_fp32_inside_a_bf16_step():
     swapped = copy.deepcopy(plain)
     k = plain.n_stages - 3
     top = trunk_mod.TopNet(swapped, k, torch.device("cpu"))
-    depthwise = lambda net: [m for m in net.stages[k:].modules()  # noqa: E731
-                             if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+
+    def depthwise(net):
+        return [
+            m
+            for m in net.stages[k:].modules()
+            if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1
+        ]
+
     wide = [m for m in depthwise(swapped) if m.kernel_size == (5, 5)]
     narrow = [m for m in depthwise(swapped) if m.kernel_size == (3, 3)]
     assert len(wide) == 4 and len(narrow) == 1  # blocks5: four 5x5; blocks6: one 3x3
@@ -181,8 +220,14 @@ def test_cpu_top_runs_its_5x5_depthwise_convs_in_fp32_inside_a_bf16_step():
     assert not any(isinstance(m, trunk_mod._Fp32WhileTraining) for m in narrow)
     assert list(swapped.state_dict()) == list(plain.state_dict())
     dtypes = {}
-    hooks = [m.register_forward_hook(lambda mod, inputs, out, key=id(m): dtypes.__setitem__(key, out.dtype))
-             for m in wide + narrow + [swapped.stages[-1].conv_head]]
+
+    def record_dtype(key):
+        return lambda mod, inputs, out: dtypes.__setitem__(key, out.dtype)
+
+    hooks = [
+        m.register_forward_hook(record_dtype(id(m)))
+        for m in wide + narrow + [swapped.stages[-1].conv_head]
+    ]
     act = torch.randn(4, 112, 14, 14).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = top(act)
@@ -219,14 +264,18 @@ def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path
             return [out + 0.5 for out in self.session.run(*args)]
 
     monkeypatch.setattr(onnx_session, "open_session", Skewed)
-    with pytest.raises(trunk_engine.TrunkEngineError, match="differs from torch's; run with --trunk-engine torch"):
+    with pytest.raises(
+        trunk_engine.TrunkEngineError, match="differs from torch's; run with --trunk-engine torch"
+    ):
         cached(model, sets, tmp_path / "cache", engine="onnxruntime")
     assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing of it was stored
 
 
 def test_trunk_engine_resolution():
     cpu = torch.device("cpu")
-    assert resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"  # installed with the test extras
+    assert (
+        resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"
+    )  # installed with the test extras
     assert resolve_trunk_engine("auto", cpu, "bf16") == "torch"
     assert resolve_trunk_engine("auto", torch.device("cuda"), "fp32") == "torch"
     assert resolve_trunk_engine("torch", cpu, "fp32") == "torch"
@@ -234,15 +283,24 @@ def test_trunk_engine_resolution():
         resolve_trunk_engine("onnxruntime", cpu, "bf16")
     with pytest.raises(ValueError, match="unknown trunk engine"):
         resolve_trunk_engine("tensorrt", cpu, "fp32")
-    assert resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"  # a resumed run keeps its engine
+    assert (
+        resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"
+    )  # a resumed run keeps its engine
     assert resolve_trunk_engine("auto", cpu, "fp32", saved="onnxruntime") == "onnxruntime"
 
 
 def test_trunk_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_trunk_precision("auto", cpu) == "fp32"  # onnxruntime runs: its fp32 pass is the fast one
-    assert resolve_trunk_precision("bf16", cpu) == "bf16" and resolve_trunk_precision("fp32", cpu) == "fp32"
-    assert resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"  # a resumed run keeps its precision
+    assert (
+        resolve_trunk_precision("auto", cpu) == "fp32"
+    )  # onnxruntime runs: its fp32 pass is the fast one
+    assert (
+        resolve_trunk_precision("bf16", cpu) == "bf16"
+        and resolve_trunk_precision("fp32", cpu) == "fp32"
+    )
+    assert (
+        resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"
+    )  # a resumed run keeps its precision
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     # --trunk-engine torch: no onnxruntime pass to be fp32 for, so torch's bf16 where native
     assert resolve_trunk_precision("auto", cpu, engine="torch") == "bf16"
@@ -262,8 +320,12 @@ def test_a_refused_engine_leaves_the_run_it_would_overwrite(small_data_root, tmp
     kept = {name: f"{name} of the earlier run" for name in (BEST_MODEL, THRESHOLD, "summary.json")}
     for name, text in kept.items():
         (out / name).write_text(text)
-    cfg = TrainConfig(data=str(small_data_root), out=str(out), **{**FAST, "trunk_precision": "bf16"},
-                      trunk_engine="onnxruntime")
+    cfg = TrainConfig(
+        data=str(small_data_root),
+        out=str(out),
+        **{**FAST, "trunk_precision": "bf16"},
+        trunk_engine="onnxruntime",
+    )
     with pytest.raises(ValueError, match="fp32 trunk pass on a CPU"):
         fit(cfg, show_progress=False, overwrite=True)
     assert {p.name: p.read_text() for p in out.iterdir()} == kept
@@ -272,9 +334,15 @@ def test_a_refused_engine_leaves_the_run_it_would_overwrite(small_data_root, tmp
 def test_a_run_from_before_trunk_engine_resumes_in_torch(small_data_root, tmp_path):
     out = tmp_path / "run"
     options = dict(data=str(small_data_root), out=str(out), **FAST)
-    assert fit(TrainConfig(**options, trunk_engine="torch"), show_progress=False, stop_after_epochs=1) is None
+    assert (
+        fit(TrainConfig(**options, trunk_engine="torch"), show_progress=False, stop_after_epochs=1)
+        is None
+    )
     config = json.loads((out / "config.json").read_text())
-    del config["trunk_engine"], config["requested"]["trunk_engine"]  # as runs before --trunk-engine wrote it
+    del (
+        config["trunk_engine"],
+        config["requested"]["trunk_engine"],
+    )  # as runs before --trunk-engine wrote it
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trunk_engine 'torch' -> 'onnxruntime'"):
         fit(TrainConfig(**options, trunk_engine="onnxruntime"), resume=True, show_progress=False)
@@ -291,7 +359,9 @@ def test_folded_trunk_matches_the_model(model):
     trunk = FrozenTrunk(model, model.n_stages)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules()) == 0  # all folded
     with torch.inference_mode():
-        torch.testing.assert_close(trunk(x), model.features_until(model.n_stages, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            trunk(x), model.features_until(model.n_stages, x), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_activations_are_reused_and_rebuilt(model, sets, tmp_path, trunk_calls):
@@ -319,8 +389,12 @@ def test_changed_image_or_weights_compute_anew(model, sets, tmp_path, trunk_call
     cached(model, sets, cache)
     trunk_calls.clear()
     train_set, val_set = sets
-    changed = DecodedSet(images=train_set.images.copy(), samples=train_set.samples, failures=[],
-                         keys=list(train_set.keys))
+    changed = DecodedSet(
+        images=train_set.images.copy(),
+        samples=train_set.samples,
+        failures=[],
+        keys=list(train_set.keys),
+    )
     changed.images[0] = 255 - changed.images[0]
     changed.keys[0] = "another-content"
     cached(model, (changed, val_set), cache)
@@ -350,7 +424,11 @@ def test_epoch_views_are_seeded_by_epoch(model, sets, tmp_path):
 
 def test_recipe_resolution():
     cfg = TrainConfig(data="", out="", device="cpu")
-    assert cfg.recipe == "cpu-fast" and cfg.backbone == "efficientnet_lite0" and cfg.trainable_stages >= 1
+    assert (
+        cfg.recipe == "cpu-fast"
+        and cfg.backbone == "efficientnet_lite0"
+        and cfg.trainable_stages >= 1
+    )
     full = TrainConfig(data="", out="", device="cpu", recipe="full")
     assert full.recipe == "full" and full.trainable_stages == -1 and full.backbone == "auto"
     assert TrainConfig(data="", out="", device="cpu", weights="none").recipe == "full"
@@ -409,25 +487,37 @@ def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path)
     cfg = TrainConfig(data=str(small_data_root), out=str(out), **FAST)
     assert fit(cfg, show_progress=False, stop_after_epochs=1) is None
     assert not (out / THRESHOLD).exists()
-    fit(TrainConfig(data=str(small_data_root), out=str(out), **FAST), resume=True, show_progress=False)
+    fit(
+        TrainConfig(data=str(small_data_root), out=str(out), **FAST),
+        resume=True,
+        show_progress=False,
+    )
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]
     full = [json.loads(line) for line in (full_run / METRICS).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     for key in ("train_loss", "val_roc_auc", "val_loss"):
         assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
-    got, want = load_file(out / BEST_MODEL), load_file(full_run / BEST_MODEL)  # the weights, not only metrics
+    got, want = (
+        load_file(out / BEST_MODEL),
+        load_file(full_run / BEST_MODEL),
+    )  # the weights, not only metrics
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @torch.inference_mode()
-def test_the_same_files_at_another_image_size_compute_anew(model, sets, small_data_root, tmp_path, trunk_calls):
+def test_the_same_files_at_another_image_size_compute_anew(
+    model, sets, small_data_root, tmp_path, trunk_calls
+):
     """The cache key holds the decoded size: the same files at another --image-size must not
     get the first size's activations (a 64 px run followed by a 224 px one did)."""
     cache = tmp_path / "cache"
     first = cached(model, sets, cache)
     trunk_calls.clear()
     samples = discover_split(small_data_root / "train", "train")
-    bigger = tuple(decode_samples(s, SIZE + 32, show_progress=False, cache_dir=False) for s in (samples, samples[::4]))
+    bigger = tuple(
+        decode_samples(s, SIZE + 32, show_progress=False, cache_dir=False)
+        for s in (samples, samples[::4])
+    )
     second = cached(model, bigger, cache)
     assert len(trunk_calls) == 4  # clean val, clean train and both views: nothing reused
     assert second.val_acts.shape[1:3] != first.val_acts.shape[1:3]

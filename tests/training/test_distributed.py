@@ -21,23 +21,68 @@ from pneumoscope.cli import main
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.models import build_model
-from pneumoscope.rundir import BEST_MODEL, LAST_CHECKPOINT, MANIFEST, METRICS, THRESHOLD, VAL_PREDICTIONS
+from pneumoscope.rundir import (
+    BEST_MODEL,
+    LAST_CHECKPOINT,
+    MANIFEST,
+    METRICS,
+    THRESHOLD,
+    VAL_PREDICTIONS,
+)
 from pneumoscope.training import TrainConfig
 from pneumoscope.training.distributed import DistEnv, shard_order
+from pneumoscope.training.loop import (
+    Optimization,
+    epoch_order,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 from pneumoscope.training.step import BatchFeed
-from pneumoscope.training.loop import Optimization, epoch_order, make_optimizer, make_scheduler, train_one_epoch
 
 HERE = Path(__file__).resolve().parent
-TRAIN_ARGS = ["--recipe", "full", "--backbone", "efficientnet_lite0", "--image-size", "64",
-              "--batch-size", "6", "--val-fraction", "0.3", "--head-epochs", "1", "--epochs", "2",
-              "--device", "cpu"]
-RUN_FILES = {"config.json", MANIFEST, METRICS, LAST_CHECKPOINT, BEST_MODEL, THRESHOLD, VAL_PREDICTIONS,
-             "summary.json", "MODEL_CARD.md"}
+TRAIN_ARGS = [
+    "--recipe",
+    "full",
+    "--backbone",
+    "efficientnet_lite0",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "6",
+    "--val-fraction",
+    "0.3",
+    "--head-epochs",
+    "1",
+    "--epochs",
+    "2",
+    "--device",
+    "cpu",
+]
+RUN_FILES = {
+    "config.json",
+    MANIFEST,
+    METRICS,
+    LAST_CHECKPOINT,
+    BEST_MODEL,
+    THRESHOLD,
+    VAL_PREDICTIONS,
+    "summary.json",
+    "MODEL_CARD.md",
+}
 
 
 def torchrun(*args, env_extra=None, nproc=2, check=True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout}\n{done.stderr}"
@@ -45,7 +90,18 @@ def torchrun(*args, env_extra=None, nproc=2, check=True) -> subprocess.Completed
 
 
 def train_cmd(data, out, *extra):
-    return ["-m", "pneumoscope", "-q", "train", "--data", str(data), "--out", str(out), *TRAIN_ARGS, *extra]
+    return [
+        "-m",
+        "pneumoscope",
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *TRAIN_ARGS,
+        *extra,
+    ]
 
 
 def read_metrics(run):
@@ -96,8 +152,11 @@ def test_val_auc_is_computed_on_all_gathered_predictions(ddp_run):
 def test_resume_under_torchrun_repeats_the_uninterrupted_run(ddp_run, small_data_root, tmp_path):
     full, _ = ddp_run
     run = tmp_path / "run"
-    torchrun(str(HERE / "ddp_interrupted_run.py"), *train_cmd(small_data_root, run)[2:],
-             env_extra={"STOP_AFTER_EPOCHS": "1"})
+    torchrun(
+        str(HERE / "ddp_interrupted_run.py"),
+        *train_cmd(small_data_root, run)[2:],
+        env_extra={"STOP_AFTER_EPOCHS": "1"},
+    )
     assert [r["epoch"] for r in read_metrics(run)] == [0]
     assert not (run / THRESHOLD).exists()
     torchrun(*train_cmd(small_data_root, run, "--resume"))
@@ -113,7 +172,16 @@ def test_resume_under_torchrun_repeats_the_uninterrupted_run(ddp_run, small_data
 def test_resume_with_another_world_size_is_refused(ddp_run, small_data_root, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0], run)
-    argv = ["-q", "train", "--data", str(small_data_root), "--out", str(run), *TRAIN_ARGS, "--resume"]
+    argv = [
+        "-q",
+        "train",
+        "--data",
+        str(small_data_root),
+        "--out",
+        str(run),
+        *TRAIN_ARGS,
+        "--resume",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--resume with 1 process(es); the run was trained with 2" in err
@@ -126,8 +194,13 @@ def test_cpu_fast_recipe_under_torchrun_is_refused(small_data_root, tmp_path):
     done = torchrun(*args, check=False)
     assert done.returncode != 0
     # each rank stops with the one-line message (torchrun then reports the failed workers)
-    assert done.stderr.count("pneumoscope train: error: --recipe cpu-fast trains in one process; "
-                             "under torchrun use --recipe full") == 2
+    assert (
+        done.stderr.count(
+            "pneumoscope train: error: --recipe cpu-fast trains in one process; "
+            "under torchrun use --recipe full"
+        )
+        == 2
+    )
     assert not (out / "config.json").exists()
 
 
@@ -144,7 +217,9 @@ def test_shards_cover_the_epoch_order_once_plus_padding(balance, world):
     assert all(len(s) == per_rank for s in shards)  # equal steps on every rank (DDP needs it)
     pad = per_rank * world - len(order)
     counts = np.bincount(np.concatenate(shards), minlength=len(labels))
-    expected = np.bincount(order, minlength=len(labels)) + np.bincount(order[:pad], minlength=len(labels))
+    expected = np.bincount(order, minlength=len(labels)) + np.bincount(
+        order[:pad], minlength=len(labels)
+    )
     assert (counts == expected).all()
     if balance != "sampler":  # a permutation: every index at least once, pad of them twice
         assert counts.min() == 1 and counts.sum() == len(labels) + pad
@@ -173,10 +248,21 @@ class RecordingFeed(BatchFeed):
 
 @pytest.mark.slow  # torchrun / subprocess / fuzz: see pyproject's markers
 def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
-    full = decode_samples(discover_split(small_data_root / "train", "train"), 32, show_progress=False)
+    full = decode_samples(
+        discover_split(small_data_root / "train", "train"), 32, show_progress=False
+    )
     data = DecodedSet(full.images[:19], full.samples[:19], [])  # 19: no multiple of 2, so padding
-    cfg = TrainConfig(data="", out="", recipe="full", weights="none", image_size=32, batch_size=4,
-                      balance="sampler", augment="light", epochs=1)
+    cfg = TrainConfig(
+        data="",
+        out="",
+        recipe="full",
+        weights="none",
+        image_size=32,
+        batch_size=4,
+        balance="sampler",
+        augment="light",
+        epochs=1,
+    )
     world, epoch = 2, 0
     order = epoch_order(data.labels, cfg.balance, cfg.seed, epoch)
     trained = []
@@ -185,8 +271,16 @@ def test_training_loop_trains_each_rank_on_its_shard(small_data_root):
         optimizer = make_optimizer(model, cfg)
         feed = RecordingFeed(data.images, data.labels, torch.device("cpu"))
         opt = Optimization(optimizer, make_scheduler(optimizer, cfg, 4))
-        train_one_epoch(model, opt, data, cfg, epoch, DistEnv(rank=rank, world_size=world), feed=feed,
-                        show_progress=False)
+        train_one_epoch(
+            model,
+            opt,
+            data,
+            cfg,
+            epoch,
+            DistEnv(rank=rank, world_size=world),
+            feed=feed,
+            show_progress=False,
+        )
         shard = shard_order(order, rank, world)
         assert feed.seen == list(shard[: len(shard) // cfg.batch_size * cfg.batch_size])
         trained.extend(feed.seen)
@@ -217,16 +311,28 @@ def test_three_class_run_under_torchrun(small_data_root, tmp_path):
     assert list(preds[0]) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
     assert [r["path"] for r in preds] == val_paths  # both ranks' halves, in manifest order
     y = np.array([int(r["label"]) for r in preds])
-    expected = [0 if "NORMAL" in Path(p).parts else (1 if "_bacteria_" in Path(p).name else 2) for p in val_paths]
-    assert y.tolist() == expected and set(expected) == {0, 1, 2}  # the split holds all three classes
-    probs = np.array([[float(r[f"p_{k}"]) for k in ("normal", "bacterial", "viral")] for r in preds])
+    expected = [
+        0 if "NORMAL" in Path(p).parts else (1 if "_bacteria_" in Path(p).name else 2)
+        for p in val_paths
+    ]
+    assert y.tolist() == expected and set(expected) == {
+        0,
+        1,
+        2,
+    }  # the split holds all three classes
+    probs = np.array(
+        [[float(r[f"p_{k}"]) for k in ("normal", "bacterial", "viral")] for r in preds]
+    )
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    assert np.allclose([float(r["p_pneumonia"]) for r in preds], probs[:, 1:].sum(axis=1), atol=2e-6)
+    assert np.allclose(
+        [float(r["p_pneumonia"]) for r in preds], probs[:, 1:].sum(axis=1), atol=2e-6
+    )
     # the epoch's val_roc_auc is the macro one-vs-rest AUC of the gathered predictions (the
     # CSV keeps 9 significant digits: a rounded tie may move the AUC by about that much, no more)
     (row,) = read_metrics(run)
-    assert row["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"),
-                                               abs=1e-6)
+    assert row["val_roc_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-6
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "three-class"
     thresholds = json.loads((run / THRESHOLD).read_text())

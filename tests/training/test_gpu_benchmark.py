@@ -10,14 +10,26 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_benchmark_smoke_prints_and_records_both_rates(shared_data, tmp_path):
     record = tmp_path / "RESULTS.md"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--data", str(shared_data),
-         "--record", str(record)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu.py"),
+            "--smoke",
+            "--data",
+            str(shared_data),
+            "--record",
+            str(record),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for label in ("model step (synthetic, on device):", "end to end (real images, training loop):",
-                  "ratio end-to-end / model step:"):
+    for label in (
+        "model step (synthetic, on device):",
+        "end to end (real images, training loop):",
+        "ratio end-to-end / model step:",
+    ):
         assert label in out
     text = record.read_text()
     assert "(smoke settings, not a result)" in text

@@ -26,16 +26,31 @@ SIZE = 224  # the contract's size: resampling leaves its trace at full resolutio
 # of 2026-12-02, JPEG 30 0.038 / 0.130: the maxima move between CPUs.) The tolerances are
 # about 1.5x the measured values (another CPU rounds differently; the run is small, so p
 # moves more than on the full data).
-TOLERANCE = {"jpeg30": (0.09, 0.33), "down-up0.5": (0.09, 0.26), "original4x": (0.03, 0.085)}  # mean, max
+TOLERANCE = {
+    "jpeg30": (0.09, 0.33),
+    "down-up0.5": (0.09, 0.26),
+    "original4x": (0.03, 0.085),
+}  # mean, max
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_data_root) -> Path:
     out = tmp_path_factory.mktemp("invariance") / "run"
-    cfg = TrainConfig(data=str(small_data_root), out=str(out), recipe="cpu-fast", backbone="efficientnet_lite0",
-                      image_size=SIZE, batch_size=8, val_fraction=0.25, epochs=3, views=1, augment="lungs",
-                      trunk_precision="fp32", precision="fp32",
-                      trainable_stages=3)  # the default top, which the tolerances were measured with
+    cfg = TrainConfig(
+        data=str(small_data_root),
+        out=str(out),
+        recipe="cpu-fast",
+        backbone="efficientnet_lite0",
+        image_size=SIZE,
+        batch_size=8,
+        val_fraction=0.25,
+        epochs=3,
+        views=1,
+        augment="lungs",
+        trunk_precision="fp32",
+        precision="fp32",
+        trainable_stages=3,
+    )  # the default top, which the tolerances were measured with
     fit(cfg, show_progress=False)
     return out
 
@@ -52,7 +67,9 @@ def _down_up(img: Image.Image, stem: str) -> Path:
 
 
 def _original4x(img: Image.Image, stem: str) -> Path:
-    img.resize((img.width * 4, img.height * 4), Image.Resampling.LANCZOS).save(path := Path(stem + ".png"))
+    img.resize((img.width * 4, img.height * 4), Image.Resampling.LANCZOS).save(
+        path := Path(stem + ".png")
+    )
     return path
 
 
@@ -62,7 +79,9 @@ VARIANTS = {"jpeg30": _jpeg30, "down-up0.5": _down_up, "original4x": _original4x
 @pytest.fixture(scope="module")
 def films(small_data_root) -> list[Path]:
     files = sorted((small_data_root / "test").rglob("*.jpeg"))
-    assert len(files) == 24, f"expected the 24 test films of the small data root, found {len(files)}"
+    assert len(files) == 24, (
+        f"expected the 24 test films of the small data root, found {len(files)}"
+    )
     return files
 
 
@@ -74,7 +93,10 @@ def test_probabilities_survive_resampling_and_jpeg(run, films, tmp_path):
     predictor = Predictor.from_run(run, device="cpu")
     base = _probs(predictor, films)
     for name, make in VARIANTS.items():
-        paths = [make(Image.open(film).convert("L"), str(tmp_path / f"{name}_{i}")) for i, film in enumerate(films)]
+        paths = [
+            make(Image.open(film).convert("L"), str(tmp_path / f"{name}_{i}"))
+            for i, film in enumerate(films)
+        ]
         dp = np.abs(_probs(predictor, paths) - base)
         mean_tol, max_tol = TOLERANCE[name]
         assert dp.mean() < mean_tol and dp.max() < max_tol, (name, dp.mean(), dp.max())

@@ -13,24 +13,34 @@ import torch
 from pneumoscope.data.augment import PRESETS, augment_batch
 from pneumoscope.data.cache import decode_samples
 from pneumoscope.data.discover import discover_split
-from pneumoscope.models.classifier import images_to_input
 from pneumoscope.models import build_model
+from pneumoscope.models.classifier import images_to_input
 from pneumoscope.training import TrainConfig, step
 from pneumoscope.training.loop import make_optimizer, make_scheduler
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU fast path)")
-needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL DDP)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (GPU fast path)"
+)
+needs_2_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL DDP)"
+)
 
 
 @pytest.fixture(scope="module")
 def decoded(small_data_root):
-    return decode_samples(discover_split(small_data_root / "train", "train"), 48, show_progress=False)
+    return decode_samples(
+        discover_split(small_data_root / "train", "train"), 48, show_progress=False
+    )
 
 
 def tiny_training(precision="fp32", device="cpu"):
-    cfg = TrainConfig(data="", out="", recipe="full", weights="none", image_size=48, batch_size=8, epochs=1)
+    cfg = TrainConfig(
+        data="", out="", recipe="full", weights="none", image_size=48, batch_size=8, epochs=1
+    )
     torch.manual_seed(0)
-    model = step.prepare_model(build_model("efficientnet_lite0", weights="none"), torch.device(device))
+    model = step.prepare_model(
+        build_model("efficientnet_lite0", weights="none"), torch.device(device)
+    )
     optimizer = make_optimizer(model, cfg)
     return model, optimizer, make_scheduler(optimizer, cfg, 4)
 
@@ -58,7 +68,10 @@ def test_bf16_train_step_on_cpu_learns(decoded):
     model.train()
     feed = step.BatchFeed(decoded.images, decoded.labels, torch.device("cpu"))
     x, y = feed(np.arange(8))
-    losses = [step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
+    losses = [
+        step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item()
+        for _ in range(4)
+    ]
     assert all(np.isfinite(losses))
     assert losses[-1] < losses[0]  # the same batch four times: the step does optimise
     assert next(model.parameters()).dtype == torch.float32  # autocast, weights stay fp32
@@ -98,7 +111,10 @@ def test_bf16_channels_last_step_on_gpu(decoded):
     assert step.step_precision("auto", torch.device("cuda")) in ("bf16", "fp32")
     model.train()
     x, y = step.BatchFeed(decoded.images, decoded.labels, torch.device("cuda"))(np.arange(8))
-    losses = [step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item() for _ in range(4)]
+    losses = [
+        step.train_step(model, optimizer, scheduler, x, y, precision="bf16").item()
+        for _ in range(4)
+    ]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
@@ -108,9 +124,34 @@ def test_train_command_on_gpu(small_data_root, tmp_path, extra):
     from pneumoscope.cli import main
 
     out = tmp_path / "run"
-    assert main(["-q", "train", "--data", str(small_data_root), "--out", str(out), "--backbone", "efficientnet_lite0",
-                 "--image-size", "64", "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "1",
-                 "--epochs", "2", "--device", "cuda", *extra]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--data",
+                str(small_data_root),
+                "--out",
+                str(out),
+                "--backbone",
+                "efficientnet_lite0",
+                "--image-size",
+                "64",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--head-epochs",
+                "1",
+                "--epochs",
+                "2",
+                "--device",
+                "cuda",
+                *extra,
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in rows)
 
@@ -118,10 +159,36 @@ def test_train_command_on_gpu(small_data_root, tmp_path, extra):
 @needs_2_gpus
 def test_torchrun_two_gpus_nccl(small_data_root, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pneumoscope", "-q", "train", "--data", str(small_data_root), "--out", str(out),
-           "--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "6",
-           "--val-fraction", "0.3", "--head-epochs", "1", "--epochs", "2", "--device", "cuda"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pneumoscope",
+        "-q",
+        "train",
+        "--data",
+        str(small_data_root),
+        "--out",
+        str(out),
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "6",
+        "--val-fraction",
+        "0.3",
+        "--head-epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--device",
+        "cuda",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "config.json").read_text())

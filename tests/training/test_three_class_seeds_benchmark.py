@@ -12,14 +12,42 @@ import pytest
 pytestmark = pytest.mark.slow  # trains four seeds and their ensemble
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_SETTINGS = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--batch-size", "16",
-                 "--val-fraction", "0.25", "--head-epochs", "0", "--epochs", "1"]
+TEST_SETTINGS = [
+    "--backbone",
+    "efficientnet_lite0",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--head-epochs",
+    "0",
+    "--epochs",
+    "1",
+]
 
 
 def run_bench(data: Path, out: Path) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "three_class_seeds.py"), "--data", str(data),
-                           "--out", str(out), "--seeds", "0", "1", "--", *TEST_SETTINGS],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "three_class_seeds.py"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "1",
+            "--",
+            *TEST_SETTINGS,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| ensemble |" in done.stdout and "| seed 1 |" in done.stdout
     return json.loads((out / "results.json").read_text())
@@ -47,4 +75,6 @@ def test_seeds_share_a_split_take_the_options_and_are_ensembled(sample_data, tmp
 
     again = run_bench(sample_data, out)["results"]
     assert all("already" in r["note"] for r in again.values())  # nothing retrained or rebuilt
-    assert {k: r["metrics"] for k, r in again.items()} == {k: r["metrics"] for k, r in results.items()}
+    assert {k: r["metrics"] for k, r in again.items()} == {
+        k: r["metrics"] for k, r in results.items()
+    }

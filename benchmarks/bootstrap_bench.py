@@ -1,5 +1,5 @@
 """Time the patient bootstrap of a run's validation predictions (what every model card,
-evaluate and report computes): resamples scored by scikit-learn (point_metrics, the old
+evaluate and report computes): resamples scored by scikit-learn (binary_point_metrics, the old
 path) against the numpy scorer bootstrap_ci uses (resample_metrics); both give the same
 intervals (checked here to 1e-12).
 
@@ -15,7 +15,7 @@ import platform
 import time
 
 from pneumoscope.data.manifest import read_manifest
-from pneumoscope.evaluation.metrics import CI_METRICS, bootstrap_ci, point_metrics
+from pneumoscope.evaluation.metrics import CI_METRICS, binary_point_metrics, bootstrap_ci
 from pneumoscope.report.model_card import read_val_predictions
 from pneumoscope.rundir import MANIFEST, THRESHOLD
 
@@ -35,9 +35,8 @@ def main() -> None:
     t0 = time.perf_counter()
     fast = bootstrap_ci(y, p, threshold, n_boot=args.n_boot, patients=patients)
     t1 = time.perf_counter()
-    slow = bootstrap_ci(
-        y, p, threshold, args.n_boot, patients=patients, score=point_metrics
-    )  # the former path
+    # the former path
+    slow = bootstrap_ci(y, p, threshold, args.n_boot, patients=patients, score=binary_point_metrics)
     t2 = time.perf_counter()
     diff = max(abs(a - b) for k in CI_METRICS for a, b in zip(fast[k], slow[k]))
     assert diff < 1e-12, diff

@@ -14,7 +14,7 @@ shift) is predicted once (through recipe_sweep's cached trunk: bf16 where native
 OUT/probs.npz, and every candidate is combined from those; `--cost ENS_DIR` compares the
 combination with the ensemble directory's own fp32 validation predictions.
 Thresholds: each candidate's own threshold of the default rule
-(evaluation.DEFAULT_THRESHOLD_RULE) on clean validation, as `ensemble` and `train` choose
+(evaluation.threshold_rules.DEFAULT_THRESHOLD_RULE) on clean validation, as `ensemble` and `train` choose
 it; stressed sensitivity/specificity are read at that threshold (results.json records the
 rule).
 """

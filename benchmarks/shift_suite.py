@@ -10,7 +10,7 @@ when the validation films change in ways that carry no diagnosis.
 * **resampling**: JPEG re-compression, down-up sampling with several filters, and a
   4x "original" brought back to the model's size by pneumoscope's own decode contract.
 
-Every threshold rule of evaluation.choose_thresholds is chosen on the clean validation
+Every threshold rule of evaluation.metrics.choose_thresholds is chosen on the clean validation
 probabilities (computed the same way as the shifted ones), and the suites report, per
 rule, how far sensitivity and specificity move from their clean values at that fixed
 threshold. Validation images only (the run's manifest, role val); nothing here looks at

@@ -72,7 +72,7 @@ def rule_rows(y: np.ndarray, p: np.ndarray, rules: dict) -> dict:
 
 
 def validation_rules(run_dir: Path, recorded: dict) -> dict:
-    """Every rule of evaluation.choose_thresholds, chosen on the run's validation
+    """Every rule of evaluation.metrics.choose_thresholds, chosen on the run's validation
     predictions (so runs from before a rule existed are scored on it too), and the run's
     recorded ones (a `site` rule of calibrate, say) beside them."""
     _, labels, p_val = read_val_predictions(run_dir)

@@ -7,15 +7,12 @@ the adapted run directory. They load on first use, so
 """
 
 __version__ = "0.1.0"
+CLASSES = ("NORMAL", "PNEUMONIA")  # the class folders; a film's binary label is its index
 
 __all__ = ["CLASSES", "__version__", "adapt", "load", "train"]
 
 
 def __getattr__(name: str):
-    if name == "CLASSES":  # the class folders, label 0 and 1 (pneumoscope.tasks.CLASSES)
-        from pneumoscope.tasks import CLASSES
-
-        return CLASSES
     if name in ("load", "train", "adapt", "Model"):
         from pneumoscope import api
 

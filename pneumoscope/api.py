@@ -86,9 +86,8 @@ def _sources(images) -> list:
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
-        images = [
-            images
-        ]  # one image, whatever its channels (the decode refuses what it cannot read)
+        # one image, whatever its channels (the decode refuses what it cannot read)
+        images = [images]
     out = []
     for item in images:
         out += [item] if isinstance(item, np.ndarray) else expand_paths([item])

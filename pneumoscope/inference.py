@@ -165,9 +165,8 @@ class Predictor(OperatingPoint):
         run = RunDir(run_dir)
         config = run.read_config()
         thresholds = run.read_threshold()
-        bv_threshold_of(
-            thresholds, task_of(config), run / THRESHOLD
-        )  # a three-class run's: refused when missing
+        # a three-class run's: refused when missing
+        bv_threshold_of(thresholds, task_of(config), run / THRESHOLD)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # channels_last weights: the convolutions' fastest layout (no reorder per call)
         model = load_trained_model(run, config).to(dev).to(memory_format=torch.channels_last)

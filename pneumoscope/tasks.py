@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscope import CLASSES  # the class folders (defined with the version: no import)
 from pneumoscope.errors import DataError, OptionError
 
 BINARY, THREE_CLASS = "binary", "three-class"
 TASKS = (BINARY, THREE_CLASS)
-CLASSES = ("NORMAL", "PNEUMONIA")  # the class folders; a film's binary label is its index
 CLASS_NAMES = {BINARY: CLASSES, THREE_CLASS: ("NORMAL", "BACTERIAL", "VIRAL")}
 KEYS = ("normal", "bacterial", "viral")  # metrics.json / CSV names of the three classes
 BV_RULE = (

@@ -68,6 +68,7 @@ def test_user_error_is_one_line_with_exit_2(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_bad_option_value_is_a_user_error(tmp_path):
     # an option argparse cannot check (the run's rules are in its threshold.json)
     done = run_python("-m", "pneumoscope", "-q", "evaluate", str(tmp_path), "--data", str(tmp_path))
@@ -92,6 +93,7 @@ def test_internal_error_keeps_its_traceback():
     assert "error: internal bug" not in done.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_argparse_errors_keep_exit_2():
     done = run_python("-m", "pneumoscope", "train", "--data", "x", "--epochs", "many")
     assert done.returncode == 2 and "argument --epochs: invalid int value: 'many'" in done.stderr

@@ -139,10 +139,10 @@ def test_sensitivity_threshold_on_saturated_curve():
 
 def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
     """The bootstrap scores each resample in numpy (resample_metrics): the same numbers as
-    the sklearn path (point_metrics) on resamples with ties, float32 scores, one class
+    the sklearn path (binary_point_metrics) on resamples with ties, float32 scores, one class
     missing and thresholds between and on the scores."""
     from pneumoscope.evaluation.bootstrap import draw_images, patient_strata
-    from pneumoscope.evaluation.metrics import CI_METRICS, point_metrics, resample_metrics
+    from pneumoscope.evaluation.metrics import CI_METRICS, binary_point_metrics, resample_metrics
 
     rng = np.random.default_rng(0)
     cases = [
@@ -162,7 +162,7 @@ def test_resample_metrics_equal_scikit_learns_on_every_kind_of_resample():
         for threshold in (0.6, float(p[0])) + (
             (0.0, 1.0) if i == 0 else ()
         ):  # between, on, the ends
-            want, got = point_metrics(y, p, threshold), resample_metrics(y, p, threshold)
+            want, got = binary_point_metrics(y, p, threshold), resample_metrics(y, p, threshold)
             for key in CI_METRICS:
                 assert got[key] == pytest.approx(want[key], abs=1e-12, nan_ok=True), (
                     key,

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 CODE = "import json; from pneumoscope.models.precision import cpu_description; print(json.dumps(cpu_description()))"
 
 
@@ -22,6 +24,7 @@ def _describe(**env) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # subprocesses
 def test_avx2_caps_mean_no_native_bf16():
     capped = _describe(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     assert capped["onednn_max_cpu_isa"] == "AVX2"

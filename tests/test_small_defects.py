@@ -62,6 +62,7 @@ save_model_weights(sys.argv[1], state, {"backbone": "efficientnet_lite0", "epoch
 """
 
 
+@pytest.mark.slow  # trains twice
 def test_the_same_weights_are_the_same_bytes(tmp_path):
     """safetensors writes its metadata in a hash map's order, new in every process: a
     resumed run's model_best.safetensors differed in bytes from the uninterrupted one's."""

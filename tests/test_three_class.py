@@ -309,9 +309,8 @@ def test_three_class_metrics_equal_scikit_learn():
     )
     by_patient = three_class_ci(y, probs, threshold, bv, np.asarray(patients), n_boot=200)
     by_image = three_class_ci(y, probs, threshold, bv, None, n_boot=200)
-    assert (
-        m["ci95"] == by_patient and by_patient != by_image
-    )  # the patients were resampled, not the films
+    # the patients were resampled, not the films
+    assert m["ci95"] == by_patient and by_patient != by_image
     assert binary["ci95"] == evaluation_ci(
         (y > 0).astype(int), p_pneumonia(probs), threshold, n_boot=200, patients=patients
     )
@@ -343,9 +342,8 @@ def test_numpy_bootstrap_equals_the_scikit_learn_path():
 
     rng = np.random.default_rng(7)
     y = np.repeat([0, 1, 2, 1, 0, 2], 15)
-    probs = (
-        rng.dirichlet([1, 1, 1], size=len(y)) * 0.5 + np.eye(3)[y] * 0.5
-    )  # informative, with overlap
+    # informative, with overlap
+    probs = rng.dirichlet([1, 1, 1], size=len(y)) * 0.5 + np.eye(3)[y] * 0.5
     probs[::9] = probs[::9].round(1)  # ties, as real scores have
     patients = np.array([f"p{i // 3}" for i in range(len(y))])
     got = three_class_ci(y, probs, 0.5, 0.55, patients, n_boot=100, seed=3)
@@ -415,11 +413,12 @@ def test_run_files(three_run):
     with open(three_run / "val_predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["path", "label", "p_normal", "p_bacterial", "p_viral", "p_pneumonia"]
+    # the stratified split's validation holds all three
     assert {int(r["label"]) for r in rows} == {
         0,
         1,
         2,
-    }  # the stratified split's validation holds all three
+    }
 
 
 def test_evaluate_writes_three_class_metrics(three_run, tmp_path):
@@ -529,6 +528,7 @@ def test_a_run_without_the_subtype_threshold_is_refused_on_load(three_run, tmp_p
         Predictor.from_run(run, device="cpu")
 
 
+@pytest.mark.slow  # an ONNX export
 def test_onnx_export_parity(three_run, tmp_path):
     from pneumoscope.commands import export_run
     from pneumoscope.deploy.onnx_predictor import OnnxPredictor
@@ -588,9 +588,8 @@ def test_web_page_shows_the_three_probabilities(three_run, guarded_page, artifac
         ).json()
         page = guarded_page(server.url)
         page.goto(server.url + "/")
-        hidden_before = page.eval_on_selector(
-            "#classes", "el => el.hidden"
-        )  # its own attribute, not #result's
+        # its own attribute, not #result's
+        hidden_before = page.eval_on_selector("#classes", "el => el.hidden")
         page.set_input_files("#file", str(xray))
         page.wait_for_selector("#result", state="visible", timeout=120_000)
         page.wait_for_function(
@@ -648,6 +647,7 @@ def test_audit_counts_three_classes():
     }
 
 
+@pytest.mark.slow  # builds a report
 def test_report_has_the_three_class_section(three_run, site_folder, tmp_path):
     from pneumoscope.report.build import build_report
 
@@ -718,9 +718,8 @@ def test_calibrate_rechooses_the_binary_threshold_on_p_pneumonia(
     want = site_threshold(labels, p_pneumonia(probs), 0.97)
     assert after["default"] == "site" and after["threshold"] == pytest.approx(want, abs=1e-6)
     assert after["rules"]["site"] == after["threshold"]
-    assert (
-        after["bacterial_vs_viral"] == before["bacterial_vs_viral"]
-    )  # the second question is untouched
+    # the second question is untouched
+    assert after["bacterial_vs_viral"] == before["bacterial_vs_viral"]
     assert after["site"]["sample"]["n"] == {"NORMAL": 20, "PNEUMONIA": 20}
     assert after["site"]["metrics"]["sensitivity"] >= 0.97
     # predict labels by the site threshold and the validation bacterial/viral one

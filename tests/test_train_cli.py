@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,9 +93,8 @@ def test_train_writes_run_directory(one_epoch_run):
         *SENSITIVITY_RULES,
     }
     assert thresholds["threshold"] == thresholds["rules"][DEFAULT_THRESHOLD_RULE]
-    assert (
-        Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]
-    )  # what every verb uses
+    # what every verb uses
+    assert Predictor.from_run(run, device="cpu").threshold == thresholds["threshold"]
 
 
 def test_resume_starts_from_next_epoch(one_epoch_run, tmp_path, small_data_root):
@@ -168,6 +168,7 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
     (run / ".config.json.x.tmp").write_text("half-written")  # left by a kill: removed too
+    # what other verbs wrote from the old model
     derived = [
         "metrics.json",
         "metrics_predictions.csv",
@@ -179,7 +180,7 @@ def test_overwrite_replaces_the_run(one_epoch_run, tmp_path, small_data_root):
         "report/index.html",
         "explain/a_gradcam.png",
         "tensorboard/events.out.tfevents.1",
-    ]  # what other verbs wrote from the old model
+    ]
     for name in derived + ["notes.txt"]:
         (run / name).parent.mkdir(exist_ok=True)
         (run / name).write_text("from the replaced run")
@@ -230,6 +231,14 @@ def test_config_records_what_ran_and_resume_refuses_a_change(
     )
     assert config["device"] == "cpu" and config["decode_version"] == decode_version()
     assert config["requested"]["precision"] == "auto"
+    # the "requested" block's keys in the order config.json has always written them
+    assert list(config["requested"]) == [
+        "backbone",
+        "precision",
+        "trunk_precision",
+        "trunk_engine",
+        "device",
+    ]
     assert 0.2 <= config["val_fraction_actual"] <= 0.3
     run = tmp_path / "run"
     shutil.copytree(one_epoch_run, run)
@@ -244,6 +253,30 @@ def test_config_records_what_ran_and_resume_refuses_a_change(
     (run / "config.json").write_text(json.dumps(saved))
     assert main(train_args(small_data_root, run, "--epochs", "2", "--resume")) == 2
     assert "decode_version '0ld'" in capsys.readouterr().err
+    # the decode of 2026-12-07 before its DICOM path moved to dicom.py: the same decode
+    saved["decode_version"] = "4a59535bfbf2"
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(train_args(small_data_root, run, "--epochs", "2", "--resume")) == 0
+
+
+def test_decode_version_covers_every_file_of_the_decode(tmp_path):
+    from pneumoscope.data.cache import DECODE_MODULES, code_version
+
+    names = {Path(m.__file__).name for m in DECODE_MODULES}
+    assert names == {"decode.py", "dicom.py", "problems.py"}
+    copies = []
+    for module in DECODE_MODULES:
+        copy = tmp_path / Path(module.__file__).name
+        shutil.copy(module.__file__, copy)
+        copies.append(copy)
+    assert code_version(copies) == decode_version()
+    dicom = tmp_path / "dicom.py"
+    dicom.write_text(
+        dicom.read_text().replace(
+            "ROBUST_PERCENTILES = (0.5, 99.5)", "ROBUST_PERCENTILES = (1, 99)"
+        )
+    )
+    assert code_version(copies) != decode_version()  # a change of the DICOM rule is a new decode
 
 
 def test_evaluate_writes_metrics_json(

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pneumoscope.tasks import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_gray, open_problem
 from pneumoscope.data.discover import SPLIT_NAMES, PatientMap, _class_dirs, patient_id
 from pneumoscope.errors import MissingFileError
-from pneumoscope.tasks import subtype_of
+from pneumoscope.tasks import CLASSES, subtype_of
 
 
 def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
@@ -67,14 +66,18 @@ def numbering_of(split: str, patients: PatientMap | None) -> str:
     return "all" if patients else KERMANY_NUMBERING.get(split, split)
 
 
-def audit_root(data_root: str | Path, show_progress: bool = True, patients: PatientMap | None = None) -> dict:
+def audit_root(
+    data_root: str | Path, show_progress: bool = True, patients: PatientMap | None = None
+) -> dict:
     """Audit every split under DATA_ROOT; returns a JSON-ready dict. Patient ids from the
     Kermany file names, or from `patients` (a --patients CSV; it must name every image)."""
     data_root = Path(data_root)
     splits = {s: _class_dirs(data_root / s) for s in SPLIT_NAMES}
     splits = {s: dirs for s, dirs in splits.items() if dirs}
     if not splits:
-        raise MissingFileError(f"{data_root}: no {'/'.join(SPLIT_NAMES)} folders with class folders")
+        raise MissingFileError(
+            f"{data_root}: no {'/'.join(SPLIT_NAMES)} folders with class folders"
+        )
     jobs = []
     skipped = []
     for split, class_dirs in splits.items():
@@ -87,7 +90,8 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
     patient_of = dict(zip(images, patients.patients_of(images))) if patients else {}
 
     counts = {s: {c: 0 for c in CLASSES} for s in splits}
-    subtypes = {s: {"BACTERIAL": 0, "VIRAL": 0, "UNNAMED": 0} for s in splits}  # PNEUMONIA by file name
+    # PNEUMONIA by file name
+    subtypes = {s: {"BACTERIAL": 0, "VIRAL": 0, "UNNAMED": 0} for s in splits}
     unreadable, by_hash = [], defaultdict(list)
     patients_seen = defaultdict(set)  # (numbering, patient) -> splits
     for split, label, path in tqdm(jobs, desc="audit", unit="file", disable=not show_progress):
@@ -123,15 +127,20 @@ def audit_root(data_root: str | Path, show_progress: bool = True, patients: Pati
         "skipped_symlinked_folders": [str(p.relative_to(data_root)) for p in skipped],
         "duplicates": sorted(duplicates),
         "patients_shared_across_splits": dict(sorted(shared.items())),
-        "patients_compared": ("across all splits (--patients ids)" if patients else
-                              "within train+val and within test (the Kermany release numbers its "
-                              "persons per split; copies across them are in duplicates)"),
+        "patients_compared": (
+            "across all splits (--patients ids)"
+            if patients
+            else "within train+val and within test (the Kermany release numbers its "
+            "persons per split; copies across them are in duplicates)"
+        ),
     }
 
 
 def format_audit(report: dict) -> str:
     """The short console table of an audit."""
-    lines = [f"{'split':<8}{'NORMAL':>9}{'PNEUMONIA':>11}{'total':>8}{'P/N':>7}{'BACTERIAL':>11}{'VIRAL':>7}"]
+    lines = [
+        f"{'split':<8}{'NORMAL':>9}{'PNEUMONIA':>11}{'total':>8}{'P/N':>7}{'BACTERIAL':>11}{'VIRAL':>7}"
+    ]
     unnamed = 0
     for split, info in report["splits"].items():
         ratio = info["imbalance_pneumonia_per_normal"]
@@ -142,13 +151,17 @@ def format_audit(report: dict) -> str:
             f"{info['total']:>8}{(f'{ratio:.2f}' if ratio else '-'):>7}{three['BACTERIAL']:>11}{three['VIRAL']:>7}"
         )
     if unnamed:
-        lines.append(f"PNEUMONIA files naming neither bacteria nor virus: {unnamed} (--task three-class refuses them)")
+        lines.append(
+            f"PNEUMONIA files naming neither bacteria nor virus: {unnamed} (--task three-class refuses them)"
+        )
     lines.append(f"unreadable files: {len(report['unreadable'])}")
     lines += [f"  {u['path']}: {u['problem']}" for u in report["unreadable"]]
     lines.append(f"exact duplicate groups: {len(report['duplicates'])}")
     lines += [f"  {' = '.join(group)}" for group in report["duplicates"]]
     shared = report["patients_shared_across_splits"]
-    lines.append(f"patients shared across splits: {len(shared)} (compared {report['patients_compared']})")
+    lines.append(
+        f"patients shared across splits: {len(shared)} (compared {report['patients_compared']})"
+    )
     lines += [f"  {p}: {', '.join(s)}" for p, s in list(shared.items())[:20]]
     if len(shared) > 20:
         lines.append(f"  ... and {len(shared) - 20} more (see --json)")

@@ -15,9 +15,9 @@ label, so the model has to look elsewhere (benchmarks/shift_suite.py measures it
 
 from __future__ import annotations
 
-import math
 import functools
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,22 +67,54 @@ SHORTCUT_VERSION = 1  # bump when the breakers' drawing changes: cached views ar
 
 PRESETS = {
     "none": None,
-    "light": AugmentConfig(scale=0.05, rotate_deg=5, translate=0.03, brightness=0.05, contrast=0.1, gamma=0.15),
+    "light": AugmentConfig(
+        scale=0.05, rotate_deg=5, translate=0.03, brightness=0.05, contrast=0.1, gamma=0.15
+    ),
     "medium": AugmentConfig(),
-    "strong": AugmentConfig(scale=0.15, rotate_deg=15, translate=0.08, brightness=0.15, contrast=0.4, gamma=0.5),
+    "strong": AugmentConfig(
+        scale=0.15, rotate_deg=15, translate=0.08, brightness=0.15, contrast=0.4, gamma=0.5
+    ),
     # wide framing (zoom 0.75-1.25): films of other sites frame the chest differently
-    "wide": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5),
+    "wide": AugmentConfig(
+        scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5
+    ),
     # wide framing and aspect ratio (0.78-1.28): what differs between sites (benchmarks/RESULTS.md)
-    "robust": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
-                            aspect=0.25),
+    "robust": AugmentConfig(
+        scale=0.25,
+        rotate_deg=12,
+        translate=0.08,
+        brightness=0.12,
+        contrast=0.5,
+        gamma=0.5,
+        aspect=0.25,
+    ),
     # robust with wider zoom (0.6-1.4) and width:height (0.67-1.49): an older child's long,
     # narrow chest looks like an infant's and back (the site sample's false positives are
     # older children's healthy films; benchmarks/RESULTS.md, "The site sample")
-    "age": AugmentConfig(scale=0.4, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
-                         aspect=0.4),
+    "age": AugmentConfig(
+        scale=0.4,
+        rotate_deg=12,
+        translate=0.08,
+        brightness=0.12,
+        contrast=0.5,
+        gamma=0.5,
+        aspect=0.4,
+    ),
     # robust + the shortcut breakers (benchmarks/RESULTS.md, "Shortcut and shift suites")
-    "lungs": AugmentConfig(scale=0.25, rotate_deg=12, translate=0.08, brightness=0.12, contrast=0.5, gamma=0.5,
-                           aspect=0.25, markers=0.5, border=0.3, erase=0.3, resample=0.3, jpeg=0.3),
+    "lungs": AugmentConfig(
+        scale=0.25,
+        rotate_deg=12,
+        translate=0.08,
+        brightness=0.12,
+        contrast=0.5,
+        gamma=0.5,
+        aspect=0.25,
+        markers=0.5,
+        border=0.3,
+        erase=0.3,
+        resample=0.3,
+        jpeg=0.3,
+    ),
 }
 
 
@@ -108,11 +140,16 @@ def _random_affine(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
     flip = torch.where(_rand(n, gen, device) < cfg.hflip, -1.0, 1.0)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+        [
+            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+            torch.stack([sin * flip, cos, shift[:, 1]], 1),
+        ],
+        1,
     )
     if cfg.aspect:  # drawn last, so presets without it keep their random stream
         stretch = torch.exp(_uniform(n, -cfg.aspect, cfg.aspect, gen, device) / 2)
-        theta = theta * torch.stack([1 / stretch, stretch], 1).unsqueeze(2)  # rows: input x, input y
+        # rows: input x, input y
+        theta = theta * torch.stack([1 / stretch, stretch], 1).unsqueeze(2)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -121,7 +158,9 @@ def _random_intensity(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator)
     n, device = x.shape[0], x.device
     shape = (n, 1, 1, 1)
     gamma = torch.exp(_uniform(n, -cfg.gamma, cfg.gamma, gen, device)).view(shape)
-    contrast = torch.exp(_uniform(n, -math.log1p(cfg.contrast), math.log1p(cfg.contrast), gen, device)).view(shape)
+    contrast = torch.exp(
+        _uniform(n, -math.log1p(cfg.contrast), math.log1p(cfg.contrast), gen, device)
+    ).view(shape)
     brightness = _uniform(n, -cfg.brightness, cfg.brightness, gen, device).view(shape)
     x = x.clamp(0, 1) ** gamma
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -143,8 +182,15 @@ def marker_mask(text: str, height: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255)
 
 
-def paste_marker(img: torch.Tensor, text: str, height: int, value: float, top: float, left: float,
-                 plate: float | None = None) -> torch.Tensor:
+def paste_marker(
+    img: torch.Tensor,
+    text: str,
+    height: int,
+    value: float,
+    top: float,
+    left: float,
+    plate: float | None = None,
+) -> torch.Tensor:
     """Paste `text` onto img (1,S,S) in place, its box's corner at fractions (top, left) of
     the free room (0: the top/left edge, 1: the bottom/right edge); `value` the letters'
     intensity, `plate` the intensity of a backing rectangle (None: no plate)."""
@@ -178,7 +224,8 @@ def _random_markers(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Te
             continue
         text = MARKER_TEXTS[int(pick * len(MARKER_TEXTS))]
         px = int(size * (0.04 + 0.10 * height) / max(1.0, len(text) / 3))  # long labels smaller
-        value = 0.75 + 0.25 * bright if bright < 0.7 else (bright - 0.7) / 2  # mostly bright, some dark
+        # mostly bright, some dark
+        value = 0.75 + 0.25 * bright if bright < 0.7 else (bright - 0.7) / 2
         top, left = _edge_position(a, b, c)
         paste_marker(img, text, px, value, top, left, plate=(1 - value) if plate < 0.3 else None)
     return x
@@ -198,7 +245,9 @@ def _random_border(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Ten
     n, size = x.shape[0], x.shape[-1]
     u = _rand(n * 10, gen, x.device).view(n, 10)
     width = (u[:, 1:5] * 0.12 * size).round() * (u[:, 5:9] < 0.5)  # top, bottom, left, right
-    inner = _box_masks(size, width[:, 0], size - width[:, 1], width[:, 2], size - width[:, 3], x.device)
+    inner = _box_masks(
+        size, width[:, 0], size - width[:, 1], width[:, 2], size - width[:, 3], x.device
+    )
     fill = torch.where(u[:, 9] < 0.6, 0.0, torch.where(u[:, 9] < 0.8, 1.0, x.mean(dim=(1, 2, 3))))
     blank = ~inner & (u[:, 0] < p).view(-1, 1, 1, 1)
     return torch.where(blank, fill.view(-1, 1, 1, 1), x)
@@ -227,8 +276,14 @@ def resample(img: torch.Tensor, factor: float, down: str, up: str) -> torch.Tens
 
     def interp(t, n, mode):
         smooth = mode in ("bilinear", "bicubic")
-        return F.interpolate(t, size=(n, n), mode=mode, antialias=smooth and n < t.shape[-1],
-                             **({"align_corners": False} if smooth else {}))
+        return F.interpolate(
+            t,
+            size=(n, n),
+            mode=mode,
+            antialias=smooth and n < t.shape[-1],
+            **({"align_corners": False} if smooth else {}),
+        )
+
     return interp(interp(img, inner, down), size, up).clamp(0, 1)
 
 
@@ -243,7 +298,9 @@ def _random_resample(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
         factor = 0.35 + 0.55 * f if way < 0.6 else 1.5 + 2.5 * f
         down = RESAMPLE_MODES[int(d * 4)]
         up = RESAMPLE_MODES[int(m * 3)]  # area is a down-sampling filter
-        out[i : i + 1] = resample(x[i : i + 1], factor, down if factor < 1 else up, up if factor < 1 else down)
+        out[i : i + 1] = resample(
+            x[i : i + 1], factor, down if factor < 1 else up, up if factor < 1 else down
+        )
     return out
 
 
@@ -268,8 +325,13 @@ def _random_jpeg(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tenso
 def _break_shortcuts(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Markers, border, erasing (film content), then resampling and JPEG (the transmission
     chain, which acts on whatever the film holds)."""
-    for p, op in ((cfg.markers, _random_markers), (cfg.border, _random_border), (cfg.erase, _random_erase),
-                  (cfg.resample, _random_resample), (cfg.jpeg, _random_jpeg)):
+    for p, op in (
+        (cfg.markers, _random_markers),
+        (cfg.border, _random_border),
+        (cfg.erase, _random_erase),
+        (cfg.resample, _random_resample),
+        (cfg.jpeg, _random_jpeg),
+    ):
         if p:
             x = op(x, p, gen)
     return x

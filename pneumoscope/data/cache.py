@@ -6,8 +6,9 @@ Each file's bytes are read and hashed (sha1); a decoded image is stored under th
 and the model size, in memory-mapped uint8 shards of the persistent cache
 (pneumoscope.data.diskcache). A file whose content changed has another hash, so it is
 decoded again; a shard that is damaged fails its digest and its images are decoded
-again. The decode code itself is part of the key (a hash of decode.py), so a change of
-the preprocessing contract never meets stale images.
+again. The decode code itself is part of the key (a hash of decode.py, dicom.py and
+problems.py: every line a file goes through), so a change of the preprocessing contract
+never meets stale images.
 
 Unreadable files are collected, named and left out, never fatal mid-run.
 """
@@ -29,6 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pneumoscope.data import decode as _decode
+from pneumoscope.data import dicom as _dicom
+from pneumoscope.data import problems as _problems
 from pneumoscope.data.decode import ImageDecodeError, load_image, read_bytes
 from pneumoscope.data.discover import Sample
 from pneumoscope.data.diskcache import read_array, read_meta, resolve_cache_dir, write_array
@@ -53,10 +56,31 @@ class DecodedSet:
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
 
+# The decode code: decode.py, its DICOM path and what both share.
+DECODE_MODULES = (_decode, _dicom, _problems)
+# Versions of earlier decode code that decodes exactly as this one (a move, not a change):
+# --resume accepts a run started under them. 4a59535bfbf2: decode.py of 2026-12-07,
+# before the DICOM path moved into dicom.py and the code was formatted by ruff.
+SAME_DECODE = ("4a59535bfbf2",)
+
+
 @lru_cache(maxsize=1)
 def decode_version() -> str:
     """A hash of the decode code: images decoded by other code are other entries."""
-    return hashlib.sha1(Path(_decode.__file__).read_bytes()).hexdigest()[:12]
+    return code_version(Path(m.__file__) for m in DECODE_MODULES)
+
+
+def code_version(paths) -> str:
+    """The first 12 hex digits of the sha1 of the files' bytes, in order."""
+    digest = hashlib.sha1()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def same_decode(version: str | None) -> bool:
+    """Whether images decoded under `version` are what this decode gives."""
+    return version == decode_version() or version in SAME_DECODE
 
 
 class DecodeStore:
@@ -73,7 +97,9 @@ class DecodeStore:
             path = side.with_suffix(".npy")
             meta = read_meta(path)
             if meta and meta.get("size") == size:
-                self.index.update((key, (path, row)) for row, key in enumerate(meta.get("keys", [])))
+                self.index.update(
+                    (key, (path, row)) for row, key in enumerate(meta.get("keys", []))
+                )
         self._shards: dict[Path, np.ndarray | None] = {}
         self._lock = threading.Lock()  # get() runs in the decode threads
 
@@ -127,8 +153,14 @@ def _read_and_decode(sample: Sample, size: int, store: DecodeStore | None):
 
 
 def decode_samples(
-    samples: list[Sample], size: int, *, strict: bool = False, desc: str = "decode",
-    show_progress: bool = True, workers: int = 2, report: bool = True,
+    samples: list[Sample],
+    size: int,
+    *,
+    strict: bool = False,
+    desc: str = "decode",
+    show_progress: bool = True,
+    workers: int = 2,
+    report: bool = True,
     cache_dir: str | Path | None | bool = None,
 ) -> DecodedSet:
     """Every readable sample as uint8 (size, size), through the persistent decode cache.
@@ -143,7 +175,11 @@ def decode_samples(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda s: _read_and_decode(s, size, store), samples)
         for sample, (key, image, problem, hit) in tqdm(
-            zip(samples, results), total=len(samples), desc=desc, unit="img", disable=not show_progress
+            zip(samples, results),
+            total=len(samples),
+            desc=desc,
+            unit="img",
+            disable=not show_progress,
         ):
             if problem is not None:
                 failures.append((str(sample.path), problem))
@@ -189,4 +225,5 @@ def require_both_classes(sets: dict[str, DecodedSet]) -> None:
         if missing:
             raise UnreadableImagesError(
                 f"the {role} split has no readable {' or '.join(missing)} image "
-                f"({len(data.failures)} of its files are unreadable); see `pneumoscope audit DATA_ROOT`")
+                f"({len(data.failures)} of its files are unreadable); see `pneumoscope audit DATA_ROOT`"
+            )

@@ -263,7 +263,9 @@ def _decode_pil(data: bytes, fmt: str, draft: int | None = None) -> np.ndarray:
         if width == 0 or height == 0:
             raise DecodeProblem(f"empty image ({width}x{height})")
         try:
-            if draft and fmt == "jpeg":  # libjpeg's DCT scaling: 1/2, 1/4 or 1/8, never below draft px
+            if (
+                draft and fmt == "jpeg"
+            ):  # libjpeg's DCT scaling: 1/2, 1/4 or 1/8, never below draft px
                 im.draft(im.mode, (draft, draft))
             im.load()  # raises on truncation: LOAD_TRUNCATED_IMAGES stays False
             bits = _png_significant_bits(data) if fmt == "png" else None
@@ -401,7 +403,9 @@ def read_bytes(source: Source, *, name: str | None = None) -> bytes:
 DRAFT_FACTOR = 2
 
 
-def load_image(source: Source, size: int, *, name: str | None = None, reduced: bool = False) -> np.ndarray:
+def load_image(
+    source: Source, size: int, *, name: str | None = None, reduced: bool = False
+) -> np.ndarray:
     """The model's input image: decode_gray then resize_to_model.
 
     reduced: a JPEG of more than DRAFT_FACTOR x 2 x size pixels a side is decoded by libjpeg
@@ -410,4 +414,6 @@ def load_image(source: Source, size: int, *, name: str | None = None, reduced: b
     px (1.1 at 64 px), p(pneumonia) by up to ~0.035 (0.06 for a small 64 px run;
     tests/data/test_decode_reduced.py): an opt-in (`predict --reduced-decode`), not the contract. A
     smaller JPEG, a PNG or a DICOM decodes exactly as without it."""
-    return resize_to_model(decode_gray(source, name=name, draft=DRAFT_FACTOR * int(size) if reduced else None), size)
+    return resize_to_model(
+        decode_gray(source, name=name, draft=DRAFT_FACTOR * int(size) if reduced else None), size
+    )

@@ -72,8 +72,9 @@ def _check_dicom_is_radiograph(ds) -> None:
     ds.PhotometricInterpretation = pi
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise DecodeProblem(f"multi-frame DICOM ({frames} frames) is not supported; "
-                       "export a single frame")
+        raise DecodeProblem(
+            f"multi-frame DICOM ({frames} frames) is not supported; export a single frame"
+        )
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise DecodeProblem(f"DICOM image has no size (Rows={rows}, Columns={cols})")
@@ -91,12 +92,16 @@ def _check_dicom_is_frontal_chest_film(ds) -> None:
     """Refuse what the model was not trained on: other modalities and lateral views."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality and modality not in ACCEPTED_MODALITIES:
-        raise DecodeProblem(f"DICOM Modality {modality} is not a projection radiograph "
-                       f"(accepted: {', '.join(ACCEPTED_MODALITIES)}); the model reads chest X-rays only")
+        raise DecodeProblem(
+            f"DICOM Modality {modality} is not a projection radiograph "
+            f"(accepted: {', '.join(ACCEPTED_MODALITIES)}); the model reads chest X-rays only"
+        )
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     if view in LATERAL_VIEWS:
-        raise DecodeProblem(f"DICOM ViewPosition {view} is a lateral view; the model was trained on "
-                       "frontal (PA/AP) chest films only")
+        raise DecodeProblem(
+            f"DICOM ViewPosition {view} is a lateral view; the model was trained on "
+            "frontal (PA/AP) chest films only"
+        )
 
 
 def _ensure_transfer_syntax(ds) -> None:

@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pneumoscope.tasks import CLASSES
 from pneumoscope.data.decode import IMAGE_SUFFIXES
 from pneumoscope.errors import DataError, MissingFileError
+from pneumoscope.tasks import CLASSES
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -77,8 +77,10 @@ class PatientMap:
             if "/" in key or os.sep in key:
                 self.by_path[real_path(self.source.parent / key)] = patient
             elif self.by_name.setdefault(key, patient) != patient:
-                raise DataError(f"{self.source}, line {line}: file name {key!r} is given two patients "
-                                f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart")
+                raise DataError(
+                    f"{self.source}, line {line}: file name {key!r} is given two patients "
+                    f"({self.by_name[key]!r} and {patient!r}); use paths to tell the files apart"
+                )
 
     def _rows(self):
         try:
@@ -88,15 +90,22 @@ class PatientMap:
                 path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
                 patient_col = next((columns[c] for c in PATIENT_COLUMNS if c in columns), None)
                 if path_col is None or patient_col is None:
-                    raise DataError(f"{self.source}: needs a column {' or '.join(PATH_COLUMNS)} and a column "
-                                    f"{' or '.join(PATIENT_COLUMNS)}; found {reader.fieldnames}")
+                    raise DataError(
+                        f"{self.source}: needs a column {' or '.join(PATH_COLUMNS)} and a column "
+                        f"{' or '.join(PATIENT_COLUMNS)}; found {reader.fieldnames}"
+                    )
                 for line, row in enumerate(reader, start=2):
-                    key, patient = (row.get(path_col) or "").strip(), (row.get(patient_col) or "").strip()
+                    key, patient = (
+                        (row.get(path_col) or "").strip(),
+                        (row.get(patient_col) or "").strip(),
+                    )
                     if not key or not patient:
                         raise DataError(f"{self.source}, line {line}: empty file or patient")
                     yield line, key, patient
         except OSError as err:
-            raise DataError(f"{self.source}: cannot read the patients CSV ({err.strerror or err})") from err
+            raise DataError(
+                f"{self.source}: cannot read the patients CSV ({err.strerror or err})"
+            ) from err
 
     def get(self, path: Path) -> str | None:
         return self.by_path.get(real_path(path)) or self.by_name.get(Path(path).name)
@@ -108,8 +117,10 @@ class PatientMap:
         if missing:
             shown = "\n".join(f"  {m}" for m in missing[:10])
             more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise DataError(f"{self.source}: no patient for {len(missing)} of {len(paths)} images:\n"
-                            f"{shown}{more}")
+            raise DataError(
+                f"{self.source}: no patient for {len(missing)} of {len(paths)} images:\n"
+                f"{shown}{more}"
+            )
         return found
 
     def assign(self, samples: list[Sample]) -> list[Sample]:
@@ -149,12 +160,16 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def discover_split(split_dir: str | Path, split: str = "", patients: PatientMap | None = None) -> list[Sample]:
+def discover_split(
+    split_dir: str | Path, split: str = "", patients: PatientMap | None = None
+) -> list[Sample]:
     """All labelled images of one folder holding NORMAL/ and PNEUMONIA/; patient ids from
     the file names, or from `patients` (a --patients CSV) when given."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise MissingFileError(f"{split_dir}: {'not a folder' if split_dir.exists() else 'no such folder'}")
+        raise MissingFileError(
+            f"{split_dir}: {'not a folder' if split_dir.exists() else 'no such folder'}"
+        )
     class_dirs = _class_dirs(split_dir)
     if not class_dirs:
         raise MissingFileError(
@@ -163,11 +178,15 @@ def discover_split(split_dir: str | Path, split: str = "", patients: PatientMap 
     samples = []
     for label, folder in sorted(class_dirs.items()):
         for path in _image_files(folder):
-            samples.append(Sample(path=path, label=label, patient=patient_id(path.name), split=split))
+            samples.append(
+                Sample(path=path, label=label, patient=patient_id(path.name), split=split)
+            )
     return patients.assign(samples) if patients else samples
 
 
-def discover_root(data_root: str | Path, patients: PatientMap | None = None) -> dict[str, list[Sample]]:
+def discover_root(
+    data_root: str | Path, patients: PatientMap | None = None
+) -> dict[str, list[Sample]]:
     """Every official split present under DATA_ROOT ({train,val,test}/{NORMAL,PNEUMONIA})."""
     data_root = Path(data_root)
     if not data_root.is_dir():

@@ -57,8 +57,12 @@ def write_array(path: str | Path, array: np.ndarray, meta: dict | None = None) -
     """Store array at path (.npy) with its sidecar; both atomic, the sidecar last."""
     path = Path(path)
     array = np.ascontiguousarray(array)
-    info = {"shape": list(array.shape), "dtype": array.dtype.str, "digest": array_digest(array),
-            **(meta or {})}
+    info = {
+        "shape": list(array.shape),
+        "dtype": array.dtype.str,
+        "digest": array_digest(array),
+        **(meta or {}),
+    }
     atomic_write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
     atomic_write_with(sidecar(path), lambda handle: handle.write(json.dumps(info).encode()))
 
@@ -119,7 +123,9 @@ def prune(folder: str | Path, max_bytes: int) -> list[Path]:
     for side in Path(folder).glob("*.json"):
         array = side.with_suffix(".npy")
         try:
-            entries.append((side.stat().st_mtime, array.stat().st_size + side.stat().st_size, array))
+            entries.append(
+                (side.stat().st_mtime, array.stat().st_size + side.stat().st_size, array)
+            )
         except OSError:
             continue
     total, removed = sum(e[1] for e in entries), []

@@ -32,8 +32,10 @@ from pneumoscope.fsio import default_dir_mode
 # Mendeley Data record rscbjbr9sj v2, file ChestXRay2017.zip (public, no login). The record
 # publishes no checksum and none could be verified here, so none is pinned: pass --sha256
 # to check one you trust; the digest of what was fetched is always printed.
-MENDELEY_URL = ("https://data.mendeley.com/public-files/datasets/rscbjbr9sj/files/"
-                "f12eaf6d-6023-432f-acc9-80c9d7393433/file_downloaded")
+MENDELEY_URL = (
+    "https://data.mendeley.com/public-files/datasets/rscbjbr9sj/files/"
+    "f12eaf6d-6023-432f-acc9-80c9d7393433/file_downloaded"
+)
 MENDELEY_ZIP = "ChestXRay2017.zip"
 MENDELEY_SHA256: str | None = None
 KAGGLE_DATASET = "paultimothymooney/chest-xray-pneumonia"
@@ -84,9 +86,18 @@ def _fetch_once(url: str, part: Path, timeout: float, show_progress: bool) -> bo
         if start and resp.status != 206:  # the server ignored Range: start over
             start = 0
         total = _total_size(resp, start)
-        with open(part, "ab" if start else "wb") as out, \
-                tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=part.name.removesuffix(".part"), disable=not show_progress) as bar:
+        with (
+            open(part, "ab" if start else "wb") as out,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not show_progress,
+            ) as bar,
+        ):
             while block := resp.read(CHUNK):
                 out.write(block)
                 bar.update(len(block))
@@ -97,8 +108,9 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _fill_part(url: str, part: Path, retries: int, timeout: float, show_progress: bool,
-               backoff: float) -> None:
+def _fill_part(
+    url: str, part: Path, retries: int, timeout: float, show_progress: bool, backoff: float
+) -> None:
     """Append to `part` until the server's full size is there. A try that adds bytes does not
     use up a retry (a long download over a flaky line keeps going); `retries` tries in a row
     without progress give up, keeping `part` for the next call to resume."""
@@ -112,20 +124,31 @@ def _fill_part(url: str, part: Path, retries: int, timeout: float, show_progress
         except _CUT as err:
             reason = getattr(err, "reason", err)
             if had == 0 and not part.exists():
-                raise DownloadError(f"cannot download {url}: {reason} (offline? fetch {part.name.removesuffix('.part')} "
-                                    f"elsewhere, or pass a folder you have to `train --data`)") from None
+                raise DownloadError(
+                    f"cannot download {url}: {reason} (offline? fetch {part.name.removesuffix('.part')} "
+                    f"elsewhere, or pass a folder you have to `train --data`)"
+                ) from None
         if _size(part) > had:
             stalled = 0
             continue
         stalled += 1
         if stalled > retries:
-            raise DownloadError(f"download of {url} stopped at {_size(part)} bytes ({reason}); "
-                                "run the command again to resume")
-        time.sleep(min(backoff * 2 ** stalled, 30))
+            raise DownloadError(
+                f"download of {url} stopped at {_size(part)} bytes ({reason}); "
+                "run the command again to resume"
+            )
+        time.sleep(min(backoff * 2**stalled, 30))
 
 
-def fetch(url: str, dest: Path, sha256: str | None = None, retries: int = 5, timeout: float = 60,
-          show_progress: bool = True, backoff: float = 1.0) -> str:
+def fetch(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    retries: int = 5,
+    timeout: float = 60,
+    show_progress: bool = True,
+    backoff: float = 1.0,
+) -> str:
     """Download `url` to `dest` through `dest.part`, resuming after a cut connection (and on
     the next call); `dest` appears only once the whole file is there. Returns the file's
     SHA-256; a file whose digest differs from `sha256` is removed and refused."""
@@ -138,8 +161,10 @@ def fetch(url: str, dest: Path, sha256: str | None = None, retries: int = 5, tim
     actual = sha256_file(dest)
     if sha256 and actual != sha256.lower():
         dest.unlink()
-        raise DownloadError(f"{dest}: SHA-256 {actual} is not the expected {sha256.lower()}; "
-                            "the file was removed (download it again)")
+        raise DownloadError(
+            f"{dest}: SHA-256 {actual} is not the expected {sha256.lower()}; "
+            "the file was removed (download it again)"
+        )
     return actual
 
 
@@ -160,7 +185,9 @@ def kermany_prefix(names: list[str]) -> PurePosixPath:
             if parts[i].lower() == "train" and parts[i + 1].upper() == "NORMAL":
                 found.add(PurePosixPath(*parts[:i]))
     if not found:
-        raise DownloadError("the archive holds no train/NORMAL/ folder: not the Kermany chest X-ray data")
+        raise DownloadError(
+            "the archive holds no train/NORMAL/ folder: not the Kermany chest X-ray data"
+        )
     return min(found, key=lambda p: (len(p.parts), str(p)))
 
 
@@ -178,17 +205,27 @@ def unpack(archive: Path, to: Path, show_progress: bool = True) -> Path:
     with zf:
         damaged = zf.testzip()
         if damaged:
-            raise DownloadError(f"{archive}: member {damaged} fails its CRC check (download it again)")
+            raise DownloadError(
+                f"{archive}: member {damaged} fails its CRC check (download it again)"
+            )
         prefix = kermany_prefix(zf.namelist())
         # only prefix/{train,test,val}/...: Kaggle's nested duplicate prefix/chest_xray/ stays out
-        members = [m for m in zf.infolist() if not m.is_dir() and not _is_junk(m.filename)
-                   and PurePosixPath(m.filename).parts[:len(prefix.parts)] == prefix.parts
-                   and PurePosixPath(m.filename).parts[len(prefix.parts)].lower() in SPLITS]
+        members = [
+            m
+            for m in zf.infolist()
+            if not m.is_dir()
+            and not _is_junk(m.filename)
+            and PurePosixPath(m.filename).parts[: len(prefix.parts)] == prefix.parts
+            and PurePosixPath(m.filename).parts[len(prefix.parts)].lower() in SPLITS
+        ]
         tmp = Path(tempfile.mkdtemp(dir=to, prefix=f".{LAYOUT}.", suffix=".partial"))
         try:
             for member in tqdm(members, desc="unpack", unit="file", disable=not show_progress):
-                rel = PurePosixPath(member.filename).parts[len(prefix.parts):]
-                if any(p in ("", "..") for p in rel) or PurePosixPath(member.filename).is_absolute():
+                rel = PurePosixPath(member.filename).parts[len(prefix.parts) :]
+                if (
+                    any(p in ("", "..") for p in rel)
+                    or PurePosixPath(member.filename).is_absolute()
+                ):
                     raise DownloadError(f"{archive}: unsafe member path {member.filename}")
                 out = tmp.joinpath(*rel)
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +233,8 @@ def unpack(archive: Path, to: Path, show_progress: bool = True) -> Path:
                     shutil.copyfileobj(src, dst, CHUNK)
             if target.exists():
                 target.rmdir()  # an empty leftover folder; a full one was refused above
-            os.chmod(tmp, default_dir_mode())  # mkdtemp makes it 0700; the data is the user's usual mode
+            # mkdtemp makes it 0700; the data is the user's usual mode
+            os.chmod(tmp, default_dir_mode())
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -214,13 +252,17 @@ def _kaggle_credentials() -> bool:
 def fetch_kaggle(to: Path) -> Path:
     """Download the Kaggle copy with the `kaggle` package; returns the zip's path."""
     if not _kaggle_credentials():
-        raise DownloadError("the kaggle source needs credentials: KAGGLE_USERNAME and KAGGLE_KEY, or "
-                            "~/.kaggle/kaggle.json (kaggle.com > Settings > API); or use --source mendeley")
+        raise DownloadError(
+            "the kaggle source needs credentials: KAGGLE_USERNAME and KAGGLE_KEY, or "
+            "~/.kaggle/kaggle.json (kaggle.com > Settings > API); or use --source mendeley"
+        )
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError:
-        raise DownloadError("the kaggle source needs the kaggle package: pip install kaggle "
-                            "(or use --source mendeley)") from None
+        raise DownloadError(
+            "the kaggle source needs the kaggle package: pip install kaggle "
+            "(or use --source mendeley)"
+        ) from None
     api = KaggleApi()
     api.authenticate()
     try:
@@ -233,8 +275,14 @@ def fetch_kaggle(to: Path) -> Path:
     return zips[-1]
 
 
-def download(to: str | Path, source: str = "mendeley", url: str | None = None, sha256: str | None = None,
-             keep_zip: bool = False, show_progress: bool = True) -> Path:
+def download(
+    to: str | Path,
+    source: str = "mendeley",
+    url: str | None = None,
+    sha256: str | None = None,
+    keep_zip: bool = False,
+    show_progress: bool = True,
+) -> Path:
     """Fetch, check and unpack the data set into to/chest_xray; returns that folder."""
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
@@ -245,13 +293,18 @@ def download(to: str | Path, source: str = "mendeley", url: str | None = None, s
         archive = fetch_kaggle(to)
         digest = sha256_file(archive)
         if expected and digest != expected.lower():
-            raise DownloadError(f"{archive}: SHA-256 {digest} is not the expected {expected.lower()}")
+            raise DownloadError(
+                f"{archive}: SHA-256 {digest} is not the expected {expected.lower()}"
+            )
     elif source == "mendeley":
         archive = to / MENDELEY_ZIP
         digest = fetch(url or MENDELEY_URL, archive, expected, show_progress=show_progress)
     else:
         raise DownloadError(f"unknown source {source!r}: mendeley or kaggle")
-    print(f"{archive.name}: SHA-256 {digest}" + (" (matches)" if expected else " (no checksum pinned: not checked)"))
+    print(
+        f"{archive.name}: SHA-256 {digest}"
+        + (" (matches)" if expected else " (no checksum pinned: not checked)")
+    )
     try:
         target = unpack(archive, to, show_progress=show_progress)
     except DownloadError:

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 HEADER = ["path", "label", "patient", "split", "role", "sha1"]
 
 
-def write_manifest(path: str | Path, roles: dict[str, list[Sample]],
-                   sha1: dict[str, str] | None = None) -> None:
+def write_manifest(
+    path: str | Path, roles: dict[str, list[Sample]], sha1: dict[str, str] | None = None
+) -> None:
     """roles: e.g. {"train": [...], "val": [...]} -> one row per image.
     sha1: str(path) -> hex digest of the file's bytes (DecodedSet keys, see sha1_by_path)."""
     sha1 = sha1 or {}
@@ -61,8 +62,13 @@ def sha1_by_path(*sets) -> dict[str, str]:
     return {str(s.path): key for data in sets for s, key in zip(data.samples, data.keys)}
 
 
-def shared_with_manifest(path: str | Path, samples: list[Sample], keys: list[str],
-                         skip_roles: tuple[str, ...] = (), examples: int = 5) -> dict:
+def shared_with_manifest(
+    path: str | Path,
+    samples: list[Sample],
+    keys: list[str],
+    skip_roles: tuple[str, ...] = (),
+    examples: int = 5,
+) -> dict:
     """Which of `samples` (with the sha1 `keys` of their bytes) are also images of the
     manifest's roles: by content (sha1) when the manifest has the column, else by path.
     Returns a JSON-ready dict: how it compared, per role the count and a few files."""
@@ -71,16 +77,22 @@ def shared_with_manifest(path: str | Path, samples: list[Sample], keys: list[str
     by_path = {real_path(s.path): str(s.path) for s in samples}
     # by content where the row has a sha1; an old manifest (no column) or a file that was
     # unreadable at training time: the same file, by resolved path
-    role_of = [(r["role"], by_sha1.get(r["sha1"]) if r.get("sha1") else by_path.get(real_path(r["path"])))
-               for r in rows]
+    role_of = [
+        (r["role"], by_sha1.get(r["sha1"]) if r.get("sha1") else by_path.get(real_path(r["path"])))
+        for r in rows
+    ]
     by_content = any(r.get("sha1") for r in rows)
     shared: dict[str, set[str]] = {}
     for role, ours_path in role_of:
         if ours_path is not None:
             shared.setdefault(role, set()).add(ours_path)
     return {
-        "compared_by": "sha1 of the file bytes" if by_content else "path (manifest has no sha1 column)",
+        "compared_by": "sha1 of the file bytes"
+        if by_content
+        else "path (manifest has no sha1 column)",
         "manifest": str(path),
-        "shared": {role: {"count": len(files), "examples": sorted(files)[:examples]}
-                   for role, files in sorted(shared.items())},
+        "shared": {
+            role: {"count": len(files), "examples": sorted(files)[:examples]}
+            for role, files in sorted(shared.items())
+        },
     }

@@ -21,7 +21,9 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
         if path.is_dir():
             # not is_dir() rather than is_file(): a symlink loop or a FIFO named like an
             # image is named in the unreadable-files warning, not dropped silently.
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            files += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+            )
         else:
             files.append(path)
     return files
@@ -30,8 +32,10 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
 def require_image_files(files: list[Path], given: list[str | Path]) -> None:
     """Stop when the paths given hold no image file at all (an empty folder)."""
     if not files:
-        raise NothingScoredError(f"nothing scored: no image files ({', '.join(IMAGE_SUFFIXES)}) in "
-                                 + ", ".join(str(p) for p in given))
+        raise NothingScoredError(
+            f"nothing scored: no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+            + ", ".join(str(p) for p in given)
+        )
 
 
 def require_some_readable(n_read: int, failures: list[tuple[str, str]]) -> None:
@@ -52,6 +56,10 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def array_png(image: np.ndarray) -> bytes:
     """A uint8 gray (H, W) or RGB (H, W, 3) array as PNG bytes; anything else is refused."""
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
-        raise DataError(f"expected a uint8 image array (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))
+    ):
+        raise DataError(
+            f"expected a uint8 image array (H, W) or (H, W, 3), got {image.dtype} {image.shape}"
+        )
     return png_bytes(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)

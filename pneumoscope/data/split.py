@@ -18,7 +18,10 @@ from pneumoscope.errors import DataError, OptionError
 
 
 def split_by_patient(
-    samples: list[Sample], val_fraction: float = 0.15, seed: int = 0, strata: np.ndarray | None = None
+    samples: list[Sample],
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    strata: np.ndarray | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
     """(train, val): no patient on both sides, each stratum's val share close to
     val_fraction. strata: one value per sample (default: the labels), e.g. the three
@@ -32,14 +35,22 @@ def split_by_patient(
     train = [s for s in samples if s.patient not in val_patients]
     val = [s for s in samples if s.patient in val_patients]
     labels = {s.label for s in samples}
-    if not train or not val or {s.label for s in val} != labels or {s.label for s in train} != labels:
-        raise DataError(f"too few patients or images per class ({len(samples)} images) "
-                        f"for a {val_fraction:.0%} validation split")
+    if (
+        not train
+        or not val
+        or {s.label for s in val} != labels
+        or {s.label for s in train} != labels
+    ):
+        raise DataError(
+            f"too few patients or images per class ({len(samples)} images) "
+            f"for a {val_fraction:.0%} validation split"
+        )
     return train, val
 
 
-def _val_patients(samples: list[Sample], strata: np.ndarray, fraction: float,
-                  rng: np.random.Generator) -> set[str]:
+def _val_patients(
+    samples: list[Sample], strata: np.ndarray, fraction: float, rng: np.random.Generator
+) -> set[str]:
     images = Counter(s.patient for s in samples)
     votes: dict[str, Counter] = defaultdict(Counter)
     for sample, stratum in zip(samples, strata.tolist()):

@@ -46,8 +46,9 @@ def chunks(paths: list[str], batch_size: int) -> Iterator[list[str]]:
         yield paths[start : start + batch_size]
 
 
-def decoded_batches(paths: list[str], size: int, batch_size: int, workers: int | None = None,
-                    reduced: bool = False) -> Iterator[Batch]:
+def decoded_batches(
+    paths: list[str], size: int, batch_size: int, workers: int | None = None, reduced: bool = False
+) -> Iterator[Batch]:
     """The batches of `paths` decoded, in order. workers 0 (or a single batch): in this
     process; else that many processes (None: default_workers()), 2 batches each in flight."""
     workers = default_workers() if workers is None else workers

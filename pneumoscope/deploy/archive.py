@@ -173,9 +173,8 @@ def predict_archive(
         onnx=onnx,
         int8=int8,
     )
-    files = list_files(
-        paths, files_list
-    )  # after the run: a broken run is named first, whatever the paths
+    # after the run: a broken run is named first, whatever the paths
+    files = list_files(paths, files_list)
     header = ["path", *prediction_columns(scorer.task), "label"]
     if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
         return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)
@@ -245,9 +244,8 @@ def score_files(
         bar.close()
         sink.close()
     summary.engine = scorer.runtime
-    nothing = (
-        whole and readable == 0 and not append
-    )  # every file unreadable: an error, not an empty CSV
+    # every file unreadable: an error, not an empty CSV
+    nothing = whole and readable == 0 and not append
     if (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:

@@ -161,9 +161,8 @@ def run_thresholds_for(contract: dict, run_dir: str | Path, onnx_path: Path) -> 
     """The run's threshold.json; a warning when the contract carries other thresholds
     (an export made before `calibrate`, outside the run directory it refreshes)."""
     thresholds = RunDir(run_dir).read_threshold()
-    bv_threshold_of(
-        thresholds, task_of(contract), Path(run_dir) / THRESHOLD
-    )  # a three-class run's: refused when missing
+    # a three-class run's: refused when missing
+    bv_threshold_of(thresholds, task_of(contract), Path(run_dir) / THRESHOLD)
     if contract.get("thresholds") != thresholds:
         log.warning(
             "%s.json: its thresholds differ from %s (changed after the export, e.g. by "

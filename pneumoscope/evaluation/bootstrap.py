@@ -30,9 +30,8 @@ def patient_strata(y_true: np.ndarray, patients) -> tuple[list[np.ndarray], np.n
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     highest = np.zeros(len(counts), dtype=int)
     np.maximum.at(highest, codes, y_true)
-    strata = [
-        np.flatnonzero(highest == c) for c in np.unique(highest)
-    ]  # binary: normal, then pneumonia
+    # binary: normal, then pneumonia
+    strata = [np.flatnonzero(highest == c) for c in np.unique(highest)]
     return strata, np.stack([starts, counts]), order
 
 

@@ -47,14 +47,14 @@ def ranking_metrics(y_true: np.ndarray, p: np.ndarray) -> dict:
     }
 
 
-def point_metrics(y_true, p, threshold) -> dict:
+def binary_point_metrics(y_true, p, threshold) -> dict:
     out = threshold_metrics(y_true, p, threshold)
     out.update(ranking_metrics(y_true, p))
     return out
 
 
 def resample_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float) -> dict:
-    """CI_METRICS of one bootstrap resample: point_metrics' numbers by sklearn's own
+    """CI_METRICS of one bootstrap resample: binary_point_metrics' numbers by sklearn's own
     formulas (_binary_clf_curve, trapezoidal ROC AUC, step-wise average precision) in plain
     numpy, since sklearn's per-call input checks cost ~30 ms a call: 1000 resamples took
     ~40 s on a 2-core VM, in every train (model card), evaluate and report.
@@ -98,7 +98,7 @@ def bootstrap_ci(
     """Percentile 95% intervals of CI_METRICS over resamples of the patients (CI_METHOD,
     evaluation.bootstrap). patients: one id per image (None: each image its own patient);
     score: what scores a resample (default the numpy resample_metrics;
-    benchmarks/bootstrap_bench.py passes scikit-learn's point_metrics to compare)."""
+    benchmarks/bootstrap_bench.py passes scikit-learn's binary_point_metrics to compare)."""
     score = resample_metrics if score is None else score
     y_true, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
 
@@ -122,7 +122,7 @@ def evaluate_predictions(
     out = {"n": int(len(y_true)), "threshold": float(threshold)}
     if patients is not None:
         out["n_patients"] = int(len(set(map(str, patients))))
-    out.update(point_metrics(y_true, p, threshold))
+    out.update(binary_point_metrics(y_true, p, threshold))
     if n_boot:
         out["ci95"] = bootstrap_ci(
             y_true, p, threshold, n_boot=n_boot, seed=seed, patients=patients

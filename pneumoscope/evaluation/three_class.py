@@ -113,9 +113,8 @@ def three_class_ci(
     """Percentile 95% intervals of the point metrics over patient resamples (CI_METHOD,
     evaluation.bootstrap: the binary intervals' draws)."""
     y, probs = np.asarray(y).astype(int), np.asarray(probs, dtype=np.float64)
-    pred = predicted_classes(
-        probs, threshold, bv_threshold
-    )  # per image: a resample only picks rows
+    # per image: a resample only picks rows
+    pred = predicted_classes(probs, threshold, bv_threshold)
     span = patient_bootstrap(
         y,
         patients,

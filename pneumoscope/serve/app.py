@@ -143,9 +143,9 @@ def create_app(
         version=__version__,
         lifespan=lifespan,
         description=f"Chest X-ray pneumonia classifier. {DISCLAIMER}",
-        docs_url=None,
+        docs_url=None,  # Swagger UI / ReDoc load from a CDN
         redoc_url=None,
-    )  # Swagger UI / ReDoc load from a CDN
+    )
     static = _static_dir()
     app.mount("/static", StaticFiles(directory=static), name="static")
     _add_error_handlers(app, max_upload_bytes)

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.tasks import CLASSES
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import discover_split
 from pneumoscope.data.manifest import read_manifest
 from pneumoscope.errors import DataError, OptionError
 from pneumoscope.evaluation.metrics import evaluate_predictions, sensitivity_threshold
+from pneumoscope.fsio import atomic_write_json
 from pneumoscope.report.model_card import update_model_card
 from pneumoscope.rundir import MANIFEST, THRESHOLD, RunDir
-from pneumoscope.fsio import atomic_write_json
+from pneumoscope.tasks import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ SITE_RULE = "site"
 DEFAULT_TARGET_SENSITIVITY = 0.97
 MIN_PER_CLASS = 20  # below this a sample says nothing (1/20 = 5% per image)
 ADVISED_PER_CLASS = 40
-OPTIMISM_NOTE = ("the metrics are measured on the same sample the threshold was chosen on, so "
-                 "they are optimistic for this site (sensitivity most of all)")
+OPTIMISM_NOTE = (
+    "the metrics are measured on the same sample the threshold was chosen on, so "
+    "they are optimistic for this site (sensitivity most of all)"
+)
 
 
 class SampleTooSmallError(DataError):
@@ -65,18 +67,30 @@ def check_sample_size(labels: np.ndarray, data_name: str) -> None:
         raise SampleTooSmallError(
             f"{data_name}: too small a site sample to choose a threshold on: readable images "
             + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, counts))
-            + f"; label at least {MIN_PER_CLASS} per class ({ADVISED_PER_CLASS}-100 advised)")
+            + f"; label at least {MIN_PER_CLASS} per class ({ADVISED_PER_CLASS}-100 advised)"
+        )
     if counts.min() < ADVISED_PER_CLASS:
-        log.warning("%s: %d images of a class only; %d-100 per class are advised (the intervals "
-                    "will be wide)", data_name, counts.min(), ADVISED_PER_CLASS)
+        log.warning(
+            "%s: %d images of a class only; %d-100 per class are advised (the intervals "
+            "will be wide)",
+            data_name,
+            counts.min(),
+            ADVISED_PER_CLASS,
+        )
 
 
-def read_site_sample(site_dir: str | Path, image_size: int, strict: bool = False,
-                     show_progress: bool = True) -> DecodedSet:
+def read_site_sample(
+    site_dir: str | Path, image_size: int, strict: bool = False, show_progress: bool = True
+) -> DecodedSet:
     """SITE_DIR/{NORMAL,PNEUMONIA} decoded at the run's size; SampleTooSmallError below
     MIN_PER_CLASS readable films of a class (before any model work)."""
-    data = decode_samples(discover_split(site_dir), image_size, strict=strict, desc="decode site",
-                          show_progress=show_progress)
+    data = decode_samples(
+        discover_split(site_dir),
+        image_size,
+        strict=strict,
+        desc="decode site",
+        show_progress=show_progress,
+    )
     check_sample_size(data.labels, str(site_dir))
     return data
 
@@ -91,21 +105,36 @@ def sample_record(site_dir: str | Path, data: DecodedSet, run_dir: str | Path) -
         "patients": len(set(patients)),
         "patients_seen_by_run": _patients_seen(run_dir, patients),
         "unreadable": [{"path": p, "problem": why} for p, why in data.failures],
-        "files": [{"path": str(s.path), "sha1": key, "label": CLASSES[s.label], "patient": s.patient}
-                  for s, key in zip(data.samples, data.keys)],
+        "files": [
+            {"path": str(s.path), "sha1": key, "label": CLASSES[s.label], "patient": s.patient}
+            for s, key in zip(data.samples, data.keys)
+        ],
     }
 
 
-def site_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float, patients: list[str],
-                 n_boot: int, seed: int = 0) -> dict:
+def site_metrics(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    threshold: float,
+    patients: list[str],
+    n_boot: int,
+    seed: int = 0,
+) -> dict:
     """evaluate_predictions at `threshold`, the intervals resampling patients."""
-    metrics = evaluate_predictions(labels, probs, threshold, n_boot=n_boot, seed=seed, patients=patients)
+    metrics = evaluate_predictions(
+        labels, probs, threshold, n_boot=n_boot, seed=seed, patients=patients
+    )
     return metrics
 
 
-def calibrate_run(run_dir: str | Path, site_dir: str | Path,
-                  target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, n_boot: int = 1000,
-                  strict: bool = False, show_progress: bool = True) -> dict:
+def calibrate_run(
+    run_dir: str | Path,
+    site_dir: str | Path,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    n_boot: int = 1000,
+    strict: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """Choose the site threshold on SITE_DIR/{NORMAL,PNEUMONIA}, write it into the run's
     threshold.json as the default rule `site`, and return the `site` block written."""
     if not 0.0 < target_sensitivity <= 1.0:
@@ -125,17 +154,21 @@ def calibrate_run(run_dir: str | Path, site_dir: str | Path,
     previous_rule = _previous_default(thresholds)
     threshold = site_threshold(labels, probs, target_sensitivity)
     site = {
-        "rule": (f"highest threshold whose sensitivity on the site sample reaches "
-                 f"{target_sensitivity:g} (label = PNEUMONIA if p >= threshold)"),
+        "rule": (
+            f"highest threshold whose sensitivity on the site sample reaches "
+            f"{target_sensitivity:g} (label = PNEUMONIA if p >= threshold)"
+        ),
         "target_sensitivity": target_sensitivity,
         "threshold": threshold,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sample": sample_record(site_dir, data, run_dir),
         "metrics": site_metrics(labels, probs, threshold, patients, n_boot),
         "previous_default": {
-            "rule": previous_rule, "threshold": float(thresholds["rules"][previous_rule]),
-            "metrics_on_sample": site_metrics(labels, probs, float(thresholds["rules"][previous_rule]),
-                                              patients, n_boot),
+            "rule": previous_rule,
+            "threshold": float(thresholds["rules"][previous_rule]),
+            "metrics_on_sample": site_metrics(
+                labels, probs, float(thresholds["rules"][previous_rule]), patients, n_boot
+            ),
         },
         "note": OPTIMISM_NOTE,
     }
@@ -156,9 +189,13 @@ def _patients_seen(run_dir: str | Path, patients: list[str]) -> int:
     seen = {s.patient for samples in read_manifest(path).values() for s in samples}
     shared = sorted(set(patients) & seen)
     if shared:
-        log.warning("%d patient(s) of the site sample are in the run's train/val split (%s%s): "
-                    "their films are not new to the model", len(shared), ", ".join(shared[:5]),
-                    ", ..." if len(shared) > 5 else "")
+        log.warning(
+            "%d patient(s) of the site sample are in the run's train/val split (%s%s): "
+            "their films are not new to the model",
+            len(shared),
+            ", ".join(shared[:5]),
+            ", ..." if len(shared) > 5 else "",
+        )
     return len(shared)
 
 
@@ -188,13 +225,16 @@ def format_site(site: dict) -> str:
     n = site["sample"]["n"]
     prev = site["previous_default"]
     pm = prev["metrics_on_sample"]
-    return "\n".join([
-        f"site rule: {site['rule']}",
-        f"sample: {site['sample']['data']}  " + ", ".join(f"{c} {k}" for c, k in n.items())
-        + f"  ({site['sample']['patients']} patients)",
-        format_metrics(site["metrics"]),
-        f"intervals: {site['metrics'].get('ci_method', 'none (no resamples)')}",
-        f"previous default {prev['rule']} (threshold {prev['threshold']:.4f}) on this sample: "
-        f"sensitivity {pm['sensitivity']:.3f}, specificity {pm['specificity']:.3f}",
-        f"warning: {site['note']}",
-    ])
+    return "\n".join(
+        [
+            f"site rule: {site['rule']}",
+            f"sample: {site['sample']['data']}  "
+            + ", ".join(f"{c} {k}" for c, k in n.items())
+            + f"  ({site['sample']['patients']} patients)",
+            format_metrics(site["metrics"]),
+            f"intervals: {site['metrics'].get('ci_method', 'none (no resamples)')}",
+            f"previous default {prev['rule']} (threshold {prev['threshold']:.4f}) on this sample: "
+            f"sensitivity {pm['sensitivity']:.3f}, specificity {pm['specificity']:.3f}",
+            f"warning: {site['note']}",
+        ]
+    )

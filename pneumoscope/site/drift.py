@@ -28,15 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.data.sources import expand_paths
 from pneumoscope.data.cache import DecodedSet, decode_samples
 from pneumoscope.data.discover import Sample, patient_id
 from pneumoscope.data.manifest import read_manifest
+from pneumoscope.data.sources import expand_paths
 from pneumoscope.errors import DataError, MissingFileError
+from pneumoscope.fsio import atomic_write_json
 from pneumoscope.inference import Predictor
 from pneumoscope.report.embeddings import embed_and_predict
 from pneumoscope.rundir import DRIFT, MANIFEST
-from pneumoscope.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,21 @@ DISTANCE = "cosine"
 # (upper bound of domain_auc, verdict), first match wins
 VERDICTS = (
     (0.60, "no detectable shift: the folder looks like the validation images"),
-    (0.75, "moderate shift: check the operating point on a labelled sample (pneumoscope calibrate)"),
-    (float("inf"), "strong shift: validation metrics do not carry over; calibrate on a labelled "
-                   "sample, and retrain if the shift is large"),
+    (
+        0.75,
+        "moderate shift: check the operating point on a labelled sample (pneumoscope calibrate)",
+    ),
+    (
+        float("inf"),
+        "strong shift: validation metrics do not carry over; calibrate on a labelled "
+        "sample, and retrain if the shift is large",
+    ),
 )
 
 
-def domain_auc(reference: np.ndarray, other: np.ndarray, groups: np.ndarray | None = None,
-               seed: int = 0) -> float:
+def domain_auc(
+    reference: np.ndarray, other: np.ndarray, groups: np.ndarray | None = None, seed: int = 0
+) -> float:
     """Cross-validated ROC AUC of standardised logistic regression telling `other` (1)
     from `reference` (0): out-of-fold decision values of StratifiedGroupKFold(5)."""
     from sklearn.linear_model import LogisticRegression
@@ -71,7 +78,9 @@ def domain_auc(reference: np.ndarray, other: np.ndarray, groups: np.ndarray | No
     x = np.concatenate([reference, other]).astype(np.float64)
     y = np.r_[np.zeros(len(reference), int), np.ones(len(other), int)]
     groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000))
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=2000)
+    )
     folds = StratifiedGroupKFold(n_splits=FOLDS, shuffle=True, random_state=seed)
     scores = cross_val_predict(model, x, y, groups=groups, cv=folds, method="decision_function")
     return float(roc_auc_score(y, scores))
@@ -92,8 +101,9 @@ def nearest_distances(reference: np.ndarray, query: np.ndarray, ref_groups=None)
     return dist.min(axis=1)
 
 
-def outside_shares(val_emb: np.ndarray, val_p: np.ndarray, val_groups, emb: np.ndarray,
-                   p: np.ndarray) -> dict:
+def outside_shares(
+    val_emb: np.ndarray, val_p: np.ndarray, val_groups, emb: np.ndarray, p: np.ndarray
+) -> dict:
     """The folder's share outside the validation embeddings and scores (module docstring)."""
     mean, std = val_emb.mean(0), val_emb.std(0) + 1e-6
     val_z, z = (val_emb - mean) / std, (emb - mean) / std
@@ -104,9 +114,11 @@ def outside_shares(val_emb: np.ndarray, val_p: np.ndarray, val_groups, emb: np.n
     return {
         "embedding": float(np.mean(dist > cut)),
         "embedding_cutoff": cut,
-        "embedding_definition": (f"cosine distance of the standardised embedding to the nearest validation one "
-                                 f"> the {NN_PERCENTILE:g}th percentile of validation nearest-neighbour "
-                                 f"distances (to another patient's image; {cut:.2f})"),
+        "embedding_definition": (
+            f"cosine distance of the standardised embedding to the nearest validation one "
+            f"> the {NN_PERCENTILE:g}th percentile of validation nearest-neighbour "
+            f"distances (to another patient's image; {cut:.2f})"
+        ),
         "score": float(np.mean((p < lo) | (p > hi))),
         "score_range": [lo, hi],
         "score_definition": "p(pneumonia) outside [min, max] of the validation scores",
@@ -127,22 +139,34 @@ def verdict_for(auc: float) -> str:
     return next(text for bound, text in VERDICTS if auc < bound)
 
 
-def measure_drift(val_emb: np.ndarray, val_p: np.ndarray, val_groups: np.ndarray,
-                  emb: np.ndarray, p: np.ndarray, groups: np.ndarray, threshold: float,
-                  seed: int = 0) -> dict:
+def measure_drift(
+    val_emb: np.ndarray,
+    val_p: np.ndarray,
+    val_groups: np.ndarray,
+    emb: np.ndarray,
+    p: np.ndarray,
+    groups: np.ndarray,
+    threshold: float,
+    seed: int = 0,
+) -> dict:
     """The drift numbers of a folder (emb, p) against validation (val_emb, val_p)."""
     # Patient ids of the two sets are prefixed so that equal names never join groups.
     all_groups = np.r_[[f"val:{g}" for g in val_groups], [f"new:{g}" for g in groups]]
     auc = domain_auc(val_emb, emb, all_groups, seed=seed)
     return {
         "domain_auc": auc,
-        "domain_auc_method": (f"scikit-learn StandardScaler + LogisticRegression(class_weight=balanced) on "
-                              f"penultimate embeddings, out-of-fold decision values of "
-                              f"StratifiedGroupKFold({FOLDS}) grouped by patient, seed {seed}"),
+        "domain_auc_method": (
+            f"scikit-learn StandardScaler + LogisticRegression(class_weight=balanced) on "
+            f"penultimate embeddings, out-of-fold decision values of "
+            f"StratifiedGroupKFold({FOLDS}) grouped by patient, seed {seed}"
+        ),
         "verdict": verdict_for(auc),
         "verdict_cutoffs": {"no_shift_below": VERDICTS[0][0], "moderate_below": VERDICTS[1][0]},
         "threshold": float(threshold),
-        "scores": {"validation": score_summary(val_p, threshold), "folder": score_summary(p, threshold)},
+        "scores": {
+            "validation": score_summary(val_p, threshold),
+            "folder": score_summary(p, threshold),
+        },
         "outside": outside_shares(val_emb, val_p, val_groups, emb, p),
     }
 
@@ -159,44 +183,83 @@ def folder_samples(folder: str | Path) -> list[Sample]:
 def validation_samples(run_dir: str | Path) -> list[Sample]:
     path = Path(run_dir) / MANIFEST
     if not path.exists():
-        raise MissingFileError(f"{path}: no manifest; drift compares with the run's validation images")
+        raise MissingFileError(
+            f"{path}: no manifest; drift compares with the run's validation images"
+        )
     roles = read_manifest(path)
     if "val" not in roles:
         raise DataError(f"{path}: no rows with role 'val'; roles: {sorted(roles)}")
     return roles["val"]
 
 
-def _embed_set(predictor: Predictor, samples: list[Sample], name: str, strict: bool,
-               show_progress: bool) -> tuple[DecodedSet, np.ndarray, np.ndarray]:
-    data = decode_samples(samples, predictor.image_size, strict=strict, desc=f"decode {name}",
-                          show_progress=show_progress)
+def _embed_set(
+    predictor: Predictor, samples: list[Sample], name: str, strict: bool, show_progress: bool
+) -> tuple[DecodedSet, np.ndarray, np.ndarray]:
+    data = decode_samples(
+        samples,
+        predictor.image_size,
+        strict=strict,
+        desc=f"decode {name}",
+        show_progress=show_progress,
+    )
     if len(data.samples) < MIN_IMAGES:
-        raise DataError(f"{name}: {len(data.samples)} readable images; drift needs at least {MIN_IMAGES}")
-    emb, p = embed_and_predict(predictor.model, data.images, device=predictor.device,
-                               show_progress=show_progress)
+        raise DataError(
+            f"{name}: {len(data.samples)} readable images; drift needs at least {MIN_IMAGES}"
+        )
+    emb, p = embed_and_predict(
+        predictor.model, data.images, device=predictor.device, show_progress=show_progress
+    )
     return data, emb, p
 
 
-def compute_drift(predictor: Predictor, run_dir: str | Path, folder: str | Path,
-                  threshold_rule: str | None = None, seed: int = 0, strict: bool = False,
-                  show_progress: bool = True) -> dict:
+def compute_drift(
+    predictor: Predictor,
+    run_dir: str | Path,
+    folder: str | Path,
+    threshold_rule: str | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """Drift of `folder` against the run's validation images, with the predictor given
     (the report passes the one it has loaded)."""
     threshold = predictor.threshold_for(threshold_rule)
-    val, val_emb, val_p = _embed_set(predictor, validation_samples(run_dir), "validation images",
-                                     strict, show_progress)
+    val, val_emb, val_p = _embed_set(
+        predictor, validation_samples(run_dir), "validation images", strict, show_progress
+    )
     new, emb, p = _embed_set(predictor, folder_samples(folder), str(folder), strict, show_progress)
-    result = {"run_dir": str(run_dir), "data": str(folder),
-              "threshold_rule": threshold_rule or predictor.thresholds["default"]}
-    result.update(measure_drift(val_emb, val_p, [s.patient for s in val.samples], emb, p,
-                                [s.patient for s in new.samples], threshold, seed=seed))
-    result["unreadable"] = [{"path": path, "problem": why} for path, why in val.failures + new.failures]
+    result = {
+        "run_dir": str(run_dir),
+        "data": str(folder),
+        "threshold_rule": threshold_rule or predictor.thresholds["default"],
+    }
+    result.update(
+        measure_drift(
+            val_emb,
+            val_p,
+            [s.patient for s in val.samples],
+            emb,
+            p,
+            [s.patient for s in new.samples],
+            threshold,
+            seed=seed,
+        )
+    )
+    result["unreadable"] = [
+        {"path": path, "problem": why} for path, why in val.failures + new.failures
+    ]
     return result
 
 
-def drift_run(run_dir: str | Path, folder: str | Path, out: str | Path | None = None,
-              threshold_rule: str | None = None, seed: int = 0, strict: bool = False,
-              show_progress: bool = True) -> dict:
+def drift_run(
+    run_dir: str | Path,
+    folder: str | Path,
+    out: str | Path | None = None,
+    threshold_rule: str | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    show_progress: bool = True,
+) -> dict:
     """`pneumoscope drift`: compute_drift with the run's model, written to `out` (JSON)."""
     predictor = Predictor.from_run(run_dir)
     result = compute_drift(predictor, run_dir, folder, threshold_rule, seed, strict, show_progress)
@@ -208,13 +271,18 @@ def format_drift(d: dict) -> str:
     """The console table of a drift result."""
     v, f = d["scores"]["validation"], d["scores"]["folder"]
     o = d["outside"]
-    rows = [f"{'':<30}{'validation':>12}{'folder':>12}",
-            f"{'images':<30}{v['n']:>12}{f['n']:>12}"]
+    rows = [f"{'':<30}{'validation':>12}{'folder':>12}", f"{'images':<30}{v['n']:>12}{f['n']:>12}"]
     for key in ("q05", "q25", "q50", "q75", "q95"):
-        rows.append(f"{'p(pneumonia) ' + key:<30}{v['quantiles'][key]:>12.3f}{f['quantiles'][key]:>12.3f}")
-    rows.append(f"{'predicted positive (t=' + format(d['threshold'], '.3f') + ')':<30}"
-                f"{v['share_positive']:>12.1%}{f['share_positive']:>12.1%}")
-    rows += [f"domain AUC (validation vs folder): {d['domain_auc']:.3f}",
-             f"outside validation: {o['embedding']:.1%} by embedding distance, {o['score']:.1%} by score",
-             f"verdict: {d['verdict']}"]
+        rows.append(
+            f"{'p(pneumonia) ' + key:<30}{v['quantiles'][key]:>12.3f}{f['quantiles'][key]:>12.3f}"
+        )
+    rows.append(
+        f"{'predicted positive (t=' + format(d['threshold'], '.3f') + ')':<30}"
+        f"{v['share_positive']:>12.1%}{f['share_positive']:>12.1%}"
+    )
+    rows += [
+        f"domain AUC (validation vs folder): {d['domain_auc']:.3f}",
+        f"outside validation: {o['embedding']:.1%} by embedding distance, {o['score']:.1%} by score",
+        f"verdict: {d['verdict']}",
+    ]
     return "\n".join(rows)

@@ -51,7 +51,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32: pneumoscope.models.precision (bf16 where native: CUDA; CPU too in cpu-fast)
     compile: bool = False  # torch.compile the training step's model
     scale_lr: bool = False  # under torchrun: lr x world_size (linear scaling rule)
-    log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (training.trackers)
+    log: str = ""  # experiment trackers, comma-separated: tensorboard, mlflow (report.trackers)
 
     def __post_init__(self) -> None:
         from pneumoscope.training.recipes import apply_recipe
@@ -92,12 +92,16 @@ RESUME_KEYS = (
     "task",
 )
 # What the run resolved from auto (config.json records these values, not "auto"); a
-# --resume that would resolve any of them otherwise is refused, naming it.
-RESOLVED_FIELDS = (
+# --resume that would resolve any of them otherwise is refused, naming it (in this order).
+RESOLVED_KEYS = (
+    "recipe",
     "backbone",
     "device",
     "precision",
     "trunk_precision",
     "trunk_engine",
-)  # TrainConfig fields
-RESOLVED_KEYS = ("recipe", *RESOLVED_FIELDS, "decode_version")
+    "decode_version",
+)
+# The TrainConfig fields among them that resolve_config sets, in the order config.json's
+# "requested" block has always listed them.
+RESOLVED_FIELDS = ("backbone", "precision", "trunk_precision", "trunk_engine", "device")

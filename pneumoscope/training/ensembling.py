@@ -130,9 +130,8 @@ def build_ensemble(
     val = read_manifest(run_dirs[0] / MANIFEST)["val"]
     data = decode_samples(val, size, desc="decode val", show_progress=show_progress, report=False)
     require_both_classes({"validation": data})
-    data = replace(
-        data, samples=relabel(data.samples, task)
-    )  # three-class: 0 normal, 1 bacterial, 2 viral
+    # three-class: 0 normal, 1 bacterial, 2 viral
+    data = replace(data, samples=relabel(data.samples, task))
     probs = predict_class_probs(
         model, data.images, show_progress=show_progress, desc="ensemble val"
     )

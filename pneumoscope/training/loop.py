@@ -525,9 +525,8 @@ def load_data(
     decode = dict(show_progress=show_progress, report=False, cache_dir=cfg.cache_dir or None)
     train_set = decode_samples(train_samples, cfg.image_size, desc="decode train", **decode)
     val_set = decode_samples(val_samples, cfg.image_size, desc="decode val", **decode)
-    report_failures(
-        train_set.failures + val_set.failures, cfg.strict
-    )  # one warning, or --strict stops
+    # one warning, or --strict stops
+    report_failures(train_set.failures + val_set.failures, cfg.strict)
     if env.is_main:  # the manifest's sha1 column: the content keys decoding just computed
         write_manifest(
             run / MANIFEST,

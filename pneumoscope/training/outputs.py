@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from pneumoscope.data.cache import DecodedSet, decode_version
+from pneumoscope.data.cache import DecodedSet, decode_version, same_decode
 from pneumoscope.fsio import atomic_write_csv, atomic_write_json
 from pneumoscope.rundir import (
     BEST_MODEL,
@@ -116,6 +116,8 @@ def check_resumable(run: RunDir, cfg: TrainConfig, world_size: int = 1) -> dict 
             f"trained with {saved_world} (start it the same way)"
         )
     now = {**cfg.to_dict(), "decode_version": decode_version()}
+    if same_decode(saved.get("decode_version")):  # earlier code that decodes the same
+        saved["decode_version"] = now["decode_version"]
     changed = [k for k in dict.fromkeys(RESUME_KEYS + RESOLVED_KEYS) if saved.get(k) != now.get(k)]
     if changed:
         raise RunDirError(

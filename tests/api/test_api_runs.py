@@ -58,6 +58,7 @@ def read_csv(path_or_text) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+@pytest.mark.slow  # trains twice
 def test_api_train_gives_the_cli_numbers(cli_run, api_run):
     for name in ("val_predictions.csv",):
         ours, theirs = read_csv(api_run / name), read_csv(cli_run / name)
@@ -270,6 +271,7 @@ def test_cli_train_goes_through_the_api(monkeypatch, tmp_path):
     assert calls and calls[0]["data"] == "D" and calls[0]["epochs"] == 3
 
 
+@pytest.mark.slow  # an ONNX export
 def test_load_with_onnx_predicts_like_the_torch_model(cli_run, small_data_root, tmp_path):
     onnx = tmp_path / "model.onnx"
     assert main(["-q", "export", str(cli_run), "--out", str(onnx)]) == 0

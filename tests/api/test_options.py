@@ -168,9 +168,8 @@ def test_python_options_get_the_command_lines_checks(tmp_path):
     with pytest.raises(OptionError, match="--epochs.*'two'"):
         pneumoscope.train(data=tmp_path, out=tmp_path / "run", epochs="two")
     with pytest.raises(OptionError, match="--compile"):
-        pneumoscope.train(
-            data=tmp_path, out=tmp_path / "run", compile="false"
-        )  # a string is not a switch
+        # a string is not a switch
+        pneumoscope.train(data=tmp_path, out=tmp_path / "run", compile="false")
     with pytest.raises(OptionError, match="--augment.*'huge'"):
         pneumoscope.train(data=tmp_path, out=tmp_path / "run", augment="huge")
     assert not (tmp_path / "run").exists()

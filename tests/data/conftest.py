@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def tiny_run(small_data_root, tmp_path_factory, small_run_trainer) -> Path:
-    return small_run_trainer(small_data_root, tmp_path_factory.mktemp("tiny_run") / "run", image_size=32, epochs=1)
+    return small_run_trainer(
+        small_data_root, tmp_path_factory.mktemp("tiny_run") / "run", image_size=32, epochs=1
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ def test_audit_finds_planted_duplicate_and_unreadable(small_data_root, tmp_path,
     shutil.copy2(normal[0], root / "test" / "NORMAL" / "copy_of_first.jpeg")
     # an unreadable file: half a JPEG
     data = normal[1].read_bytes()
-    (root / "train" / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(data[: len(data) // 2])
+    (root / "train" / "PNEUMONIA" / "person9999_bacteria_1.jpeg").write_bytes(
+        data[: len(data) // 2]
+    )
 
     report = audit_root(root, show_progress=False)
     unreadable = {u["path"]: u["problem"] for u in report["unreadable"]}

@@ -39,9 +39,15 @@ def run(cfg: AugmentConfig, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def assert_spans(values: np.ndarray, low: float, high: float, slack: float) -> None:
     """Within [low, high] (up to pixel rounding) and reaching towards both ends."""
-    assert values.min() >= low - slack and values.max() <= high + slack, (values.min(), values.max())
+    assert values.min() >= low - slack and values.max() <= high + slack, (
+        values.min(),
+        values.max(),
+    )
     span = high - low
-    assert values.min() < low + 0.3 * span and values.max() > high - 0.3 * span, (values.min(), values.max())
+    assert values.min() < low + 0.3 * span and values.max() > high - 0.3 * span, (
+        values.min(),
+        values.max(),
+    )
 
 
 def test_no_preset_flips():
@@ -103,7 +109,9 @@ def test_intensity_ranges():
     out = run(AugmentConfig(**{**ONLY, "gamma": gamma, "brightness": brightness}), x)
     values = out.mean((1, 2, 3)).numpy()
     assert np.ptp(out.numpy(), axis=(1, 2, 3)).max() < 1e-6  # still flat
-    assert_spans(values, v ** math.exp(gamma) - brightness, v ** math.exp(-gamma) + brightness, slack=1e-5)
+    assert_spans(
+        values, v ** math.exp(gamma) - brightness, v ** math.exp(-gamma) + brightness, slack=1e-5
+    )
     # contrast: an image's spread around its mean scales within [1/(1+c), 1+c]
     ramp = images_to_input(np.tile(np.linspace(64, 192, 16).astype(np.uint8), (N, 16, 1)))
     out = run(AugmentConfig(**{**ONLY, "contrast": 0.5}), ramp)

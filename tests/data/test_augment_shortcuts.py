@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.data.augment import PRESETS, SHORTCUT_FIELDS, AugmentConfig, augment_batch, jpeg_roundtrip
+from pneumoscope.data.augment import (
+    PRESETS,
+    SHORTCUT_FIELDS,
+    AugmentConfig,
+    augment_batch,
+    jpeg_roundtrip,
+)
 from pneumoscope.data.decode import load_image
 
 SIZE = 224
@@ -21,9 +27,15 @@ STILL = AugmentConfig(scale=0, rotate_deg=0, translate=0, brightness=0, contrast
 @pytest.fixture(scope="module")
 def films(sample_data) -> torch.Tensor:
     """8 NORMAL + 8 PNEUMONIA real films, float (16,1,S,S) in [0,1]."""
-    files = [f for cls in ("NORMAL", "PNEUMONIA") for f in sorted((sample_data / "train" / cls).glob("*.jpeg"))[:8]]
+    files = [
+        f
+        for cls in ("NORMAL", "PNEUMONIA")
+        for f in sorted((sample_data / "train" / cls).glob("*.jpeg"))[:8]
+    ]
     assert len(files) == 16, "the embedded sample lacks films"
-    return torch.from_numpy(np.stack([load_image(f, SIZE) for f in files])).float().div(255)[:, None]
+    return (
+        torch.from_numpy(np.stack([load_image(f, SIZE) for f in files])).float().div(255)[:, None]
+    )
 
 
 def changed(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
@@ -80,7 +92,8 @@ def test_resampling_and_jpeg_jitter_keep_the_frame(films):
     for field in ("resample", "jpeg"):
         out = augment_batch(films, replace(STILL, **{field: 1.0}), torch.Generator().manual_seed(4))
         err = (out - films).abs().mean(dim=(1, 2, 3))
-        assert (err > 0).float().mean() >= 0.75, field  # a JPEG at its own quality may come back as it was
+        # a JPEG at its own quality may come back as it was
+        assert (err > 0).float().mean() >= 0.75, field
         assert (err < 0.05).all(), (field, err.max())
 
 
@@ -98,7 +111,10 @@ def test_lungs_preset_never_flips(films):
     gen = torch.Generator().manual_seed(5)
     for _ in range(4):
         out = augment_batch(half, PRESETS["lungs"], gen)
-        left, right = out[..., : SIZE // 2].mean(dim=(1, 2, 3)), out[..., SIZE // 2 :].mean(dim=(1, 2, 3))
+        left, right = (
+            out[..., : SIZE // 2].mean(dim=(1, 2, 3)),
+            out[..., SIZE // 2 :].mean(dim=(1, 2, 3)),
+        )
         assert (left > right).all() and (left - right).mean() > 0.2, (left - right).min()
 
 
@@ -113,4 +129,7 @@ def test_cache_keys_of_older_presets_are_unchanged():
     """Activation caches are keyed by as_dict(): presets without breakers keep their old keys."""
     for name in ("light", "medium", "strong", "wide", "robust"):
         assert not set(SHORTCUT_FIELDS) & set(PRESETS[name].as_dict())
-    assert PRESETS["lungs"].as_dict()["markers"] > 0 and "shortcut_version" in PRESETS["lungs"].as_dict()
+    assert (
+        PRESETS["lungs"].as_dict()["markers"] > 0
+        and "shortcut_version" in PRESETS["lungs"].as_dict()
+    )

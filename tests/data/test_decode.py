@@ -26,6 +26,7 @@ from pneumoscope.data.decode import (
     resize_to_model,
 )
 
+
 @pytest.fixture(scope="module")
 def real_jpeg(shared_data) -> Path:
     """The first real NORMAL image of the shared data (found relative to the repository
@@ -114,6 +115,7 @@ def test_bytes_same_as_path(real_jpeg, tmp_path, gray):
 
 # --------------------------------------------------------------------------- PIL variants
 
+
 def _palette(a: np.ndarray) -> Image.Image:
     p = Image.frombytes("P", a.shape[::-1], a.tobytes())
     p.putpalette(np.repeat(np.arange(256, dtype=np.uint8), 3).tobytes())
@@ -149,7 +151,8 @@ def test_lossless_variants_exact(tmp_path, gray, fname):
 
 # JPEG re-encodes: lossy, so compare by mean absolute difference (0..255 scale).
 @pytest.mark.parametrize(
-    "mode", ["L", "RGB", "CMYK"],
+    "mode",
+    ["L", "RGB", "CMYK"],
 )
 def test_jpeg_reencodes_close(tmp_path, gray, mode):
     im = Image.fromarray(gray).convert(mode)
@@ -190,8 +193,14 @@ def test_12bit_data_in_16bit_png_uses_its_bit_depth(tmp_path, gray):
     dark = gray.astype(np.uint16) * 4
     png = _save(tmp_path, "dark.png", Image.fromarray(dark)).read_bytes()
     (tmp_path / "dark_sbit.png").write_bytes(_with_sbit(png, 12))
-    _close(decode_gray(tmp_path / "dark_sbit.png"), np.rint(dark.astype(float) * 255 / 4095).astype(np.uint8))
-    _close(decode_gray(tmp_path / "dark.png"), np.rint(dark.astype(float) * 255 / 1023).astype(np.uint8))
+    _close(
+        decode_gray(tmp_path / "dark_sbit.png"),
+        np.rint(dark.astype(float) * 255 / 4095).astype(np.uint8),
+    )
+    _close(
+        decode_gray(tmp_path / "dark.png"),
+        np.rint(dark.astype(float) * 255 / 1023).astype(np.uint8),
+    )
 
 
 def test_alpha_composited_on_black(tmp_path, gray):
@@ -244,7 +253,9 @@ def _pattern(width: int, height: int) -> np.ndarray:
     width x height image: the same picture at any size, made without any resize."""
     u = (np.arange(width) + 0.5) / width
     v = (np.arange(height) + 0.5) / height
-    img = 128 + 90 * np.sin(2 * np.pi * u)[None, :] * np.cos(3 * np.pi * v)[:, None] + 30 * v[:, None]
+    img = (
+        128 + 90 * np.sin(2 * np.pi * u)[None, :] * np.cos(3 * np.pi * v)[:, None] + 30 * v[:, None]
+    )
     return np.rint(np.clip(img, 0, 255)).astype(np.uint8)
 
 
@@ -258,7 +269,9 @@ def test_full_size_file_gives_its_own_224_version(tmp_path, fmt):
     assert out.shape == (224, 224)
     assert _mad(out, _pattern(224, 224)) < 1.0
     # a centre crop or a letterbox of the same file would be far off
-    square = np.asarray(big.crop((200, 0, 1300, 1100)).resize((224, 224), Image.Resampling.BILINEAR))
+    square = np.asarray(
+        big.crop((200, 0, 1300, 1100)).resize((224, 224), Image.Resampling.BILINEAR)
+    )
     assert _mad(square, _pattern(224, 224)) > 10
 
 
@@ -346,8 +359,12 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + crc
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("side", [30000, 9000])  # 9000^2: over ours, under PIL's limit
@@ -399,9 +416,14 @@ def test_bytes_errors_use_given_name():
 # --------------------------------------------------------------------------- DICOM
 
 
-
-def _dicom(pixels: np.ndarray, *, preamble: bool = True, tsyntax=ExplicitVRLittleEndian,
-           pixel_data: bytes | None = None, **attrs) -> bytes:
+def _dicom(
+    pixels: np.ndarray,
+    *,
+    preamble: bool = True,
+    tsyntax=ExplicitVRLittleEndian,
+    pixel_data: bytes | None = None,
+    **attrs,
+) -> bytes:
     """A DX DICOM file (bytes) holding `pixels`; attrs override the image module."""
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
@@ -431,8 +453,9 @@ def _dicom(pixels: np.ndarray, *, preamble: bool = True, tsyntax=ExplicitVRLittl
             ds.save_as(buf, write_like_original=False)
     else:  # bare data set, implicit VR: no preamble, no "DICM", no file meta
         try:
-            pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True,
-                             enforce_file_format=False)
+            pydicom.dcmwrite(
+                buf, ds, implicit_vr=True, little_endian=True, enforce_file_format=False
+            )
         except TypeError:
             ds.is_little_endian, ds.is_implicit_VR = True, True
             pydicom.dcmwrite(buf, ds, write_like_original=True)
@@ -466,7 +489,9 @@ def test_dicom_8bit_without_window_is_shown_as_stored(gray):
     stored = gray.astype(np.uint8)
     attrs = dict(BitsAllocated=8, BitsStored=8, HighBit=7)
     np.testing.assert_array_equal(decode_gray(_dicom(stored, **attrs)), gray)
-    np.testing.assert_array_equal(decode_gray(_dicom(stored, RescaleSlope=2, RescaleIntercept=-50, **attrs)), gray)
+    np.testing.assert_array_equal(
+        decode_gray(_dicom(stored, RescaleSlope=2, RescaleIntercept=-50, **attrs)), gray
+    )
     # a negative slope turns the values over, so the picture is inverted
     inverted = decode_gray(_dicom(stored, RescaleSlope=-1, RescaleIntercept=255, **attrs))
     np.testing.assert_array_equal(inverted, 255 - gray)
@@ -474,7 +499,9 @@ def test_dicom_8bit_without_window_is_shown_as_stored(gray):
 
 def test_dicom_signed_8bit_without_window_is_shown_as_stored(gray):
     stored = (gray.astype(np.int16) - 128).astype(np.int8)
-    out = decode_gray(_dicom(stored, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=1))
+    out = decode_gray(
+        _dicom(stored, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=1)
+    )
     np.testing.assert_array_equal(out, gray)
 
 
@@ -500,18 +527,34 @@ def test_dicom_without_window_clips_outliers(gray):
 
 @pytest.mark.parametrize("modality", ["CT", "MR", "US"])
 def test_dicom_other_modality_refused(gray, modality):
-    _expect_error(_dicom(gray.astype(np.uint16), Modality=modality), "ct.dcm",
-                  f"Modality {modality}", "CR, DX, DR", name="ct.dcm")
+    _expect_error(
+        _dicom(gray.astype(np.uint16), Modality=modality),
+        "ct.dcm",
+        f"Modality {modality}",
+        "CR, DX, DR",
+        name="ct.dcm",
+    )
 
 
 @pytest.mark.parametrize("view", ["LL", "RL", "LAT"])
 def test_dicom_lateral_view_refused(gray, view):
-    _expect_error(_dicom(gray.astype(np.uint16), ViewPosition=view), "lat.dcm",
-                  f"ViewPosition {view}", "lateral", name="lat.dcm")
+    _expect_error(
+        _dicom(gray.astype(np.uint16), ViewPosition=view),
+        "lat.dcm",
+        f"ViewPosition {view}",
+        "lateral",
+        name="lat.dcm",
+    )
 
 
-@pytest.mark.parametrize("attrs", [dict(Modality="CR", ViewPosition="PA"), dict(Modality="DR", ViewPosition="AP"),
-                                   dict(ViewPosition="")])
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(Modality="CR", ViewPosition="PA"),
+        dict(Modality="DR", ViewPosition="AP"),
+        dict(ViewPosition=""),
+    ],
+)
 def test_dicom_frontal_radiographs_accepted(gray, attrs):
     stored = gray.astype(np.uint16) * 257
     _close(decode_gray(_dicom(stored, **attrs)), _robust_u8(gray))
@@ -521,8 +564,15 @@ def test_dicom_12bit_window_recovers_image(gray):
     # Modality values x = 8*a - 100 (a: 0..255); the LINEAR window with
     # c - 0.5 -+ (w - 1)/2 = -100 / 1940 maps them straight back to a.
     stored = gray.astype(np.uint16) * 16
-    data = _dicom(stored, BitsStored=12, HighBit=11, RescaleSlope=0.5, RescaleIntercept=-100,
-                  WindowCenter=920.5, WindowWidth=2041)
+    data = _dicom(
+        stored,
+        BitsStored=12,
+        HighBit=11,
+        RescaleSlope=0.5,
+        RescaleIntercept=-100,
+        WindowCenter=920.5,
+        WindowWidth=2041,
+    )
     _close(decode_gray(data), gray)
 
 
@@ -530,8 +580,15 @@ def test_dicom_window_clips_and_matches_pydicom(gray):
     from pydicom.pixels import apply_modality_lut, apply_windowing
 
     stored = gray.astype(np.uint16) * 16
-    attrs = dict(BitsStored=12, HighBit=11, RescaleSlope=0.5, RescaleIntercept=-100,
-                 WindowCenter=[8 * 128 - 100, 5], WindowWidth=[8 * 64, 7])  # first view
+    # first view
+    attrs = dict(
+        BitsStored=12,
+        HighBit=11,
+        RescaleSlope=0.5,
+        RescaleIntercept=-100,
+        WindowCenter=[8 * 128 - 100, 5],
+        WindowWidth=[8 * 64, 7],
+    )
     out = decode_gray(_dicom(stored, **attrs))
     assert (out[gray <= 96] == 0).all() and (out[gray >= 161] == 255).all()
     # Same as pydicom's windowing, rescaled from its output range to 0..255.
@@ -544,8 +601,17 @@ def test_dicom_window_clips_and_matches_pydicom(gray):
 @pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
 def test_dicom_voi_functions(gray, function):
     stored = gray.astype(np.uint16)
-    out = decode_gray(_dicom(stored, BitsStored=8, HighBit=7, BitsAllocated=16,
-                             WindowCenter=128, WindowWidth=64, VOILUTFunction=function))
+    out = decode_gray(
+        _dicom(
+            stored,
+            BitsStored=8,
+            HighBit=7,
+            BitsAllocated=16,
+            WindowCenter=128,
+            WindowWidth=64,
+            VOILUTFunction=function,
+        )
+    )
     x = gray.astype(np.float64)
     if function == "LINEAR_EXACT":
         expected = np.clip((x - 128) / 64 + 0.5, 0, 1)
@@ -567,8 +633,7 @@ def test_dicom_voi_lut_sequence(gray):
     item.LUTDescriptor = [4096, 0, 16]
     item.add_new(0x00283006, "OW", (4095 - np.arange(4096)).astype("<u2").tobytes())
     stored = gray.astype(np.uint16) * 16
-    out = decode_gray(_dicom(stored, BitsStored=12, HighBit=11,
-                             VOILUTSequence=Sequence([item])))
+    out = decode_gray(_dicom(stored, BitsStored=12, HighBit=11, VOILUTSequence=Sequence([item])))
     expected = np.rint((4095 - stored.astype(np.float64)) / 4095 * 255).astype(np.uint8)
     _close(out, expected)
 
@@ -611,15 +676,23 @@ def test_dicom_without_preamble(gray, tmp_path):
 
 def test_dicom_colour_refused(gray):
     rgb = np.dstack([gray] * 3)
-    data = _dicom(rgb, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
-                  BitsAllocated=8, BitsStored=8, HighBit=7)
+    data = _dicom(
+        rgb,
+        SamplesPerPixel=3,
+        PhotometricInterpretation="RGB",
+        PlanarConfiguration=0,
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+    )
     _expect_error(data, "c.dcm", "colour", "SamplesPerPixel=3", name="c.dcm")
 
 
 def test_dicom_multiframe_refused(gray):
     frames = np.stack([gray] * 3).astype(np.uint16)
-    _expect_error(_dicom(frames, NumberOfFrames=3), "m.dcm", "multi-frame", "3 frames",
-                  name="m.dcm")
+    _expect_error(
+        _dicom(frames, NumberOfFrames=3), "m.dcm", "multi-frame", "3 frames", name="m.dcm"
+    )
 
 
 def test_dicom_without_pixel_data_refused():

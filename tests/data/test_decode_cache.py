@@ -46,7 +46,9 @@ def shard_files(cache_dir):
 
 
 def decode(folder, cache_dir, **kw):
-    return decode_samples(discover_split(folder), SIZE, show_progress=False, cache_dir=cache_dir, **kw)
+    return decode_samples(
+        discover_split(folder), SIZE, show_progress=False, cache_dir=cache_dir, **kw
+    )
 
 
 def test_second_run_decodes_nothing_and_matches(folder, tmp_path, decode_calls):
@@ -82,7 +84,8 @@ def test_changed_file_is_decoded_again(folder, tmp_path, decode_calls, small_dat
 def test_same_content_elsewhere_is_not_decoded_again(folder, tmp_path, decode_calls):
     cache = tmp_path / "cache"
     before = decode(folder, cache)
-    shutil.copyfile(before.samples[12].path, before.samples[3].path)  # keyed by content, not by name
+    # keyed by content, not by name
+    shutil.copyfile(before.samples[12].path, before.samples[3].path)
     decode_calls.clear()
     after = decode(folder, cache)
     assert decode_calls == []

@@ -37,7 +37,9 @@ def originals(shared_data) -> list[bytes]:
         width = int(rng.integers(1000, 2001))
         height = int(width * rng.uniform(0.8, 1.25))
         buffer = io.BytesIO()
-        Image.open(f).convert("L").resize((width, height), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=92)
+        Image.open(f).convert("L").resize((width, height), Image.Resampling.BICUBIC).save(
+            buffer, "JPEG", quality=92
+        )
         out.append(buffer.getvalue())
     return out
 
@@ -55,8 +57,10 @@ def test_small_jpegs_and_pngs_decode_exactly_as_before(shared_data):
     np.testing.assert_array_equal(load_image(film, 224, reduced=True), load_image(film, 224))
     png = io.BytesIO()
     Image.open(film).convert("L").resize((1200, 1200)).save(png, "PNG")
-    np.testing.assert_array_equal(load_image(png.getvalue(), 64, name="x.png", reduced=True),
-                                  load_image(png.getvalue(), 64, name="x.png"))
+    np.testing.assert_array_equal(
+        load_image(png.getvalue(), 64, name="x.png", reduced=True),
+        load_image(png.getvalue(), 64, name="x.png"),
+    )
 
 
 def test_reduced_decode_probabilities_match_the_full_decode(small_run_dir, originals):
@@ -67,7 +71,9 @@ def test_reduced_decode_probabilities_match_the_full_decode(small_run_dir, origi
     assert not np.array_equal(full, reduced)  # it did decode differently
     gray = np.abs(full.astype(int) - reduced.astype(int)).mean()
     dp = np.abs(predictor.predict_images(full) - predictor.predict_images(reduced))
-    print(f"reduced vs full decode: {gray:.2f} gray levels, max |dp| {dp.max():.4f}, mean {dp.mean():.4f} "
-          f"on {len(dp)} films")
+    print(
+        f"reduced vs full decode: {gray:.2f} gray levels, max |dp| {dp.max():.4f}, mean {dp.mean():.4f} "
+        f"on {len(dp)} films"
+    )
     assert gray < MEAN_GRAY
     assert dp.max() <= MAX_DP and dp.mean() <= MEAN_DP

@@ -4,9 +4,9 @@ from real sample images, in the layout of the Kaggle archive (nested duplicate, 
 from __future__ import annotations
 
 import hashlib
-import os
 import http.server
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -25,8 +25,13 @@ PER_CLASS = 3
 @pytest.fixture(scope="module")
 def sources(sample_data) -> dict[str, list[Path]]:
     """Real images per split/class that go into the archive."""
-    return {f"{split}/{cls}": sorted((sample_data / ("val" if split == "test" else split) / cls).glob("*.jpeg"))[:PER_CLASS]
-            for split in ("train", "test") for cls in ("NORMAL", "PNEUMONIA")}
+    return {
+        f"{split}/{cls}": sorted(
+            (sample_data / ("val" if split == "test" else split) / cls).glob("*.jpeg")
+        )[:PER_CLASS]
+        for split in ("train", "test")
+        for cls in ("NORMAL", "PNEUMONIA")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,14 @@ class Server:
     full (non-range) reply it closes the connection; `cut_every` bytes into every reply too;
     nothing past byte `stop_at` is ever sent. Records each Range header it saw."""
 
-    def __init__(self, body: bytes, cut_after: int | None = None, honour_range: bool = True,
-                 cut_every: int | None = None, stop_at: int | None = None):
+    def __init__(
+        self,
+        body: bytes,
+        cut_after: int | None = None,
+        honour_range: bool = True,
+        cut_every: int | None = None,
+        stop_at: int | None = None,
+    ):
         self.body, self.cut_after, self.honour_range = body, cut_after, honour_range
         self.cut_every, self.stop_at = cut_every, stop_at
         self.ranges: list[str | None] = []
@@ -66,7 +77,9 @@ class Server:
                 data = outer.body[start:]
                 self.send_response(206 if start else 200)
                 if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}")
+                    self.send_header(
+                        "Content-Range", f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}"
+                    )
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 cut = None
@@ -143,17 +156,47 @@ def test_server_that_ignores_range_is_read_from_the_start(archive, tmp_path):
 
 def test_bad_checksum_is_refused_and_the_file_removed(archive, tmp_path, capsys):
     with Server(archive) as server:
-        code = main(["-q", "data", "download", "--to", str(tmp_path), "--url", server.url, "--sha256", "0" * 64])
+        code = main(
+            [
+                "-q",
+                "data",
+                "download",
+                "--to",
+                str(tmp_path),
+                "--url",
+                server.url,
+                "--sha256",
+                "0" * 64,
+            ]
+        )
     err = capsys.readouterr().err
     assert code == 2
-    assert "SHA-256" in err and hashlib.sha256(archive).hexdigest() in err and len(err.strip().splitlines()) == 1
+    assert (
+        "SHA-256" in err
+        and hashlib.sha256(archive).hexdigest() in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert not list(tmp_path.glob("*.zip*")) and not (tmp_path / "chest_xray").exists()
 
 
 def test_download_unpacks_to_the_layout_train_reads(archive, sources, tmp_path, capsys):
     with Server(archive) as server:
-        assert main(["-q", "data", "download", "--to", str(tmp_path), "--url", server.url,
-                     "--sha256", hashlib.sha256(archive).hexdigest()]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "data",
+                    "download",
+                    "--to",
+                    str(tmp_path),
+                    "--url",
+                    server.url,
+                    "--sha256",
+                    hashlib.sha256(archive).hexdigest(),
+                ]
+            )
+            == 0
+        )
     root = tmp_path / "chest_xray"
     assert str(root) in capsys.readouterr().out
     umask = os.umask(0)
@@ -192,8 +235,11 @@ def test_a_damaged_download_is_removed_so_the_next_call_fetches_again(archive, t
 
 
 def test_prefix_picks_the_shallowest_kermany_folder():
-    names = ["x/chest_xray/chest_xray/train/NORMAL/a.jpeg", "x/chest_xray/train/NORMAL/a.jpeg",
-             "__MACOSX/train/NORMAL/._a.jpeg"]
+    names = [
+        "x/chest_xray/chest_xray/train/NORMAL/a.jpeg",
+        "x/chest_xray/train/NORMAL/a.jpeg",
+        "__MACOSX/train/NORMAL/._a.jpeg",
+    ]
     assert str(kermany_prefix(names)) == "x/chest_xray"
     with pytest.raises(DownloadError, match="no train/NORMAL"):
         kermany_prefix(["OCT2017/train/CNV/a.jpeg"])
@@ -202,10 +248,28 @@ def test_prefix_picks_the_shallowest_kermany_folder():
 def test_offline_is_one_line_and_exit_2(tmp_path):
     with Server(b"") as server:  # a port that was open and is now closed: connection refused
         url = server.url
-    done = subprocess.run([sys.executable, "-m", "pneumoscope", "data", "download", "--to", str(tmp_path),
-                           "--url", url], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pneumoscope",
+            "data",
+            "download",
+            "--to",
+            str(tmp_path),
+            "--url",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "cannot download" in done.stderr and "offline?" in done.stderr
+    assert (
+        done.stderr.strip().count("\n") == 0
+        and "cannot download" in done.stderr
+        and "offline?" in done.stderr
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -225,8 +289,10 @@ def test_download_path_does_not_import_torch():
 
 def test_umask_helper_reads_the_mask_without_torch():
     """download and rundir share pneumoscope.fsio; it must stay importable without torch."""
-    code = ("import os, sys; os.umask(0o027); from pneumoscope import fsio as umask; "
-            "print(oct(umask.current_umask()), oct(umask.default_file_mode()), oct(umask.default_dir_mode()), "
-            "oct(os.umask(0o027)), 'torch' in sys.modules)")
+    code = (
+        "import os, sys; os.umask(0o027); from pneumoscope import fsio as umask; "
+        "print(oct(umask.current_umask()), oct(umask.default_file_mode()), oct(umask.default_dir_mode()), "
+        "oct(os.umask(0o027)), 'torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["0o27", "0o640", "0o750", "0o27", "False"], done.stderr

@@ -26,7 +26,9 @@ def test_csv_gives_the_patients_by_name_and_by_path(anonymous_root):
     data, table, truth = anonymous_root
     splits = discover_root(data, PatientMap(table))
     for samples in splits.values():
-        assert {s.path.name: s.patient for s in samples} == {s.path.name: truth[s.path.name] for s in samples}
+        assert {s.path.name: s.patient for s in samples} == {
+            s.path.name: truth[s.path.name] for s in samples
+        }
     # without the CSV every anonymous file is its own patient
     plain = discover_split(data / "train", "train")
     assert len({s.patient for s in plain}) == len(plain) > len({truth[s.path.name] for s in plain})
@@ -39,14 +41,21 @@ def test_image_missing_from_the_csv_is_a_clear_error(anonymous_root, tmp_path):
     with pytest.raises(ValueError) as info:
         discover_root(data, PatientMap(short))
     message = str(info.value)
-    assert "short.csv" in message and "no patient for 1 of" in message and Path(rows[-1][0]).name in message
+    assert (
+        "short.csv" in message
+        and "no patient for 1 of" in message
+        and Path(rows[-1][0]).name in message
+    )
 
 
-@pytest.mark.parametrize("rows, words", [
-    ([["file", "who"], ["a.jpeg", "x"]], "needs a column"),
-    ([["path", "patient"], ["a.jpeg", "x"], ["a.jpeg", "y"]], "two patients"),
-    ([["path", "patient"], ["a.jpeg", ""]], "line 2: empty"),
-])
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ([["file", "who"], ["a.jpeg", "x"]], "needs a column"),
+        ([["path", "patient"], ["a.jpeg", "x"], ["a.jpeg", "y"]], "two patients"),
+        ([["path", "patient"], ["a.jpeg", ""]], "line 2: empty"),
+    ],
+)
 def test_bad_csv_is_refused_with_the_reason(tmp_path, rows, words):
     with pytest.raises(ValueError, match=words):
         PatientMap(_write(tmp_path / "p.csv", rows))
@@ -55,9 +64,33 @@ def test_bad_csv_is_refused_with_the_reason(tmp_path, rows, words):
 def test_train_with_patients_keeps_each_patient_on_one_side(anonymous_root, tmp_path):
     data, table, truth = anonymous_root
     run = tmp_path / "run"
-    assert main(["-q", "train", "--data", str(data), "--out", str(run), "--patients", str(table),
-                 "--backbone", "efficientnet_lite0", "--image-size", "32", "--epochs", "1",
-                 "--batch-size", "8", "--val-fraction", "0.25", "--head-epochs", "0"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--patients",
+                str(table),
+                "--backbone",
+                "efficientnet_lite0",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--val-fraction",
+                "0.25",
+                "--head-epochs",
+                "0",
+            ]
+        )
+        == 0
+    )
     roles = read_manifest(run / "manifest.csv")
     sides = {role: {s.patient for s in samples} for role, samples in roles.items()}
     assert sides["train"] and sides["val"] and not sides["train"] & sides["val"]
@@ -66,10 +99,30 @@ def test_train_with_patients_keeps_each_patient_on_one_side(anonymous_root, tmp_
     assert json.loads((run / "config.json").read_text())["patients"] == str(table)
     # evaluate resamples the CSV's patients
     out = tmp_path / "metrics.json"
-    assert main(["-q", "evaluate", str(run), "--data", str(data / "test"), "--out", str(out),
-                 "--bootstrap", "20", "--patients", str(table)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(run),
+                "--data",
+                str(data / "test"),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "20",
+                "--patients",
+                str(table),
+            ]
+        )
+        == 0
+    )
     test_names = [p.name for p in (data / "test").rglob("*.jpeg")]
-    assert json.loads(out.read_text())["n_patients"] == len({truth[n] for n in test_names}) < len(test_names)
+    assert (
+        json.loads(out.read_text())["n_patients"]
+        == len({truth[n] for n in test_names})
+        < len(test_names)
+    )
 
 
 def test_audit_with_patients_finds_a_patient_in_two_splits(anonymous_root, tmp_path, capsys):
@@ -79,7 +132,8 @@ def test_audit_with_patients_finds_a_patient_in_two_splits(anonymous_root, tmp_p
     rows = list(csv.reader(open(table, encoding="utf-8")))
     train_name, subject = next(r for r in rows[1:] if "/" not in r[0])  # a train/ film
     extra = root / "test" / "NORMAL" / "scan-extra.jpeg"
-    shutil.copy2(next((root / "test" / "NORMAL").glob("*.jpeg")), extra)  # same patient as a train film
+    # same patient as a train film
+    shutil.copy2(next((root / "test" / "NORMAL").glob("*.jpeg")), extra)
     patients = _write(tmp_path / "p.csv", rows + [["scan-extra.jpeg", subject]])
     report = audit_root(root, show_progress=False, patients=PatientMap(patients))
     assert report["patients_shared_across_splits"] == {subject: ["test", "train"]}

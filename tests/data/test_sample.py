@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _make_sample():
-    spec = importlib.util.spec_from_file_location("make_sample", REPO / "scripts" / "make_sample.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_sample", REPO / "scripts" / "make_sample.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -29,7 +31,9 @@ def test_sample_files_are_the_manifest_bytes_and_fit_in_git(sample_data):
         assert data[:2] == b"\xff\xd8"  # real JPEG bytes
     folder_bytes = sum(p.stat().st_size for p in sample_data.rglob("*") if p.is_file())
     assert folder_bytes < _make_sample().MAX_BYTES  # images, manifest and licence files together
-    assert (sample_data / "LICENSE").is_file() and "CC BY 4.0" in (sample_data / "ATTRIBUTION.md").read_text()
+    assert (sample_data / "LICENSE").is_file() and "CC BY 4.0" in (
+        sample_data / "ATTRIBUTION.md"
+    ).read_text()
 
 
 def test_sample_has_every_kind_and_no_patient_in_both_splits(sample_data):
@@ -50,8 +54,10 @@ def test_selection_rule_takes_whole_patients_by_seed(tmp_path):
     same seed gives the same files."""
     make_sample = _make_sample()
     for i in range(30):
-        for cls, names in (("NORMAL", [f"IM-{i:04d}-0001", f"IM-{i:04d}-0002"]),
-                           ("PNEUMONIA", [f"person{i}_bacteria_{2 * i}", f"person{i}_virus_{2 * i + 1}"])):
+        for cls, names in (
+            ("NORMAL", [f"IM-{i:04d}-0001", f"IM-{i:04d}-0002"]),
+            ("PNEUMONIA", [f"person{i}_bacteria_{2 * i}", f"person{i}_virus_{2 * i + 1}"]),
+        ):
             for n in names:
                 (tmp_path / "train" / cls).mkdir(parents=True, exist_ok=True)
                 (tmp_path / "train" / cls / f"{n}.jpeg").write_bytes(b"x")
@@ -59,10 +65,16 @@ def test_selection_rule_takes_whole_patients_by_seed(tmp_path):
     a = make_sample.select_train(tmp_path, seed=1, targets=targets)
     assert a == make_sample.select_train(tmp_path, seed=1, targets=targets)
     assert a != make_sample.select_train(tmp_path, seed=2, targets=targets)
-    assert sum(p.parent.name == "NORMAL" for p in a) == 10 and sum(p.parent.name == "PNEUMONIA" for p in a) == 6
+    assert (
+        sum(p.parent.name == "NORMAL" for p in a) == 10
+        and sum(p.parent.name == "PNEUMONIA" for p in a) == 6
+    )
     stems = {p.name for p in a}
     for p in a:
         i = p.stem.split("-")[1] if p.stem.startswith("IM-") else p.stem.split("_")[0][6:]
-        pair = ([f"IM-{i}-0001.jpeg", f"IM-{i}-0002.jpeg"] if p.stem.startswith("IM-") else
-                [f"person{i}_bacteria_{2 * int(i)}.jpeg", f"person{i}_virus_{2 * int(i) + 1}.jpeg"])
+        pair = (
+            [f"IM-{i}-0001.jpeg", f"IM-{i}-0002.jpeg"]
+            if p.stem.startswith("IM-")
+            else [f"person{i}_bacteria_{2 * int(i)}.jpeg", f"person{i}_virus_{2 * int(i) + 1}.jpeg"]
+        )
         assert set(pair) <= stems

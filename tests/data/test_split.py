@@ -67,9 +67,16 @@ def hand_built_three_class(n_normal=300, n_bacterial=300, n_viral=20):
 
     from pneumoscope.data.discover import Sample
 
-    samples = [Sample(Path(f"NORMAL/IM-{i:04d}-0001.jpeg"), 0, f"normal{i}") for i in range(n_normal)]
-    samples += [Sample(Path(f"PNEUMONIA/person{i}_bacteria_{i}.jpeg"), 1, f"b{i}") for i in range(n_bacterial)]
-    samples += [Sample(Path(f"PNEUMONIA/person{i}_virus_{i}.jpeg"), 1, f"v{i}") for i in range(n_viral)]
+    samples = [
+        Sample(Path(f"NORMAL/IM-{i:04d}-0001.jpeg"), 0, f"normal{i}") for i in range(n_normal)
+    ]
+    samples += [
+        Sample(Path(f"PNEUMONIA/person{i}_bacteria_{i}.jpeg"), 1, f"b{i}")
+        for i in range(n_bacterial)
+    ]
+    samples += [
+        Sample(Path(f"PNEUMONIA/person{i}_virus_{i}.jpeg"), 1, f"v{i}") for i in range(n_viral)
+    ]
     three = np.array([0] * n_normal + [1] * n_bacterial + [2] * n_viral)
     return samples, three
 
@@ -92,5 +99,8 @@ def test_a_normal_vs_pneumonia_split_misses_the_viral_share():
     # what the test above guards against: strata on the binary label alone leave the 20 viral
     # patients' share to chance (0.2 +- 0.1 here), so at least one seed is far off
     samples, three = hand_built_three_class()
-    off = [abs(val_shares(samples, three, split_by_patient(samples, 0.2, seed=s)[1])[2] - 0.2) for s in range(5)]
+    off = [
+        abs(val_shares(samples, three, split_by_patient(samples, 0.2, seed=s)[1])[2] - 0.2)
+        for s in range(5)
+    ]
     assert max(off) > 0.02, off

@@ -97,6 +97,7 @@ def test_a_12bit_dicom_with_its_voi_window_matches_the_jpeg(
     assert max(diffs) <= tolerance
 
 
+@pytest.mark.slow  # an ONNX export
 def test_the_run_and_its_onnx_contract_record_the_dicom_rule(deploy_run, onnx_model):
     config = json.loads((deploy_run / "config.json").read_text())
     assert config["preprocessing"]["dicom_decode"] == dicom_decode_contract()

@@ -66,9 +66,8 @@ def test_engine_is_reused_and_rebuilt_when_it_no_longer_fits(run, films):
     stamp = (run / ENGINE_FILE).stat().st_mtime_ns
     scorer = load_scorer(run)
     assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_mtime_ns == stamp
-    (run / ENGINE_FILE).write_bytes(
-        b"not the exported model"
-    )  # swapped: its SHA-256 no longer fits
+    # swapped: its SHA-256 no longer fits
+    (run / ENGINE_FILE).write_bytes(b"not the exported model")
     scorer = load_scorer(run)
     assert isinstance(scorer, CheckedOnnx) and (run / ENGINE_FILE).stat().st_size > 1000
     images = np.stack([scorer.load(f) for f in films[:6]])
@@ -93,9 +92,8 @@ def test_torch_is_used_where_onnxruntime_is_not_asked_for(run, monkeypatch):
     assert load_scorer(run, engine="torch").runtime == "torch"
     monkeypatch.setenv("PNEUMOSCOPE_ENGINE", "torch")
     assert load_scorer(run).runtime == "torch"
-    monkeypatch.setenv(
-        "PNEUMOSCOPE_PRECISION", "bf16"
-    )  # torch's autocast: not what the export computes
+    # torch's autocast: not what the export computes
+    monkeypatch.setenv("PNEUMOSCOPE_PRECISION", "bf16")
     monkeypatch.delenv("PNEUMOSCOPE_ENGINE")
     assert load_scorer(run).runtime == "torch"
 
@@ -186,9 +184,8 @@ def test_nothing_to_score_is_one_line_and_exit_2(run, tmp_path, capsys, what):
     assert main(["-q", "predict", str(run), str(target)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0]
-    assert err[0].startswith(
-        "pneumoscope predict: error: nothing scored: "
-    )  # issue 28's one wording
+    # issue 28's one wording
+    assert err[0].startswith("pneumoscope predict: error: nothing scored: ")
     assert ("No such file" in err[0]) if what == "missing" else ("no image files" in err[0])
 
 
@@ -229,6 +226,7 @@ def test_torchrun_two_ranks_join_the_single_process_csv(run, films, tmp_path):
     assert not list(tmp_path.glob("joined.csv.rank*"))  # the parts are gone
 
 
+@pytest.mark.slow  # quantizes
 def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, capsys):
     from pneumoscope.deploy.quantize import CHECK_FILE, INT8_FILE, MAX_AUC_DIFF
     from pneumoscope.rundir import read_json

@@ -64,9 +64,8 @@ def test_healthz(client):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["model"]["backbone"] == "efficientnet_lite0"
-    assert (
-        body["model"]["runtime"] == "onnxruntime"
-    )  # the default engine on a CPU (pneumoscope.deploy.scoring)
+    # the default engine on a CPU (pneumoscope.deploy.scoring)
+    assert body["model"]["runtime"] == "onnxruntime"
 
 
 def test_openapi_without_swagger_ui(client):

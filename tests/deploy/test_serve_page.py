@@ -38,9 +38,8 @@ def test_upload_shows_probability_label_and_heatmap(page, live_server, shared_da
     assert page.inner_text("#prob") == f"{100 * api['p_pneumonia']:.1f}%"
     assert page.inner_text("#label") == api["label"]
     assert f"{api['threshold']:.3f}" in page.inner_text("#threshold-line")
-    assert (
-        api["threshold_rule"] == DEFAULT_THRESHOLD_RULE
-    )  # the default rule, named in words on the page
+    # the default rule, named in words on the page
+    assert api["threshold_rule"] == DEFAULT_THRESHOLD_RULE
     target = DEFAULT_THRESHOLD_RULE.removeprefix("sensitivity")
     assert f"({target}% sensitivity on validation)" in page.inner_text("#threshold-line")
     assert page.is_hidden("#classes")  # the three-class table is for three-class runs only

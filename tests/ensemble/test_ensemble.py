@@ -25,6 +25,8 @@ from pneumoscope.models.ensemble import TTA_PRESETS
 from pneumoscope.serve import create_app
 from pneumoscope.serve.background import BackgroundServer
 
+pytestmark = pytest.mark.slow  # trains the members, exports and reports ensembles
+
 
 def _zoomed(images: np.ndarray, zoom: float) -> torch.Tensor:
     """A centred zoom of the model input, computed here independently of models.ensemble."""
@@ -70,9 +72,8 @@ def test_directory_records_members_split_and_thresholds(members, ens_dir):
     assert "probabilit" in config["combine"]
     assert (ens_dir / "manifest.csv").read_bytes() == (members[0] / "manifest.csv").read_bytes()
     thresholds = json.loads((ens_dir / "threshold.json").read_text())
-    member = json.loads(
-        (members[0] / "threshold.json").read_text()
-    )  # the same rules as training writes
+    # the same rules as training writes
+    member = json.loads((members[0] / "threshold.json").read_text())
     assert (
         set(thresholds["rules"]) == set(member["rules"])
         and thresholds["default"] == member["default"]
@@ -137,9 +138,8 @@ def test_evaluate_and_predict_read_the_ensemble(tta_dir, small_data_root, real_i
     assert main(["-q", "predict", str(tta_dir), str(test_dir), "--out", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    expected = Predictor.from_run(tta_dir, device="cpu").predict_images(
-        real_images
-    )  # same sorted files
+    # same sorted files
+    expected = Predictor.from_run(tta_dir, device="cpu").predict_images(real_images)
     assert np.allclose([float(r["p_pneumonia"]) for r in rows], expected, atol=1e-5)
 
 

@@ -28,6 +28,8 @@ from pneumoscope.tasks import (
     task_of,
 )
 
+pytestmark = pytest.mark.slow  # trains three-class members, exports and reports their ensemble
+
 PROBS = [f"p_{k}" for k in KEYS]  # p_normal, p_bacterial, p_viral
 
 
@@ -53,12 +55,13 @@ def test_three_class_ensemble_averages_its_members_and_chooses_its_own_threshold
     assert [m["run_dir"] for m in config["members"]] == [str(m.resolve()) for m in three_members]
     val, images = _val_images(three_ens_dir)
     rows = _rows(three_ens_dir / "val_predictions.csv")
+    # what a three-class train writes
     assert list(rows[0]) == [
         "path",
         "label",
         *PROBS,
         "p_pneumonia",
-    ]  # what a three-class train writes
+    ]
     assert [r["path"] for r in rows] == [str(s.path) for s in val]
     labels = np.array([int(r["label"]) for r in rows])
     assert labels.tolist() == task_labels(val, THREE_CLASS).tolist() and set(labels) == {0, 1, 2}
@@ -287,9 +290,8 @@ def test_calibrate_and_drift_read_a_three_class_ensemble(
     from pneumoscope.site.calibrate import site_threshold
     from pneumoscope.tasks import p_pneumonia
 
-    ens = Path(
-        shutil.copytree(three_ens_dir, tmp_path / "ens")
-    )  # calibrate rewrites threshold.json
+    # calibrate rewrites threshold.json
+    ens = Path(shutil.copytree(three_ens_dir, tmp_path / "ens"))
     before = json.loads((ens / "threshold.json").read_text())
     assert main(["-q", "calibrate", str(ens), "--data", str(site_folder), "--bootstrap", "50"]) == 0
     assert "site rule:" in capsys.readouterr().out

@@ -45,9 +45,8 @@ def test_card_of_the_kermany_set_counts_that_folder_and_names_the_source(officia
         f"{len(files)} readable (NORMAL {normal}, PNEUMONIA {len(files) - normal}); 0 unreadable"
         in card
     )
-    assert f"{len(patients)} patients" in card and len(patients) < len(
-        files
-    )  # several films per patient
+    # several films per patient
+    assert f"{len(patients)} patients" in card and len(patients) < len(files)
     assert "Guangzhou" in card and "doi:10.17632/rscbjbr9sj" in card and "CC BY 4.0" in card
 
 
@@ -62,6 +61,7 @@ def test_card_of_another_data_set_claims_no_kermany_source(official_val, tmp_pat
     assert f"({len(samples)} patients)" in card  # each unnamed file is its own patient
 
 
+@pytest.mark.slow  # builds a report
 def test_report_page_on_other_data_drops_the_kermany_footer(report_run, report_split, tmp_path):
     other = renamed_copy(report_split, tmp_path / "site_b")
     index = build_report(

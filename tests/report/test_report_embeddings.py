@@ -28,6 +28,7 @@ def test_tsne_one_2d_point_per_image_and_seeded(embeddings):
     np.testing.assert_array_equal(points, tsne_2d(embeddings, seed=0, perplexity=5))
 
 
+@pytest.mark.slow  # numba compiles UMAP on first use
 def test_umap_one_2d_point_per_image_and_seeded(embeddings):
     points = umap_2d(embeddings, seed=0)
     assert points.shape == (len(embeddings), 2) and np.isfinite(points).all()

@@ -81,9 +81,8 @@ def test_self_contained_markup(built_report):
 
 
 def test_metrics_are_evaluates(built_report, small_run_copy, report_split, tmp_path):
-    ours = json.loads(
-        (built_report / "metrics.json").read_text()
-    )  # evaluate writes into the run: a copy
+    # evaluate writes into the run: a copy
+    ours = json.loads((built_report / "metrics.json").read_text())
     theirs = evaluate_run(
         small_run_copy, report_split, out=tmp_path / "m.json", n_boot=200, show_progress=False
     )
@@ -108,10 +107,11 @@ def test_embeddings_saved(built_report, report_split):
     with open(built_report / "embeddings_meta.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     files = sorted(str(p) for p in report_split.rglob("*.jpeg"))
+    # efficientnet_lite0 features
     assert emb.dtype == np.float32 and emb.shape == (
         len(files),
         1280,
-    )  # efficientnet_lite0 features
+    )
     assert sorted(r["path"] for r in rows) == files
     assert [int(r["index"]) for r in rows] == list(range(len(files)))
     assert {r["class"] for r in rows} == {"NORMAL", "PNEUMONIA"}

@@ -205,6 +205,7 @@ def unreadable_warnings(text: str) -> list[str]:
     return [line for line in text.splitlines() if "unreadable file" in line]
 
 
+@pytest.mark.slow  # trains
 def test_train_skips_bad_files_with_one_warning(trained):
     out, proc = trained
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,6 +228,7 @@ def hostile_root_of(run: Path) -> Path:
     return Path(json.loads((run / "config.json").read_text())["data"])
 
 
+@pytest.mark.slow  # trains
 def test_train_strict_stops_before_any_epoch(hostile_root, tmp_path, cli, small_run):
     out = tmp_path / "strict"
     proc = cli(

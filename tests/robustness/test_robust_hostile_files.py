@@ -81,6 +81,7 @@ def resume_args(run: Path) -> list[str]:
 # ----------------------------------------------------------------------------- pickles
 
 
+@pytest.mark.slow  # trains
 def test_pickle_checkpoint_for_resume_is_refused_unrun(run_copy, tmp_path, capsys):
     marker = tmp_path / "PWNED"
     torch.save({"model": Payload(marker), "epoch": 0}, run_copy / LAST_CHECKPOINT)
@@ -178,6 +179,7 @@ def test_weights_with_wrong_keys_and_shapes_name_them(
 # ----------------------------------------------------------------------------- versions
 
 
+@pytest.mark.slow  # trains
 def test_newer_run_directory_is_refused_with_its_version(run_copy, small_data_root, capsys, cli):
     config = json.loads((run_copy / CONFIG).read_text())
     config["format_version"] = FORMAT_VERSION + 1
@@ -245,6 +247,7 @@ def test_model_of_other_shapes_and_non_object_config_are_refused(run_copy, small
     assert CONFIG in one_line_error(capsys)
 
 
+@pytest.mark.slow  # trains and resumes
 def test_stray_temp_file_is_ignored_and_removed_on_resume(run_copy, cli):
     """A kill during an atomic write leaves `.NAME.XXXX.tmp` beside NAME: never read, and
     cleared when the run is resumed. (The CLI runs in a child like the one that trained

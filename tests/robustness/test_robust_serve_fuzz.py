@@ -281,8 +281,8 @@ def server(finished_run, cli_env, tmp_path_factory):
                 "--max-upload-mb",
                 str(MAX_UPLOAD_MB),
                 "--rate-limit",
-                "0",
-            ],  # 1,000 requests as fast as it answers
+                "0",  # 1,000 requests as fast as it answers
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=cli_env,

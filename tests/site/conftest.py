@@ -39,8 +39,11 @@ def site_root(tmp_path_factory, shared_data) -> Path:
     seen = {patient_id(f.name) for f in (root / "train").rglob("*.jpeg")}
     for split, per_class in (("site", 24), ("new", 20)):
         for cls in ("NORMAL", "PNEUMONIA"):
-            unseen = [f for f in sorted((shared_data / "train" / cls).glob("*.jpeg"))
-                      if patient_id(f.name) not in seen]
+            unseen = [
+                f
+                for f in sorted((shared_data / "train" / cls).glob("*.jpeg"))
+                if patient_id(f.name) not in seen
+            ]
             picked = unseen[:: len(unseen) // per_class][:per_class]  # spread over the listing
             (root / split / cls).mkdir(parents=True)
             for f in picked:
@@ -54,9 +57,28 @@ def site_root(tmp_path_factory, shared_data) -> Path:
 def base_run(site_root, tmp_path_factory) -> Path:
     """The trained run, never calibrated (tests copy it before changing it)."""
     out = tmp_path_factory.mktemp("site_run") / "run"
-    code = main(["-q", "train", "--data", str(site_root), "--out", str(out), "--backbone",
-                 "efficientnet_lite0", "--image-size", "64", "--batch-size", "16", "--epochs", "3",
-                 "--head-epochs", "0", "--val-fraction", "0.45"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(site_root),
+            "--out",
+            str(out),
+            "--backbone",
+            "efficientnet_lite0",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--head-epochs",
+            "0",
+            "--val-fraction",
+            "0.45",
+        ]
+    )
     assert code == 0
     return out
 
@@ -75,7 +97,9 @@ def site_sample(site_root) -> Path:
 @pytest.fixture(scope="session")
 def untouched_folder(site_root, tmp_path_factory) -> Path:
     """new/ as it is, in the Kermany layout (read as one set)."""
-    return copy_folder(site_root / "new", tmp_path_factory.mktemp("untouched") / "new", shifted=False)
+    return copy_folder(
+        site_root / "new", tmp_path_factory.mktemp("untouched") / "new", shifted=False
+    )
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ def shift_image(gray: np.ndarray) -> np.ndarray:
     s = max(4, w // 12)
     draw.rectangle([w // 20, h // 20, w // 20 + s, h // 20 + s], fill=255)  # a side marker
     draw.text((w // 20 + s // 4, h // 20 + s // 8), "R", fill=0)
-    draw.rectangle([w - w // 20 - 2 * s, h - h // 20 - s // 2, w - w // 20, h - h // 20], fill=230)  # a label
+    # a label
+    draw.rectangle([w - w // 20 - 2 * s, h - h // 20 - s // 2, w - w // 20, h - h // 20], fill=230)
     return np.asarray(img)
 
 

@@ -14,19 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.site.adapt import patient_folds, site_rows
-from pneumoscope.site.calibrate import SITE_RULE, site_threshold
 from pneumoscope.cli import main
 from pneumoscope.evaluation.metrics import SENSITIVITY_RULES
 from pneumoscope.fsio import file_sha256
 from pneumoscope.rundir import ADAPT
+from pneumoscope.site.adapt import patient_folds, site_rows
+from pneumoscope.site.calibrate import SITE_RULE, site_threshold
 
 FOLDS = 3
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +37,26 @@ def adapted(base_run, site_sample, tmp_path_factory):
     """(the adapted run, the source run's file hashes before adapt): 3 folds, 1 epoch each."""
     before = _hashes(base_run)
     out = tmp_path_factory.mktemp("adapted") / "new_run"
-    assert main(["-q", "adapt", str(base_run), "--data", str(site_sample), "--out", str(out),
-                 "--folds", str(FOLDS), "--epochs", "1", "--bootstrap", "200"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "adapt",
+                str(base_run),
+                "--data",
+                str(site_sample),
+                "--out",
+                str(out),
+                "--folds",
+                str(FOLDS),
+                "--epochs",
+                "1",
+                "--bootstrap",
+                "200",
+            ]
+        )
+        == 0
+    )
     return out, before
 
 
@@ -80,7 +101,9 @@ def test_adapt_refuses_a_small_sample_and_writes_nothing(base_run, site_sample, 
     out = tmp_path / "runs" / "new"
     assert main(["-q", "adapt", str(base_run), "--data", str(small), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert str(small) in err and "NORMAL 19" in err and "PNEUMONIA 24" in err and "at least 20" in err
+    assert (
+        str(small) in err and "NORMAL 19" in err and "PNEUMONIA 24" in err and "at least 20" in err
+    )
     assert not (tmp_path / "runs").exists()  # nor the folder it was to go in
 
 
@@ -91,8 +114,14 @@ def test_adapt_refuses_an_occupied_out(base_run, site_sample, tmp_path, capsys):
     assert main(["-q", "adapt", str(base_run), "--data", str(site_sample), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "holds a run" in err and "--overwrite" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and (out / "config.json").read_text() == "{}"
-    assert main(["-q", "adapt", str(base_run), "--data", str(site_sample), "--out", str(base_run)]) == 2
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+        and (out / "config.json").read_text() == "{}"
+    )
+    assert (
+        main(["-q", "adapt", str(base_run), "--data", str(site_sample), "--out", str(base_run)])
+        == 2
+    )
 
 
 def test_adapt_refuses_missing_train_files(base_run, site_sample, tmp_path, capsys):
@@ -110,7 +139,11 @@ def test_adapt_refuses_missing_train_files(base_run, site_sample, tmp_path, caps
     out = tmp_path / "new"
     assert main(["-q", "adapt", str(run), "--data", str(site_sample), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "manifest.csv" in err and str(gone) in err and f"{len(rows[::2])} of the run's {len(rows)}" in err
+    assert (
+        "manifest.csv" in err
+        and str(gone) in err
+        and f"{len(rows[::2])} of the run's {len(rows)}" in err
+    )
     assert not out.exists() and not list(tmp_path.glob(".new*"))
 
 
@@ -140,7 +173,8 @@ def test_folds_are_patient_grouped_and_every_film_has_one_oof_score(adapted, sit
     assert {f["fold"] for f in files} == set(range(1, FOLDS + 1))
     fold_of_patient = {}
     for f in files:
-        assert fold_of_patient.setdefault(f["patient"], f["fold"]) == f["fold"]  # never on both sides
+        # never on both sides
+        assert fold_of_patient.setdefault(f["patient"], f["fold"]) == f["fold"]
         assert 0.0 <= f["p_adapted_oof"] <= 1.0 and 0.0 <= f["p_source"] <= 1.0
 
 
@@ -152,7 +186,8 @@ def test_site_threshold_is_the_rule_on_the_recorded_oof_scores(adapted, base_run
     oof = np.array([f["p_adapted_oof"] for f in files])
     assert thresholds["default"] == SITE_RULE
     assert thresholds["threshold"] == thresholds["rules"][SITE_RULE] == site_threshold(y, oof, 0.97)
-    assert set(SENSITIVITY_RULES) | {"youden"} <= set(thresholds["rules"])  # the validation rules stay
+    # the validation rules stay
+    assert set(SENSITIVITY_RULES) | {"youden"} <= set(thresholds["rules"])
     cv = record["cross_validation"]
     assert cv["adapted_oof"]["site_threshold"] == thresholds["threshold"]
     source = np.array([f["p_source"] for f in files])
@@ -168,10 +203,15 @@ def test_site_threshold_is_the_rule_on_the_recorded_oof_scores(adapted, base_run
 def test_record_names_source_and_sample_with_sha1(adapted, base_run, site_sample):
     run = adapted[0]
     record = _record(run)
-    assert record["source"] == {"run": str(base_run.resolve()),
-                                "model_sha256": file_sha256(base_run / "model_best.safetensors")}
+    assert record["source"] == {
+        "run": str(base_run.resolve()),
+        "model_sha256": file_sha256(base_run / "model_best.safetensors"),
+    }
     sample = record["sample"]
-    assert sample["data"] == str(site_sample.resolve()) and sample["n"] == {"NORMAL": 24, "PNEUMONIA": 24}
+    assert sample["data"] == str(site_sample.resolve()) and sample["n"] == {
+        "NORMAL": 24,
+        "PNEUMONIA": 24,
+    }
     assert sample["patients"] == len({f["patient"] for f in sample["files"]})
     for f in sample["files"]:
         assert f["sha1"] == hashlib.sha1(Path(f["path"]).read_bytes()).hexdigest()
@@ -184,14 +224,31 @@ def test_record_names_source_and_sample_with_sha1(adapted, base_run, site_sample
     assert {f["sha1"] for f in sample["files"]} <= train  # the final model trained on them
 
 
-def test_adapted_run_is_read_by_evaluate_predict_and_the_card(adapted, site_sample, tmp_path, capsys):
+def test_adapted_run_is_read_by_evaluate_predict_and_the_card(
+    adapted, site_sample, tmp_path, capsys
+):
     run = Path(shutil.copytree(adapted[0], tmp_path / "run"))  # evaluate writes into the run
     out = tmp_path / "m.json"
-    assert main(["-q", "evaluate", str(run), "--data", str(site_sample), "--out", str(out),
-                 "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(run),
+                "--data",
+                str(site_sample),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["threshold_rule"] == SITE_RULE and metrics["n"] == 48
-    assert metrics["leakage"]["shared"]["train"]["count"] == 48  # the site films are training data now
+    # the site films are training data now
+    assert metrics["leakage"]["shared"]["train"]["count"] == 48
     film = sorted((site_sample / "NORMAL").glob("*.jpeg"))[0]
     capsys.readouterr()
     assert main(["-q", "predict", str(run), str(film)]) == 0
@@ -208,13 +265,36 @@ def test_adapted_run_is_read_by_evaluate_predict_and_the_card(adapted, site_samp
     assert "Adapted by pneumoscope adapt" in page and record["sample"]["data"] in page
 
 
-def test_three_class_run_is_adapted_with_the_subtypes_of_the_names(three_run, site_folder, tmp_path):
+@pytest.mark.slow  # trains and adapts a three-class run
+def test_three_class_run_is_adapted_with_the_subtypes_of_the_names(
+    three_run, site_folder, tmp_path
+):
     """A three-class run: the site films' classes from their names, as train reads them; the
     new run keeps its three classes and both operating points (site, and bacterial vs viral)."""
     out = tmp_path / "three_adapted"
-    assert main(["-q", "adapt", str(three_run), "--data", str(site_folder), "--out", str(out),
-                 "--folds", "2", "--epochs", "1", "--bootstrap", "0"]) == 0
-    config, thresholds = (json.loads((out / name).read_text()) for name in ("config.json", "threshold.json"))
+    assert (
+        main(
+            [
+                "-q",
+                "adapt",
+                str(three_run),
+                "--data",
+                str(site_folder),
+                "--out",
+                str(out),
+                "--folds",
+                "2",
+                "--epochs",
+                "1",
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
+    config, thresholds = (
+        json.loads((out / name).read_text()) for name in ("config.json", "threshold.json")
+    )
     assert config["task"] == "three-class" and thresholds["default"] == SITE_RULE
     assert "bacterial_vs_viral" in thresholds
     from pneumoscope.api import load

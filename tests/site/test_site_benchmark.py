@@ -9,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.report.evaluate import evaluate_run
 from pneumoscope.evaluation.metrics import SENSITIVITY_RULES, choose_thresholds, threshold_metrics
+from pneumoscope.report.evaluate import evaluate_run
 from pneumoscope.report.model_card import read_val_predictions
 
 
 def test_site_pick_is_the_most_specific_rule_that_keeps_the_target(site_bench):
     bench = site_bench
-    rows = {"a": {"sensitivity": 1.0, "specificity": 0.70}, "b": {"sensitivity": 0.97, "specificity": 0.85},
-            "c": {"sensitivity": 0.95, "specificity": 0.95}}
+    rows = {
+        "a": {"sensitivity": 1.0, "specificity": 0.70},
+        "b": {"sensitivity": 0.97, "specificity": 0.85},
+        "c": {"sensitivity": 0.95, "specificity": 0.95},
+    }
     assert bench.site_pick(rows, 0.97) == "b"
     assert bench.site_pick(rows, 0.99) == "a"
     assert bench.site_pick({"c": rows["c"]}, 0.97) is None
@@ -26,12 +29,26 @@ def test_site_pick_is_the_most_specific_rule_that_keeps_the_target(site_bench):
 def test_site_benchmark_scores_a_run_like_evaluate(base_run, site_root, tmp_path, site_bench):
     bench = site_bench
     out = tmp_path / "site.jsonl"
-    assert bench.main([str(base_run), "--data", str(site_root / "site"), "--bootstrap", "50",
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                str(base_run),
+                "--data",
+                str(site_root / "site"),
+                "--bootstrap",
+                "50",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text().splitlines()[0])
     assert row["n"] == 48 and row["label"].startswith("site sample (selection, n=48)")
     # the same ROC AUC and default-rule figures as `evaluate` on the folder
-    evaluated = evaluate_run(base_run, site_root / "site", out=tmp_path / "m.json", n_boot=0, show_progress=False)
+    evaluated = evaluate_run(
+        base_run, site_root / "site", out=tmp_path / "m.json", n_boot=0, show_progress=False
+    )
     assert row["roc_auc"] == round(evaluated["roc_auc"], 4)
     assert row["at_default"]["accuracy"] == round(evaluated["accuracy"], 4)
     # every rule, the new lower targets included, chosen on the run's validation predictions
@@ -44,11 +61,17 @@ def test_site_benchmark_scores_a_run_like_evaluate(base_run, site_root, tmp_path
     pick = row["site_pick"]
     if pick is not None:
         assert row["rules"][pick]["sensitivity"] >= row["site_target"]
-        better = [r for r in row["rules"].values()
-                  if r["specificity"] > row["rules"][pick]["specificity"] and r["sensitivity"] >= row["site_target"]]
+        better = [
+            r
+            for r in row["rules"].values()
+            if r["specificity"] > row["rules"][pick]["specificity"]
+            and r["sensitivity"] >= row["site_target"]
+        ]
         assert not better
     assert 0.0 <= row["oracle_on_sample"]["best_accuracy"] <= 1.0
-    assert row["oracle_on_sample"]["best_accuracy"] >= max(r["accuracy"] for r in row["rules"].values())
+    assert row["oracle_on_sample"]["best_accuracy"] >= max(
+        r["accuracy"] for r in row["rules"].values()
+    )
     table = bench.table([row])
     assert Path(base_run).name in table and f"{row['roc_auc']:.4f}" in table
 
@@ -66,14 +89,25 @@ def test_oracle_is_the_best_threshold_of_the_ranking(site_bench):
 def test_the_runs_latest_shift_suite_row_is_its_guard(base_run, tmp_path, site_bench):
     def row(auc_marker, auc_zoom):
         shift = {"rules": {}, "mean_abs_dp": 0.01}
-        return {"run": str(base_run), "clean": {"auc": 0.99, "rules": {}},
-                "shifts": {"marker": {**shift, "suite": "shortcut", "auc": auc_marker},
-                           "ring": {**shift, "suite": "shortcut", "auc": 0.97},
-                           "zoom": {**shift, "suite": "stress", "auc": auc_zoom}}}
+        return {
+            "run": str(base_run),
+            "clean": {"auc": 0.99, "rules": {}},
+            "shifts": {
+                "marker": {**shift, "suite": "shortcut", "auc": auc_marker},
+                "ring": {**shift, "suite": "shortcut", "auc": 0.97},
+                "zoom": {**shift, "suite": "stress", "auc": auc_zoom},
+            },
+        }
+
     results = tmp_path / "shift.jsonl"
     other = {**row(0.5, 0.5), "run": str(tmp_path / "another_run")}
-    results.write_text("\n".join(json.dumps(r) for r in (row(0.90, 0.80), row(0.99, 0.95), other)) + "\n")
+    results.write_text(
+        "\n".join(json.dumps(r) for r in (row(0.90, 0.80), row(0.99, 0.95), other)) + "\n"
+    )
     guard = site_bench.shift_guard(base_run, results)
-    assert guard == {"shortcut": {"auc": 0.98, "auc_min": 0.97}, "stress": {"auc": 0.95, "auc_min": 0.95}}
+    assert guard == {
+        "shortcut": {"auc": 0.98, "auc_min": 0.97},
+        "stress": {"auc": 0.95, "auc_min": 0.95},
+    }
     assert site_bench.shift_guard(base_run, tmp_path / "none.jsonl") is None
     assert site_bench.shift_guard(tmp_path / "never_shifted", results) is None

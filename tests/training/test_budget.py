@@ -61,11 +61,13 @@ def test_recipe_filled_names_only_what_the_recipe_set(tmp_path):
     assert "views" not in cfg.recipe_filled and "epochs" in cfg.recipe_filled
 
 
+@pytest.mark.slow  # trains and resumes
 def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(
     small_data_root, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PNEUMOSCOPE_TIME_BUDGET", "1")  # no CPU trains anything in a second
     out = tmp_path / "run"
+    # an interrupted run
     assert (
         fit(
             TrainConfig(data=str(small_data_root), out=str(out), **SMALL),
@@ -73,7 +75,7 @@ def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(
             stop_after_epochs=1,
         )
         is None
-    )  # an interrupted run
+    )
     config = json.loads((out / "config.json").read_text())
     budget = config["budget"]
     assert budget["recipe_values"] == {
@@ -83,11 +85,12 @@ def test_auto_on_a_tiny_budget_cuts_and_records_it_and_resumes(
         budget["chosen"] == {"image_size": 96, "views": MIN_VIEWS, "epochs": MIN_EPOCHS}
         and not budget["fits"]
     )
+    # what ran
     assert (config["image_size"], config["views"], config["epochs"]) == (
         96,
         MIN_VIEWS,
         MIN_EPOCHS,
-    )  # what ran
+    )
     assert (
         budget["trunk_ms_per_image"] > 0
         and budget["top_ms_per_image"] > 0

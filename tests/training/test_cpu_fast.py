@@ -131,9 +131,8 @@ def test_onnxruntime_trunk_equals_a_fresh_forward_pass(
         lambda self, x: batches.append(len(x)) or real_call(self, x),
     )
     ct = cached(model, sets, tmp_path / "cache", engine="onnxruntime")
-    assert sum(batches) == len(sets[1].images) + 3 * len(
-        sets[0].images
-    )  # every pass ran in onnxruntime
+    # every pass ran in onnxruntime
+    assert sum(batches) == len(sets[1].images) + 3 * len(sets[0].images)
     train_set, val_set = sets
     assert_close(ct.val_acts, fresh(model, val_set.images), 2e-3)
     assert_close(ct.train_views[2], fresh(model, train_set.images, PRESETS["medium"], view=1), 2e-3)
@@ -273,9 +272,8 @@ def test_an_engine_that_disagrees_with_torch_stops_the_run(model, sets, tmp_path
 
 def test_trunk_engine_resolution():
     cpu = torch.device("cpu")
-    assert (
-        resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"
-    )  # installed with the test extras
+    # installed with the test extras
+    assert resolve_trunk_engine("auto", cpu, "fp32") == "onnxruntime"
     assert resolve_trunk_engine("auto", cpu, "bf16") == "torch"
     assert resolve_trunk_engine("auto", torch.device("cuda"), "fp32") == "torch"
     assert resolve_trunk_engine("torch", cpu, "fp32") == "torch"
@@ -283,24 +281,21 @@ def test_trunk_engine_resolution():
         resolve_trunk_engine("onnxruntime", cpu, "bf16")
     with pytest.raises(ValueError, match="unknown trunk engine"):
         resolve_trunk_engine("tensorrt", cpu, "fp32")
-    assert (
-        resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"
-    )  # a resumed run keeps its engine
+    # a resumed run keeps its engine
+    assert resolve_trunk_engine("auto", cpu, "fp32", saved="torch") == "torch"
     assert resolve_trunk_engine("auto", cpu, "fp32", saved="onnxruntime") == "onnxruntime"
 
 
 def test_trunk_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert (
-        resolve_trunk_precision("auto", cpu) == "fp32"
-    )  # onnxruntime runs: its fp32 pass is the fast one
+    # onnxruntime runs: its fp32 pass is the fast one
+    assert resolve_trunk_precision("auto", cpu) == "fp32"
     assert (
         resolve_trunk_precision("bf16", cpu) == "bf16"
         and resolve_trunk_precision("fp32", cpu) == "fp32"
     )
-    assert (
-        resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"
-    )  # a resumed run keeps its precision
+    # a resumed run keeps its precision
+    assert resolve_trunk_precision("auto", cpu, saved="bf16") == "bf16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     # --trunk-engine torch: no onnxruntime pass to be fp32 for, so torch's bf16 where native
     assert resolve_trunk_precision("auto", cpu, engine="torch") == "bf16"
@@ -339,10 +334,11 @@ def test_a_run_from_before_trunk_engine_resumes_in_torch(small_data_root, tmp_pa
         is None
     )
     config = json.loads((out / "config.json").read_text())
+    # as runs before --trunk-engine wrote it
     del (
         config["trunk_engine"],
         config["requested"]["trunk_engine"],
-    )  # as runs before --trunk-engine wrote it
+    )
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="trunk_engine 'torch' -> 'onnxruntime'"):
         fit(TrainConfig(**options, trunk_engine="onnxruntime"), resume=True, show_progress=False)
@@ -497,10 +493,11 @@ def test_fast_recipe_resume_repeats_the_run(fast_run, small_data_root, tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
     for key in ("train_loss", "val_roc_auc", "val_loss"):
         assert rows[1][key] == pytest.approx(full[1][key], rel=1e-6), key
+    # the weights, not only metrics
     got, want = (
         load_file(out / BEST_MODEL),
         load_file(full_run / BEST_MODEL),
-    )  # the weights, not only metrics
+    )
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 

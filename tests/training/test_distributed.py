@@ -315,11 +315,12 @@ def test_three_class_run_under_torchrun(small_data_root, tmp_path):
         0 if "NORMAL" in Path(p).parts else (1 if "_bacteria_" in Path(p).name else 2)
         for p in val_paths
     ]
+    # the split holds all three classes
     assert y.tolist() == expected and set(expected) == {
         0,
         1,
         2,
-    }  # the split holds all three classes
+    }
     probs = np.array(
         [[float(r[f"p_{k}"]) for k in ("normal", "bacterial", "viral")] for r in preds]
     )

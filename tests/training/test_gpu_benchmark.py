@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the benchmark in a subprocess
 def test_gpu_benchmark_smoke_prints_and_records_both_rates(shared_data, tmp_path):
     record = tmp_path / "RESULTS.md"
     done = subprocess.run(

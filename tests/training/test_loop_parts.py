@@ -107,9 +107,8 @@ def test_validation_predictions_read_back_to_the_thresholds_they_chose(tmp_path)
     assert np.array_equal(read_back, p.astype(np.float64))
     for rule, target in SENSITIVITY_RULES.items():
         reached = (read_back[labels == 1] >= rules[rule]).mean()
-        assert target <= reached < target + 1 / labels.sum() + 1e-9, (
-            rule
-        )  # the highest threshold that reaches it
+        # the highest threshold that reaches it
+        assert target <= reached < target + 1 / labels.sum() + 1e-9, rule
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule
@@ -136,9 +135,8 @@ def test_warmup_then_cosine_lr_values():
     ]
     np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-12)
     assert lrs[warmup] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(
-        0.0, abs=1e-12
-    )  # decayed to zero at the end
+    # decayed to zero at the end
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_no_weight_decay_on_norms_and_biases_and_backbone_lr_scaled():
@@ -183,9 +181,8 @@ def test_class_weights_give_each_class_half_of_the_loss():
 
 
 def test_three_classes_each_carry_a_third_of_the_loss_and_of_the_sampler_draws():
-    labels = np.array(
-        [0] * 13 + [1] * 25 + [2] * 12
-    )  # the shared split's normal : bacterial : viral
+    # the shared split's normal : bacterial : viral
+    labels = np.array([0] * 13 + [1] * 25 + [2] * 12)
     w = loop.class_weights(labels, n_classes=3)
     per_sample = w[torch.as_tensor(labels)]
     shares = [per_sample[labels == c].sum().item() / per_sample.sum().item() for c in range(3)]
@@ -217,6 +214,5 @@ def test_each_purpose_draws_its_own_stream():
     assert np.array_equal(
         loop.epoch_order(labels, "loss", 3, 2), loop.epoch_order(labels, "loss", 3, 2)
     )
-    assert seeds.stream_seed(0, "dropout", 0, 0) != seeds.stream_seed(
-        0, "dropout", 0, 1
-    )  # per rank
+    # per rank
+    assert seeds.stream_seed(0, "dropout", 0, 0) != seeds.stream_seed(0, "dropout", 0, 1)

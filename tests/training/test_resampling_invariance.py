@@ -26,16 +26,18 @@ SIZE = 224  # the contract's size: resampling leaves its trace at full resolutio
 # of 2026-12-02, JPEG 30 0.038 / 0.130: the maxima move between CPUs.) The tolerances are
 # about 1.5x the measured values (another CPU rounds differently; the run is small, so p
 # moves more than on the full data).
+# mean, max
 TOLERANCE = {
     "jpeg30": (0.09, 0.33),
     "down-up0.5": (0.09, 0.26),
     "original4x": (0.03, 0.085),
-}  # mean, max
+}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, small_data_root) -> Path:
     out = tmp_path_factory.mktemp("invariance") / "run"
+    # the default top, which the tolerances were measured with
     cfg = TrainConfig(
         data=str(small_data_root),
         out=str(out),
@@ -50,7 +52,7 @@ def run(tmp_path_factory, small_data_root) -> Path:
         trunk_precision="fp32",
         precision="fp32",
         trainable_stages=3,
-    )  # the default top, which the tolerances were measured with
+    )
     fit(cfg, show_progress=False)
     return out
 
@@ -89,6 +91,7 @@ def _probs(predictor: Predictor, paths) -> np.ndarray:
     return predictor.predict_images(np.stack([predictor.load(p) for p in paths]))
 
 
+@pytest.mark.slow  # trains
 def test_probabilities_survive_resampling_and_jpeg(run, films, tmp_path):
     predictor = Predictor.from_run(run, device="cpu")
     base = _probs(predictor, films)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.sources import expand_paths, require_image_files, require_some_readable
 from pneumoscope.errors import OptionError
-from pneumoscope.fsio import atomic_write_text
+from pneumoscope.fsio import CsvWriter, atomic_write_text
 from pneumoscope.inference import decode_sources
 from pneumoscope.tasks import (
     BINARY,
@@ -56,7 +55,7 @@ def predictions_csv(
     the columns are the task's (three-class: path, p_normal, p_bacterial, p_viral,
     p_pneumonia, label), also when no row was readable; probabilities with 6 decimals."""
     header = header or ["path", *prediction_columns(task), "label"]
-    writer = csv.writer(handle, lineterminator="\n")
+    writer = CsvWriter(handle)
     writer.writerow(header)
     for row in rows:
         writer.writerow(

@@ -71,9 +71,28 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+class CsvWriter:
+    """csv.writer with lines ending in "\n" that also quotes a field holding "\r": the csv
+    module quotes only the characters of its line terminator, so a path with a carriage
+    return would split its row for every reader."""
+
+    def __init__(self, handle):
+        self.minimal = csv.writer(handle, lineterminator="\n")
+        self.quoted = csv.writer(handle, lineterminator="\n", quoting=csv.QUOTE_ALL)
+
+    def writerow(self, row) -> None:
+        row = list(row)
+        carriage = any(isinstance(v, str) and "\r" in v for v in row)
+        (self.quoted if carriage else self.minimal).writerow(row)
+
+    def writerows(self, rows) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
 def atomic_write_csv(path: str | Path, header: list[str], rows) -> None:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = CsvWriter(buffer)
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())

@@ -7,13 +7,18 @@ to the CSV with a flush: memory stays flat, and a killed run loses at most the b
 was on. ``--resume`` keeps the rows the CSV already holds and scores the rest.
 
 Under ``torchrun --nproc-per-node N -m pneumoscope predict ... --out OUT`` each rank
-scores a contiguous shard of the sorted list into ``OUT.rankR.part`` and rank 0 joins
-the parts, in rank order, into OUT: the same rows in the same order as one process.
+scores a contiguous shard of the sorted list into ``OUT.rankR-of-N.part`` and rank 0 joins
+the parts into OUT in the list's order: the same rows in the same order as one process.
+``--resume`` under torchrun, or in one process after one, keeps the rows OUT and every
+part already hold, whatever the number of processes that wrote them. The parts live
+beside OUT: across machines, OUT's folder must be shared (rank 0 reads every part).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import io
 import logging
 import os
 import sys
@@ -25,6 +30,7 @@ from tqdm import tqdm
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.workers import decoded_batches, default_workers
 from pneumoscope.errors import DataError, MissingFileError, OptionError
+from pneumoscope.fsio import CsvWriter
 from pneumoscope.tasks import bv_threshold_of, prediction_columns, prediction_rows
 
 log = logging.getLogger(__name__)
@@ -44,7 +50,8 @@ class PredictSummary:
 def list_files(paths: list[str | Path], files_list: str | Path | None = None) -> list[str]:
     """The files to score, in a fixed order: each path as given (a folder: its images,
     searched recursively, sorted), then the lines of `files_list` (blank lines and #
-    comments skipped). A path that does not exist, or nothing to score, is an error."""
+    comments skipped), each file once. A path that does not exist, or nothing to score, is
+    an error."""
     from pneumoscope.data.sources import expand_paths, require_image_files
     from pneumoscope.errors import NothingScoredError
 
@@ -56,18 +63,34 @@ def list_files(paths: list[str | Path], files_list: str | Path | None = None) ->
     if files_list is not None:
         files += read_files_list(files_list)
     require_image_files(files, named + ([str(files_list)] if files_list else []))
-    return files
+    return once_each(files)
+
+
+def once_each(files: list[str]) -> list[str]:
+    """The files in order, a file named twice (by a folder and the list, or twice in the
+    list) kept at its first place: one row a file, so a resumed run writes the rows an
+    uninterrupted one does."""
+    unique = list(dict.fromkeys(files))
+    if len(unique) < len(files):
+        log.warning(
+            "%d file(s) named more than once: each is scored once", len(files) - len(unique)
+        )
+    return unique
 
 
 def read_files_list(files_list: str | Path) -> list[str]:
     """One path a line; relative paths are taken from the current folder."""
     try:
-        lines = Path(files_list).read_text(encoding="utf-8").splitlines()
+        # "\n" alone ends a line: splitlines would also cut at \u2028 or \x1c, which a name may hold
+        lines = Path(files_list).read_text(encoding="utf-8").split("\n")
     except FileNotFoundError as err:
         raise MissingFileError(f"{files_list}: no such file list") from err
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{files_list}: cannot read the file list ({err})") from err
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    paths = [
+        line.strip(" \t\r") for line in lines
+    ]  # not str.strip: \x1c or \u2028 are "spaces" too
+    return [path for path in paths if path and not path.startswith("#")]
 
 
 def shard(files: list[str], rank: int, world: int) -> list[str]:
@@ -77,7 +100,23 @@ def shard(files: list[str], rank: int, world: int) -> list[str]:
 
 
 def part_path(out: Path, rank: int, world: int) -> Path:
-    return out if world == 1 else out.with_name(f"{out.name}.rank{rank}.part")
+    """A rank's part of OUT under torchrun (OUT itself in one process). The world size is in
+    the name: a resume with another number of processes cannot take another shard's part
+    for its own."""
+    return out if world == 1 else out.with_name(f"{out.name}.rank{rank}-of-{world}.part")
+
+
+def parts_of(out: Path) -> list[Path]:
+    """Every rank's part of OUT on disk, whatever the number of processes that wrote it."""
+    return sorted(out.parent.glob(f"{glob.escape(out.name)}.rank*-of-*.part"))
+
+
+def rows_done(out: Path, header: list[str]) -> set[str]:
+    """--resume: the paths OUT and every part of it already hold (torn last lines cut)."""
+    done = read_done(out, header)
+    for part in parts_of(out):
+        done |= read_done(part, header)
+    return done
 
 
 def read_done(csv_path: Path, header: list[str]) -> set[str]:
@@ -90,7 +129,9 @@ def read_done(csv_path: Path, header: list[str]) -> set[str]:
     if len(complete) != len(data):
         with open(csv_path, "r+b") as handle:
             handle.truncate(len(complete))
-    rows = list(csv.reader(complete.decode("utf-8").splitlines()))
+    # csv's own reader over the text (not splitlines, which also splits at \r, \x1c or
+    # \u2028: characters a quoted path may hold)
+    rows = list(csv.reader(io.StringIO(complete.decode("utf-8"), newline="")))
     if rows and rows[0] != header:
         raise DataError(
             f"{csv_path}: --resume found another table (columns {','.join(rows[0])}; "
@@ -110,7 +151,7 @@ class CsvSink:
             if path is None
             else open(path, "a" if append else "w", newline="", encoding="utf-8")
         )
-        self.writer = csv.writer(self.handle, lineterminator="\n")
+        self.writer = CsvWriter(self.handle)
         if fresh:
             self.writer.writerow(header)
             self.handle.flush()
@@ -176,10 +217,19 @@ def predict_archive(
     # after the run: a broken run is named first, whatever the paths
     files = list_files(paths, files_list)
     header = ["path", *prediction_columns(scorer.task), "label"]
-    if resume and env.world_size > 1 and Path(out).exists():  # joined: the sharded run had finished
-        return PredictSummary(resumed=len(read_done(Path(out), header)), engine=scorer.runtime)
-    target = part_path(Path(out), env.rank, env.world_size) if out is not None else None
-    done = read_done(target, header) if resume else set()
+    out = Path(out) if out is not None else None
+    target = part_path(out, env.rank, env.world_size) if out is not None else None
+    # rank 0 alone reads, repairs or clears what an earlier run left (OUT, every part); the
+    # broadcast hands the others its answer and holds them until it is done
+    done, join = set(), env.world_size > 1
+    if out is not None and env.is_main:
+        join = join or bool(parts_of(out))  # one process resuming a torchrun's parts
+        if resume:
+            done = rows_done(out, header)
+        else:
+            for stale in parts_of(out):
+                stale.unlink()
+    done, join = env.broadcast((done, join))
     mine = [f for f in shard(files, env.rank, env.world_size) if f not in done]
     summary = score_files(
         scorer,
@@ -196,8 +246,8 @@ def predict_archive(
         whole=env.world_size == 1,
     )
     summary.resumed = len(done)
-    if env.world_size > 1:
-        join_parts(Path(out), env, header)
+    if join:
+        join_parts(out, env, header, files, resume)
     return summary
 
 
@@ -256,25 +306,31 @@ def score_files(
     return summary
 
 
-def join_parts(out: Path, env, header: list[str]) -> None:
-    """Rank 0 writes the ranks' parts, in rank order, into `out` (atomically) and removes them."""
+def join_parts(out: Path, env, header: list[str], files: list[str], resume: bool = False) -> None:
+    """Rank 0 writes OUT (atomically): the rows of every part (and, on --resume, the rows OUT
+    held already), in the order of `files`, as one process writes them; then removes the
+    parts. Rows of paths not in `files` (an earlier list) keep their place after them."""
     from pneumoscope.fsio import atomic_write_with
 
     env.barrier()
     if env.is_main:
-        parts = [part_path(out, r, env.world_size) for r in range(env.world_size)]
+        parts = parts_of(out)
+        sources = ([out] if out.exists() and (resume or env.world_size == 1) else []) + parts
+        if parts:
+            rows = {}
+            for source in sources:
+                with open(source, newline="", encoding="utf-8") as handle:
+                    for row in list(csv.reader(handle))[1:]:
+                        rows.setdefault(row[0], row)
+            place = {path: i for i, path in enumerate(files)}
+            ordered = sorted(rows.values(), key=lambda row: place.get(row[0], len(place)))
 
-        def write(handle):
-            handle.write((",".join(header) + "\n").encode("utf-8"))
+            def write(handle):
+                text = io.StringIO()
+                CsvWriter(text).writerows([header, *ordered])
+                handle.write(text.getvalue().encode("utf-8"))
+
+            atomic_write_with(out, write)
             for part in parts:
-                if not part.exists():  # a rank with no readable film (or none at all) wrote none
-                    continue
-                with open(part, "rb") as f:
-                    f.readline()  # the part's header
-                    while block := f.read(1 << 20):
-                        handle.write(block)
-
-        atomic_write_with(out, write)
-        for part in parts:
-            part.unlink(missing_ok=True)
+                part.unlink(missing_ok=True)
     env.barrier()

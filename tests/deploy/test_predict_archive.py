@@ -124,6 +124,47 @@ def test_resume_after_a_kill_gives_the_uninterrupted_csv(run, films, tmp_path):
     ) and killed.read_text() == full.read_text()
 
 
+def test_resume_reads_back_paths_with_line_separators_and_quotes(run, films, tmp_path):
+    # a file name may hold \u2028, \x1c, a comma or a quote: the CSV quotes it, and --resume
+    # must read that row back as one path (not split it where str.splitlines would)
+    odd = tmp_path / "films"
+    odd.mkdir()
+    names = ["a\u2028b.jpeg", "c\x1cd.jpeg", 'e,"f".jpeg', "g\rh.jpeg"]
+    for name, film in zip(names, films, strict=False):
+        shutil.copy(film, odd / name)
+    full = tmp_path / "full.csv"
+    predict_archive(run, [odd], full, batch_size=2, show_progress=False)
+    rows = full.read_bytes().split(b"\n")
+    killed = tmp_path / "killed.csv"
+    complete = [r for r in rows if r]
+    assert len(read_rows(full)) == 1 + len(names)  # one row a film, quoted where it must be
+    killed.write_bytes(full.read_bytes()[: len(complete[0]) + 1 + len(complete[1]) + 1])
+    summary = predict_archive(run, [odd], killed, resume=True, batch_size=2, show_progress=False)
+    assert (summary.resumed, summary.scored) == (1, len(names) - 1)
+    assert killed.read_bytes() == full.read_bytes()
+    # the same names, one a line, in a --files list ("\r" cannot be told from a CRLF there)
+    listing = tmp_path / "films.txt"
+    listed = sorted(str(odd / n) for n in names if "\r" not in n)
+    listing.write_text("\r\n".join(listed) + "\r\n", newline="")
+    by_list = tmp_path / "list.csv"
+    predict_archive(run, [], by_list, files_list=listing, show_progress=False)
+    assert [row[0] for row in read_rows(by_list)[1:]] == listed
+
+
+def test_a_file_named_twice_is_scored_once_and_resumes_alike(run, films, tmp_path, caplog):
+    listing = tmp_path / "films.txt"
+    listing.write_text("\n".join(films[:6] + films[2:4]) + "\n")  # two named twice
+    full = tmp_path / "full.csv"
+    with caplog.at_level(logging.WARNING):
+        predict_archive(run, [films[0]], full, files_list=listing, show_progress=False)
+    assert "3 file(s) named more than once" in caplog.text  # films[0] by name and in the list
+    assert [r[0] for r in read_rows(full)[1:]] == films[:6]
+    killed = tmp_path / "killed.csv"
+    killed.write_text("".join(full.read_text().splitlines(keepends=True)[:4]))  # 3 rows done
+    predict_archive(run, [films[0]], killed, files_list=listing, resume=True, show_progress=False)
+    assert killed.read_text() == full.read_text()
+
+
 def test_resume_refuses_another_table(run, films, tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("path,score\nx.jpeg,0.5\n")
@@ -266,10 +307,66 @@ def test_join_skips_a_rank_that_wrote_no_part(tmp_path):
     env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None)
     for rank, rows in ((0, ["a.jpeg,0.1,NORMAL\n"]), (2, ["c.jpeg,0.9,PNEUMONIA\n"])):
         part_path(out, rank, 3).write_text(",".join(header) + "\n" + "".join(rows))
-    join_parts(out, env, header)
+    join_parts(out, env, header, ["a.jpeg", "b.jpeg", "c.jpeg"])
     assert out.read_text().splitlines() == [
         ",".join(header),
         "a.jpeg,0.1,NORMAL",
         "c.jpeg,0.9,PNEUMONIA",
     ]
     assert not any(part_path(out, r, 3).exists() for r in range(3))
+
+
+def test_join_orders_the_rows_by_the_list_and_keeps_outs_rows_on_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from pneumoscope.deploy.archive import join_parts, part_path
+
+    out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
+    env = SimpleNamespace(world_size=2, is_main=True, barrier=lambda: None)
+    out.write_text("path,p_pneumonia,label\nb.jpeg,0.5,PNEUMONIA\n")  # an earlier run's row
+    part_path(out, 1, 2).write_text("path,p_pneumonia,label\nd.jpeg,0.7,PNEUMONIA\n")
+    part_path(out, 0, 2).write_text("path,p_pneumonia,label\na.jpeg,0.1,NORMAL\n")
+    part_path(out, 0, 3).write_text("path,p_pneumonia,label\nc.jpeg,0.2,NORMAL\n")  # 3 processes
+    join_parts(out, env, header, ["a.jpeg", "b.jpeg", "c.jpeg", "d.jpeg"], resume=True)
+    assert [line.split(",")[0] for line in out.read_text().splitlines()] == [
+        "path",
+        "a.jpeg",
+        "b.jpeg",
+        "c.jpeg",
+        "d.jpeg",
+    ]
+    assert not list(tmp_path.glob("p.csv.rank*"))
+
+
+def test_one_process_resumes_what_a_killed_torchrun_left(run, films, tmp_path):
+    from pneumoscope.deploy.archive import part_path
+
+    full = tmp_path / "full.csv"
+    predict_archive(run, films, full, show_progress=False)
+    lines = full.read_text().splitlines(keepends=True)
+    out = tmp_path / "out.csv"
+    half = len(films) // 2
+    # two ranks killed mid-way: rank 0 wrote 20 of its rows, rank 1 five and half a row
+    part_path(out, 0, 2).write_text("".join(lines[: 1 + 20]))
+    part_path(out, 1, 2).write_text("".join(lines[:1] + lines[1 + half : 1 + half + 5]) + "x.jp")
+    summary = predict_archive(run, films, out, resume=True, show_progress=False)
+    assert (summary.resumed, summary.scored) == (25, len(films) - 25)
+    assert out.read_text() == full.read_text()
+    assert not list(tmp_path.glob("out.csv.rank*"))
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_torchrun_resumes_a_killed_single_process_csv(run, films, tmp_path):
+    full = tmp_path / "full.csv"
+    predict_archive(run, films, full, show_progress=False)
+    out = tmp_path / "out.csv"
+    out.write_text("".join(full.read_text().splitlines(keepends=True)[: 1 + 17]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "pneumoscope", "-q", "predict", str(run), *films, "--out", str(out)]
+    done = subprocess.run(
+        cmd + ["--resume", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_text() == full.read_text()
+    assert not list(tmp_path.glob("out.csv.rank*"))

@@ -6,9 +6,10 @@ flat however many files there are. The workers are started by a fork server and 
 only this module and the decode (no torch, no onnxruntime: forking the scoring process,
 its threads mid-flight, is not safe). A file that cannot be read is a failure
 ``(path, problem)`` of its batch, never the end of the run; nor is a worker that dies (a
-decoder crash, the kernel's OOM killer): its batch is decoded again one file per fresh
-worker, the file that kills one of them is a failure, and the other batches go on in a
-new pool.
+decoder crash, the kernel's OOM killer): the batches in flight go on in a new pool, a
+batch that breaks a second pool is decoded one file per worker, and the file that kills
+its own worker is a failure. (A run of one batch or less decodes in this process, with
+no worker to lose.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -26,6 +27,9 @@ import numpy as np
 from pneumoscope.data.decode import ImageDecodeError, load_image
 
 Batch = tuple[list[str], np.ndarray, list[tuple[str, str]]]
+# What a process pool raises when a worker died, or a new one could not be started while
+# another was dying (decode_batch itself never raises them: it names unreadable files).
+POOL_FAILURES = (BrokenProcessPool, EOFError, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -87,62 +91,95 @@ def new_pool(workers: int) -> ProcessPoolExecutor:
 
 class Pipeline:
     """The batches in flight, in order, on a pool that is replaced when a worker dies (a
-    dead worker breaks the whole pool: every unfinished batch is submitted again)."""
+    dead worker breaks the whole pool and every unfinished batch with it)."""
 
     def __init__(self, workers: int, size: int, reduced: bool):
         self.workers, self.size, self.reduced = workers, size, reduced
         self.pool = new_pool(workers)
-        self.pending: deque = deque()  # (paths, future)
+        self.pending: deque = deque()  # [paths, future, tries]
+
+    def start(self, paths: list[str]) -> Future:
+        """The batch's future; a pool already broken gives a future that says so (the
+        batch is then handled when its turn comes, never lost here)."""
+        try:
+            return self.pool.submit(decode_batch, paths, self.size, self.reduced)
+        except POOL_FAILURES as err:
+            future = Future()
+            future.set_exception(err)
+            return future
 
     def submit(self, batch: list[str]) -> None:
-        try:
-            future = self.pool.submit(decode_batch, batch, self.size, self.reduced)
-        except BrokenProcessPool:
-            self.restart()
-            future = self.pool.submit(decode_batch, batch, self.size, self.reduced)
-        self.pending.append((batch, future))
+        self.pending.append([batch, self.start(batch), 0])
 
     def next_result(self) -> Batch:
-        """The first batch decoded; if its worker died, decoded again one file per worker."""
-        batch, future = self.pending.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            self.pool.shutdown(cancel_futures=True)
-            result = decode_isolated(batch, self.size, self.reduced)
-            self.restart()
+        """The first batch decoded. A batch whose pool broke is tried once more in a new
+        pool (the worker that died may have held another batch); if it breaks that one
+        too, each of its files is decoded in a worker of its own."""
+        while True:
+            batch, future, tries = self.pending[0]
+            try:
+                result = future.result()
+            except POOL_FAILURES:
+                if tries == 0:
+                    self.pending[0][2] = 1
+                    self.restart()  # this batch too
+                    continue
+                self.pending.popleft()
+                self.restart()
+                return decode_isolated(batch, self.size, self.reduced)
+            self.pending.popleft()
             return result
 
     def restart(self) -> None:
+        """A new pool, and every batch not yet decoded (or whose pool broke) started on it."""
         log.warning("a decode worker died; the batches in flight are decoded again in a new pool")
-        self.pool.shutdown(cancel_futures=True)
+        close_broken(self.pool)
         self.pool = new_pool(self.workers)
-        for i, (paths, future) in enumerate(self.pending):
-            finished = future.done() and not future.cancelled() and future.exception() is None
-            if not finished:
-                self.pending[i] = (
-                    paths,
-                    self.pool.submit(decode_batch, paths, self.size, self.reduced),
-                )
+        for item in self.pending:
+            future = item[1]
+            if not (future.done() and not future.cancelled() and future.exception() is None):
+                item[1] = self.start(item[0])
+
+
+def close_broken(pool: ProcessPoolExecutor) -> None:
+    """Shut a broken pool down without waiting for it: its manager thread joins every
+    worker, and one still starting up may never be joined (the run would hang), so they
+    are killed."""
+    processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public handle
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):  # gone, or never started
+            pass
 
 
 def decode_isolated(paths: list[str], size: int, reduced: bool) -> Batch:
-    """A batch that killed its worker, each file in a worker of its own: the file whose
-    worker dies too is named as a failure, the others decode as usual."""
+    """A batch that broke two pools, each file in a worker of its own: the file whose
+    worker dies twice is named as a failure, the others decode as usual."""
     kept, images, failures = [], [], []
     for path in paths:
-        with new_pool(1) as solo:
-            try:
-                one_kept, one_image, one_failure = solo.submit(
-                    decode_batch, [path], size, reduced
-                ).result()
-            except BrokenProcessPool:
-                one_kept, one_image = [], np.empty((0, size, size), np.uint8)
-                one_failure = [
-                    (path, "the decoder's process died on this file (crash or out of memory)")
-                ]
-        kept += one_kept
-        images += list(one_image)
-        failures += one_failure
+        one = decode_alone(path, size, reduced) or decode_alone(path, size, reduced)
+        if one is None:
+            one = (
+                [],
+                np.empty((0, size, size), np.uint8),
+                [(path, "the decoder's process died on this file (crash or out of memory)")],
+            )
+        kept += one[0]
+        images += list(one[1])
+        failures += one[2]
     stack = np.stack(images) if images else np.empty((0, size, size), np.uint8)
     return kept, stack, failures
+
+
+def decode_alone(path: str, size: int, reduced: bool) -> Batch | None:
+    """One file in a pool of one worker; None when that worker died."""
+    solo = new_pool(1)
+    try:
+        result = solo.submit(decode_batch, [path], size, reduced).result()
+    except POOL_FAILURES:
+        close_broken(solo)
+        return None
+    solo.shutdown()
+    return result

@@ -42,6 +42,7 @@ DEFAULT_BATCH = 32
 @dataclass
 class PredictSummary:
     scored: int = 0  # rows written by this run
+    readable: int = 0  # films that decoded (scored, or not under --strict)
     resumed: int = 0  # rows the CSV held already (--resume)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, problem)
     engine: str = "torch"
@@ -81,15 +82,16 @@ def once_each(files: list[str]) -> list[str]:
 def read_files_list(files_list: str | Path) -> list[str]:
     """One path a line; relative paths are taken from the current folder."""
     try:
-        # "\n" alone ends a line: splitlines would also cut at \u2028 or \x1c, which a name may hold
-        lines = Path(files_list).read_text(encoding="utf-8").split("\n")
+        # "\n" alone ends a line (newline="": no \r translated): splitlines would also cut
+        # at \u2028 or \x1c, which a name may hold
+        with open(files_list, encoding="utf-8", newline="") as handle:
+            lines = [line.removesuffix("\r") for line in handle.read().split("\n")]
     except FileNotFoundError as err:
         raise MissingFileError(f"{files_list}: no such file list") from err
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{files_list}: cannot read the file list ({err})") from err
-    paths = [
-        line.strip(" \t\r") for line in lines
-    ]  # not str.strip: \x1c or \u2028 are "spaces" too
+    # not str.strip: \x1c or \u2028 are "spaces" too
+    paths = [line.strip(" \t") for line in lines]
     return [path for path in paths if path and not path.startswith("#")]
 
 
@@ -125,7 +127,7 @@ def read_done(csv_path: Path, header: list[str]) -> set[str]:
     if not csv_path.exists() or csv_path.stat().st_size == 0:
         return set()
     data = csv_path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
+    complete = data[: complete_length(data)]
     if len(complete) != len(data):
         with open(csv_path, "r+b") as handle:
             handle.truncate(len(complete))
@@ -138,6 +140,18 @@ def read_done(csv_path: Path, header: list[str]) -> set[str]:
             f"this run writes {','.join(header)})"
         )
     return {row[0] for row in rows[1:] if row}
+
+
+def complete_length(data: bytes) -> int:
+    """The length of the complete rows of CSV bytes: up to the last line end outside
+    quotes (a quoted path may hold a line end; a kill may cut a row anywhere)."""
+    end, quoted = 0, False
+    for i, byte in enumerate(data):
+        if byte == 0x22:  # '"': a doubled quote inside a field toggles twice
+            quoted = not quoted
+        elif byte == 0x0A and not quoted:
+            end = i + 1
+    return end
 
 
 class CsvSink:
@@ -223,14 +237,15 @@ def predict_archive(
     # broadcast hands the others its answer and holds them until it is done
     done, join = set(), env.world_size > 1
     if out is not None and env.is_main:
-        join = join or bool(parts_of(out))  # one process resuming a torchrun's parts
         if resume:
             done = rows_done(out, header)
-        else:
-            for stale in parts_of(out):
-                stale.unlink()
+            join = join or bool(parts_of(out))  # one process resuming a torchrun's parts
+        else:  # a new run: nothing of an earlier one may be taken for this one's rows
+            for stale in parts_of(out) + ([out] if env.world_size > 1 else []):
+                stale.unlink(missing_ok=True)
     done, join = env.broadcast((done, join))
-    mine = [f for f in shard(files, env.rank, env.world_size) if f not in done]
+    # the films still to score, shared out evenly (the join puts them in the list's order)
+    mine = shard([f for f in files if f not in done], env.rank, env.world_size)
     summary = score_files(
         scorer,
         mine,
@@ -245,7 +260,15 @@ def predict_archive(
         show_progress=show_progress and env.is_main,
         whole=env.world_size == 1,
     )
-    summary.resumed = len(done)
+    summary.resumed = len(done.intersection(files))
+    if env.world_size > 1:  # every rank reports the whole run's counts
+        scored, readable = env.all_reduce_sum([summary.scored, summary.readable])
+        summary.scored, summary.readable = int(scored), int(readable)
+        if summary.readable == 0 and not resume:  # as one process: nothing scored is an error
+            from pneumoscope.data.sources import require_some_readable
+
+            env.barrier()
+            require_some_readable(0, summary.failures or [(files[0], "no rank could read a film")])
     if join:
         join_parts(out, env, header, files, resume)
     return summary
@@ -294,6 +317,7 @@ def score_files(
         bar.close()
         sink.close()
     summary.engine = scorer.runtime
+    summary.readable = readable
     # every file unreadable: an error, not an empty CSV
     nothing = whole and readable == 0 and not append
     if (nothing or (strict and summary.failures)) and target is not None and not append:
@@ -307,30 +331,58 @@ def score_files(
 
 
 def join_parts(out: Path, env, header: list[str], files: list[str], resume: bool = False) -> None:
-    """Rank 0 writes OUT (atomically): the rows of every part (and, on --resume, the rows OUT
-    held already), in the order of `files`, as one process writes them; then removes the
-    parts. Rows of paths not in `files` (an earlier list) keep their place after them."""
+    """Rank 0 writes OUT (atomically) and removes the parts. A new run: the parts of this
+    run's ranks in rank order, streamed (contiguous shards: the list's order). --resume:
+    every part's rows, then OUT's for the paths no part holds, in the order of `files`
+    (rows of paths not in `files`, from an earlier list, after them), held in memory."""
     from pneumoscope.fsio import atomic_write_with
 
     env.barrier()
     if env.is_main:
+        mine = [part_path(out, r, env.world_size) for r in range(env.world_size)]
+        missing = [p.name for p in mine if env.world_size > 1 and not p.exists()]
+        if missing:
+            raise DataError(
+                f"{out}: no {', '.join(missing)}: every rank writes its part beside OUT and rank "
+                "0 joins them, so across machines OUT's folder must be one shared folder"
+            )
         parts = parts_of(out)
-        sources = ([out] if out.exists() and (resume or env.world_size == 1) else []) + parts
-        if parts:
-            rows = {}
-            for source in sources:
-                with open(source, newline="", encoding="utf-8") as handle:
-                    for row in list(csv.reader(handle))[1:]:
-                        rows.setdefault(row[0], row)
-            place = {path: i for i, path in enumerate(files)}
-            ordered = sorted(rows.values(), key=lambda row: place.get(row[0], len(place)))
-
-            def write(handle):
-                text = io.StringIO()
-                CsvWriter(text).writerows([header, *ordered])
-                handle.write(text.getvalue().encode("utf-8"))
-
-            atomic_write_with(out, write)
-            for part in parts:
-                part.unlink(missing_ok=True)
+        if resume:
+            sources = [*parts, out] if env.world_size > 1 else [out, *parts]
+            rows = joined_rows(sources, files)
+            atomic_write_with(out, lambda handle: write_csv(handle, [header, *rows]))
+        else:
+            atomic_write_with(out, lambda handle: concatenate(handle, header, mine))
+        for part in parts:
+            part.unlink(missing_ok=True)
     env.barrier()
+
+
+def joined_rows(sources: list[Path], files: list[str]) -> list[list[str]]:
+    """The rows of `sources` (the first holding a path wins), in the order of `files`."""
+    rows: dict[str, list[str]] = {}
+    for source in sources:
+        if source.exists():
+            with open(source, newline="", encoding="utf-8") as handle:
+                for row in list(csv.reader(handle))[1:]:
+                    if row:
+                        rows.setdefault(row[0], row)
+    place = {path: i for i, path in enumerate(files)}
+    return sorted(rows.values(), key=lambda row: place.get(row[0], len(place)))
+
+
+def write_csv(handle, rows: list[list[str]]) -> None:
+    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+    CsvWriter(text).writerows(rows)
+    text.flush()
+    text.detach()
+
+
+def concatenate(handle, header: list[str], parts: list[Path]) -> None:
+    """The header, then each part's rows (its own header skipped), block by block."""
+    handle.write((",".join(header) + "\n").encode("utf-8"))
+    for part in parts:
+        with open(part, "rb") as f:
+            f.readline()  # the part's header
+            while block := f.read(1 << 20):
+                handle.write(block)

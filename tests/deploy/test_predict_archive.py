@@ -142,9 +142,9 @@ def test_resume_reads_back_paths_with_line_separators_and_quotes(run, films, tmp
     summary = predict_archive(run, [odd], killed, resume=True, batch_size=2, show_progress=False)
     assert (summary.resumed, summary.scored) == (1, len(names) - 1)
     assert killed.read_bytes() == full.read_bytes()
-    # the same names, one a line, in a --files list ("\r" cannot be told from a CRLF there)
+    # the same names, one a line, in a --files list with CRLF line ends
     listing = tmp_path / "films.txt"
-    listed = sorted(str(odd / n) for n in names if "\r" not in n)
+    listed = sorted(str(odd / n) for n in names)  # "\r" inside a name: only "\r\n" ends a line
     listing.write_text("\r\n".join(listed) + "\r\n", newline="")
     by_list = tmp_path / "list.csv"
     predict_archive(run, [], by_list, files_list=listing, show_progress=False)
@@ -296,24 +296,22 @@ def test_int8_is_kept_only_where_validation_auc_holds(run, films, tmp_path, caps
     assert main(["-q", "predict", str(run), films[0], "--int8", "--engine", "torch"]) == 2
 
 
-def test_join_skips_a_rank_that_wrote_no_part(tmp_path):
-    """A rank whose shard held no readable film (or no film: more ranks than films) writes
-    no part; rank 0 joins the others instead of failing while they wait."""
+def test_join_names_a_part_it_cannot_see(tmp_path):
+    """Every rank writes its part (a header at least, for an empty or unreadable shard);
+    one missing at the join means OUT's folder is not shared by the machines: an error
+    that says so, not a CSV without that rank's rows."""
     from types import SimpleNamespace
 
     from pneumoscope.deploy.archive import join_parts, part_path
+    from pneumoscope.errors import DataError
 
     out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
     env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None)
     for rank, rows in ((0, ["a.jpeg,0.1,NORMAL\n"]), (2, ["c.jpeg,0.9,PNEUMONIA\n"])):
         part_path(out, rank, 3).write_text(",".join(header) + "\n" + "".join(rows))
-    join_parts(out, env, header, ["a.jpeg", "b.jpeg", "c.jpeg"])
-    assert out.read_text().splitlines() == [
-        ",".join(header),
-        "a.jpeg,0.1,NORMAL",
-        "c.jpeg,0.9,PNEUMONIA",
-    ]
-    assert not any(part_path(out, r, 3).exists() for r in range(3))
+    with pytest.raises(DataError, match="p.csv.rank1-of-3.part.*one shared folder"):
+        join_parts(out, env, header, ["a.jpeg", "b.jpeg", "c.jpeg"])
+    assert not out.exists()
 
 
 def test_join_orders_the_rows_by_the_list_and_keeps_outs_rows_on_resume(tmp_path):
@@ -323,7 +321,8 @@ def test_join_orders_the_rows_by_the_list_and_keeps_outs_rows_on_resume(tmp_path
 
     out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
     env = SimpleNamespace(world_size=2, is_main=True, barrier=lambda: None)
-    out.write_text("path,p_pneumonia,label\nb.jpeg,0.5,PNEUMONIA\n")  # an earlier run's row
+    # an earlier run's rows: b, and a, which this run's part scored again (the part wins)
+    out.write_text("path,p_pneumonia,label\nb.jpeg,0.5,PNEUMONIA\na.jpeg,0.9,OLD\n")
     part_path(out, 1, 2).write_text("path,p_pneumonia,label\nd.jpeg,0.7,PNEUMONIA\n")
     part_path(out, 0, 2).write_text("path,p_pneumonia,label\na.jpeg,0.1,NORMAL\n")
     part_path(out, 0, 3).write_text("path,p_pneumonia,label\nc.jpeg,0.2,NORMAL\n")  # 3 processes
@@ -335,7 +334,19 @@ def test_join_orders_the_rows_by_the_list_and_keeps_outs_rows_on_resume(tmp_path
         "c.jpeg",
         "d.jpeg",
     ]
+    assert "a.jpeg,0.1,NORMAL" in out.read_text() and "OLD" not in out.read_text()
     assert not list(tmp_path.glob("p.csv.rank*"))
+
+
+def test_resume_cuts_a_torn_row_whose_quoted_path_holds_a_line_end(tmp_path):
+    from pneumoscope.deploy.archive import read_done
+
+    header = ["path", "p_pneumonia", "label"]
+    csv_path = tmp_path / "p.csv"
+    whole = 'path,p_pneumonia,label\na.jpeg,0.1,NORMAL\n"b\nc.jpeg",0.2,NORMAL\n'
+    csv_path.write_text(whole + '"d\ne.jpeg",0.3')  # a kill in the middle of the last row
+    assert read_done(csv_path, header) == {"a.jpeg", "b\nc.jpeg"}
+    assert csv_path.read_text() == whole  # cut at the last complete row, not inside a path
 
 
 def test_one_process_resumes_what_a_killed_torchrun_left(run, films, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -79,8 +80,11 @@ def decoded_batches(
                 yield decoding.next_result()
         while decoding.pending:
             yield decoding.next_result()
-    finally:
-        decoding.pool.shutdown(cancel_futures=True)
+    finally:  # a pool that broke unnoticed (the consumer stopped) must not be waited for
+        if decoding.pool._broken:  # noqa: SLF001
+            close_broken(decoding.pool)
+        else:
+            decoding.pool.shutdown(cancel_futures=True)
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
@@ -149,8 +153,9 @@ def close_broken(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         try:
-            process.kill()
-        except (OSError, ValueError, AttributeError):  # gone, or never started
+            if process.is_alive():  # polls first: a reaped worker's pid may be another's now
+                process.kill()
+        except (OSError, ValueError, AttributeError, AssertionError):  # gone, or never started
             pass
 
 
@@ -174,12 +179,27 @@ def decode_isolated(paths: list[str], size: int, reduced: bool) -> Batch:
 
 
 def decode_alone(path: str, size: int, reduced: bool) -> Batch | None:
-    """One file in a pool of one worker; None when that worker died."""
-    solo = new_pool(1)
-    try:
-        result = solo.submit(decode_batch, [path], size, reduced).result()
-    except POOL_FAILURES:
-        close_broken(solo)
-        return None
-    solo.shutdown()
-    return result
+    """One file in a pool of one worker; None when that worker died on it. A worker that
+    could not be started three times is the machine's problem (no processes, no file handles),
+    not the file's: that error goes up instead of naming the film."""
+    for attempt in (1, 2, 3):
+        solo = new_pool(1)
+        try:
+            future = solo.submit(decode_batch, [path], size, reduced)
+        except (OSError, EOFError):  # the fork server itself may have gone with a killed worker
+            close_broken(solo)
+            if attempt == 3:
+                raise
+            time.sleep(0.2 * attempt)  # it is started again on the next try
+            continue
+        try:
+            result = future.result()
+        except POOL_FAILURES:
+            close_broken(solo)
+            return None
+        except BaseException:
+            close_broken(solo)
+            raise
+        solo.shutdown()
+        return result
+    return None

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pneumoscope.data.cache import report_failures
 from pneumoscope.data.workers import decoded_batches, default_workers
-from pneumoscope.errors import DataError, MissingFileError, OptionError
+from pneumoscope.errors import DataError, MissingFileError, OptionError, UserError
 from pneumoscope.fsio import CsvWriter
 from pneumoscope.tasks import bv_threshold_of, prediction_columns, prediction_rows
 
@@ -84,7 +84,7 @@ def read_files_list(files_list: str | Path) -> list[str]:
     try:
         # "\n" alone ends a line (newline="": no \r translated): splitlines would also cut
         # at \u2028 or \x1c, which a name may hold
-        with open(files_list, encoding="utf-8", newline="") as handle:
+        with open(files_list, encoding="utf-8-sig", newline="") as handle:
             lines = [line.removesuffix("\r") for line in handle.read().split("\n")]
     except FileNotFoundError as err:
         raise MissingFileError(f"{files_list}: no such file list") from err
@@ -144,14 +144,14 @@ def read_done(csv_path: Path, header: list[str]) -> set[str]:
 
 def complete_length(data: bytes) -> int:
     """The length of the complete rows of CSV bytes: up to the last line end outside
-    quotes (a quoted path may hold a line end; a kill may cut a row anywhere)."""
-    end, quoted = 0, False
-    for i, byte in enumerate(data):
-        if byte == 0x22:  # '"': a doubled quote inside a field toggles twice
-            quoted = not quoted
-        elif byte == 0x0A and not quoted:
-            end = i + 1
-    return end
+    quotes (a quoted path may hold a line end; a kill may cut a row anywhere). Our writer
+    quotes every field that holds a quote, so the quotes before a line end are even there."""
+    end = len(data)
+    while (cut := data.rfind(b"\n", 0, end)) >= 0:
+        if data.count(b'"', 0, cut) % 2 == 0:
+            return cut + 1
+        end = cut
+    return 0
 
 
 class CsvSink:
@@ -235,15 +235,23 @@ def predict_archive(
     target = part_path(out, env.rank, env.world_size) if out is not None else None
     # rank 0 alone reads, repairs or clears what an earlier run left (OUT, every part); the
     # broadcast hands the others its answer and holds them until it is done
-    done, join = set(), env.world_size > 1
+    done, join, problem = set(), env.world_size > 1, None
     if out is not None and env.is_main:
-        if resume:
-            done = rows_done(out, header)
-            join = join or bool(parts_of(out))  # one process resuming a torchrun's parts
-        else:  # a new run: nothing of an earlier one may be taken for this one's rows
-            for stale in parts_of(out) + ([out] if env.world_size > 1 else []):
-                stale.unlink(missing_ok=True)
-    done, join = env.broadcast((done, join))
+        try:
+            if resume:
+                done = rows_done(out, header)
+                join = join or bool(parts_of(out))  # one process resuming a torchrun's parts
+            else:  # a new run: nothing of an earlier one may be taken for this one's rows
+                for stale in parts_of(out) + ([out] if env.world_size > 1 else []):
+                    stale.unlink(missing_ok=True)
+        except (UserError, OSError) as err:
+            if env.world_size == 1:
+                raise
+            problem = f"{out}: {err}"
+    # every rank the same answer, or the same error (none may wait for a rank that left)
+    done, join, problem = env.broadcast((done, join, problem))
+    if problem:
+        raise DataError(problem)
     # the films still to score, shared out evenly (the join puts them in the list's order)
     mine = shard([f for f in files if f not in done], env.rank, env.world_size)
     summary = score_files(
@@ -260,18 +268,38 @@ def predict_archive(
         show_progress=show_progress and env.is_main,
         whole=env.world_size == 1,
     )
+    if env.world_size > 1:
+        settle_ranks(summary, env, target, strict, resume, files[0])
     summary.resumed = len(done.intersection(files))
-    if env.world_size > 1:  # every rank reports the whole run's counts
-        scored, readable = env.all_reduce_sum([summary.scored, summary.readable])
-        summary.scored, summary.readable = int(scored), int(readable)
-        if summary.readable == 0 and not resume:  # as one process: nothing scored is an error
-            from pneumoscope.data.sources import require_some_readable
-
-            env.barrier()
-            require_some_readable(0, summary.failures or [(files[0], "no rank could read a film")])
     if join:
         join_parts(out, env, header, files, resume)
     return summary
+
+
+def settle_ranks(
+    summary: PredictSummary, env, target: Path | None, strict: bool, resume: bool, first: str
+) -> None:
+    """Under torchrun: the whole run's counts on every rank, and what one process would
+    decide on them decided by all ranks at once (a rank that raised alone would leave the
+    others waiting): nothing readable → exit 2, --strict with any unreadable film → stop;
+    each rank then removes its own part."""
+    from pneumoscope.data.sources import require_some_readable
+
+    scored, readable, failed = env.all_reduce_sum(
+        [summary.scored, summary.readable, len(summary.failures)]
+    )
+    summary.scored, summary.readable = int(scored), int(readable)
+    stop_strict = strict and failed > 0
+    if (readable == 0 and not resume) or stop_strict:
+        if target is not None and not resume:
+            target.unlink(missing_ok=True)
+        if readable == 0 and not resume:
+            require_some_readable(0, summary.failures or [(first, "no rank could read a film")])
+        report_failures(summary.failures, strict=True)
+        raise DataError(
+            f"--strict: {int(failed)} unreadable file(s) on other ranks; nothing joined"
+        )
+    report_failures(summary.failures, strict=False)
 
 
 def score_files(
@@ -320,13 +348,14 @@ def score_files(
     summary.readable = readable
     # every file unreadable: an error, not an empty CSV
     nothing = whole and readable == 0 and not append
-    if (nothing or (strict and summary.failures)) and target is not None and not append:
+    if whole and (nothing or (strict and summary.failures)) and target is not None and not append:
         target.unlink(missing_ok=True)
     if nothing:
         from pneumoscope.data.sources import require_some_readable
 
         require_some_readable(0, summary.failures)
-    report_failures(summary.failures, strict)
+    if whole:  # under torchrun settle_ranks reports, for all ranks at once
+        report_failures(summary.failures, strict)
     return summary
 
 
@@ -338,14 +367,16 @@ def join_parts(out: Path, env, header: list[str], files: list[str], resume: bool
     from pneumoscope.fsio import atomic_write_with
 
     env.barrier()
+    mine = [part_path(out, r, env.world_size) for r in range(env.world_size)]
+    missing = [p.name for p in mine if env.world_size > 1 and not p.exists()] if env.is_main else []
+    if env.world_size > 1:  # every rank leaves with the same error, none waits for rank 0
+        missing = env.broadcast(missing)
+    if missing:
+        raise DataError(
+            f"{out}: no {', '.join(missing)}: every rank writes its part beside OUT and rank "
+            "0 joins them, so across machines OUT's folder must be one shared folder"
+        )
     if env.is_main:
-        mine = [part_path(out, r, env.world_size) for r in range(env.world_size)]
-        missing = [p.name for p in mine if env.world_size > 1 and not p.exists()]
-        if missing:
-            raise DataError(
-                f"{out}: no {', '.join(missing)}: every rank writes its part beside OUT and rank "
-                "0 joins them, so across machines OUT's folder must be one shared folder"
-            )
         parts = parts_of(out)
         if resume:
             sources = [*parts, out] if env.world_size > 1 else [out, *parts]

@@ -306,7 +306,7 @@ def test_join_names_a_part_it_cannot_see(tmp_path):
     from pneumoscope.errors import DataError
 
     out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
-    env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None)
+    env = SimpleNamespace(world_size=3, is_main=True, barrier=lambda: None, broadcast=lambda x: x)
     for rank, rows in ((0, ["a.jpeg,0.1,NORMAL\n"]), (2, ["c.jpeg,0.9,PNEUMONIA\n"])):
         part_path(out, rank, 3).write_text(",".join(header) + "\n" + "".join(rows))
     with pytest.raises(DataError, match="p.csv.rank1-of-3.part.*one shared folder"):
@@ -320,7 +320,7 @@ def test_join_orders_the_rows_by_the_list_and_keeps_outs_rows_on_resume(tmp_path
     from pneumoscope.deploy.archive import join_parts, part_path
 
     out, header = tmp_path / "p.csv", ["path", "p_pneumonia", "label"]
-    env = SimpleNamespace(world_size=2, is_main=True, barrier=lambda: None)
+    env = SimpleNamespace(world_size=2, is_main=True, barrier=lambda: None, broadcast=lambda x: x)
     # an earlier run's rows: b, and a, which this run's part scored again (the part wins)
     out.write_text("path,p_pneumonia,label\nb.jpeg,0.5,PNEUMONIA\na.jpeg,0.9,OLD\n")
     part_path(out, 1, 2).write_text("path,p_pneumonia,label\nd.jpeg,0.7,PNEUMONIA\n")
@@ -381,3 +381,26 @@ def test_torchrun_resumes_a_killed_single_process_csv(run, films, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert out.read_text() == full.read_text()
     assert not list(tmp_path.glob("out.csv.rank*"))
+
+
+@pytest.mark.slow  # torchrun subprocesses
+def test_torchrun_ranks_stop_together_on_strict_and_on_nothing_readable(run, films, tmp_path):
+    # a rank that stopped alone would leave the others waiting: both cases end the run on
+    # every rank (torchrun itself then exits 1), write no CSV and leave no part behind
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpeg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (bad / "empty.jpeg").write_bytes(b"")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    base += ["-m", "pneumoscope", "-q", "predict", str(run)]
+    cases = {
+        "strict": ([*films[:6], str(bad / "broken.jpeg")], ["--strict"], "broken.jpeg"),
+        "nothing": ([str(bad)], [], "nothing scored"),
+    }
+    for name, (paths, options, said) in cases.items():
+        out = tmp_path / f"{name}.csv"
+        cmd = [*base, *paths, "--out", str(out), "--device", "cpu", *options]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode != 0 and said in done.stderr, (name, done.stderr[-2000:])
+        assert not out.exists() and not list(tmp_path.glob(f"{name}.csv.rank*")), name

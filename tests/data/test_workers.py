@@ -82,6 +82,7 @@ def test_a_killed_worker_loses_no_film(caplog):
     same_batches(got, want)
 
 
+@pytest.mark.slow  # subprocesses whose workers are killed
 @pytest.mark.parametrize("batch_size, workers", [(1, 4), (4, 2)])
 def test_a_file_that_kills_its_worker_is_a_failure_and_no_film_is_lost(
     tmp_path, batch_size, workers

@@ -18,6 +18,8 @@ from pneumoscope.inference import Predictor
 from pneumoscope.models import PNEUMONIA_INDEX
 from pneumoscope.models.onnx_session import open_session
 
+pytestmark = pytest.mark.slow  # an ONNX export (the export's parity is also checked by others)
+
 
 @pytest.fixture(scope="module")
 def predictor(deploy_run):

@@ -242,6 +242,7 @@ def test_train_strict_stops_before_any_epoch(hostile_root, tmp_path, cli, small_
         assert not (out / name).exists(), name
 
 
+@pytest.mark.slow  # its run trains in a subprocess
 def test_evaluate_skips_bad_files_or_stops_with_strict(
     trained, hostile_root, tmp_path, caplog, capsys
 ):
@@ -267,6 +268,7 @@ def test_evaluate_skips_bad_files_or_stops_with_strict(
     assert not strict_out.exists()
 
 
+@pytest.mark.slow  # its run trains in a subprocess
 def test_predict_skips_bad_files_or_stops_with_strict(
     trained, hostile_root, tmp_path, caplog, capsys
 ):

@@ -16,6 +16,7 @@ from pneumoscope.inference import decode_sources
 from pneumoscope.tasks import (
     BINARY,
     bv_threshold_of,
+    prediction_cells,
     prediction_columns,
     prediction_rows,
 )
@@ -57,10 +58,7 @@ def predictions_csv(
     header = header or ["path", *prediction_columns(task), "label"]
     writer = CsvWriter(handle)
     writer.writerow(header)
-    for row in rows:
-        writer.writerow(
-            [f"{v:.6f}" if isinstance(v, float) else v for v in (row[k] for k in header)]
-        )
+    writer.writerows(prediction_cells(row, header) for row in rows)
 
 
 def predict_paths(

@@ -170,6 +170,12 @@ def prediction_columns(task: str) -> list[str]:
     )
 
 
+def prediction_cells(row: dict, header: list[str]) -> list:
+    """A prediction row's CSV cells in the header's order, probabilities with 6 decimals
+    (every predictions CSV: predict's streamed one and the notebook's)."""
+    return [f"{v:.6f}" if isinstance(v, float) else v for v in (row[k] for k in header)]
+
+
 def prediction_rows(
     task: str, probs: np.ndarray, threshold: float, bv_threshold: float | None
 ) -> list[dict]:

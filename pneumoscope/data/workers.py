@@ -49,8 +49,12 @@ def decode_batch(paths: list[str], size: int, reduced: bool) -> Batch:
             kept.append(path)
         except (ImageDecodeError, OSError) as err:
             failures.append((path, getattr(err, "problem", None) or str(err)))
-    stack = np.stack(images) if images else np.empty((0, size, size), np.uint8)
-    return kept, stack, failures
+    return kept, stacked(images, size), failures
+
+
+def stacked(images: list[np.ndarray], size: int) -> np.ndarray:
+    """A batch's images as uint8 (n, size, size), n possibly 0."""
+    return np.stack(images) if images else np.empty((0, size, size), np.uint8)
 
 
 def chunks(paths: list[str], batch_size: int) -> Iterator[list[str]]:
@@ -168,14 +172,13 @@ def decode_isolated(paths: list[str], size: int, reduced: bool) -> Batch:
         if one is None:
             one = (
                 [],
-                np.empty((0, size, size), np.uint8),
+                stacked([], size),
                 [(path, "the decoder's process died on this file (crash or out of memory)")],
             )
         kept += one[0]
         images += list(one[1])
         failures += one[2]
-    stack = np.stack(images) if images else np.empty((0, size, size), np.uint8)
-    return kept, stack, failures
+    return kept, stacked(images, size), failures
 
 
 def decode_alone(path: str, size: int, reduced: bool) -> Batch | None:

@@ -31,7 +31,12 @@ from pneumoscope.data.cache import report_failures
 from pneumoscope.data.workers import decoded_batches, default_workers
 from pneumoscope.errors import DataError, MissingFileError, OptionError, UserError
 from pneumoscope.fsio import CsvWriter
-from pneumoscope.tasks import bv_threshold_of, prediction_columns, prediction_rows
+from pneumoscope.tasks import (
+    bv_threshold_of,
+    prediction_cells,
+    prediction_columns,
+    prediction_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +176,7 @@ class CsvSink:
             self.handle.flush()
 
     def write(self, rows: list[dict]) -> None:
-        self.writer.writerows(
-            [f"{v:.6f}" if isinstance(v, float) else v for v in (r[k] for k in self.header)]
-            for r in rows
-        )
+        self.writer.writerows(prediction_cells(r, self.header) for r in rows)
         self.handle.flush()
 
     def close(self) -> None:
@@ -364,7 +366,7 @@ def join_parts(out: Path, env, header: list[str], files: list[str], resume: bool
     run's ranks in rank order, streamed (contiguous shards: the list's order). --resume:
     every part's rows, then OUT's for the paths no part holds, in the order of `files`
     (rows of paths not in `files`, from an earlier list, after them), held in memory."""
-    from pneumoscope.fsio import atomic_write_with
+    from pneumoscope.fsio import atomic_write_csv, atomic_write_with
 
     env.barrier()
     mine = [part_path(out, r, env.world_size) for r in range(env.world_size)]
@@ -381,7 +383,7 @@ def join_parts(out: Path, env, header: list[str], files: list[str], resume: bool
         if resume:
             sources = [*parts, out] if env.world_size > 1 else [out, *parts]
             rows = joined_rows(sources, files)
-            atomic_write_with(out, lambda handle: write_csv(handle, [header, *rows]))
+            atomic_write_csv(out, header, rows)
         else:
             atomic_write_with(out, lambda handle: concatenate(handle, header, mine))
         for part in parts:
@@ -400,13 +402,6 @@ def joined_rows(sources: list[Path], files: list[str]) -> list[list[str]]:
                         rows.setdefault(row[0], row)
     place = {path: i for i, path in enumerate(files)}
     return sorted(rows.values(), key=lambda row: place.get(row[0], len(place)))
-
-
-def write_csv(handle, rows: list[list[str]]) -> None:
-    text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
-    CsvWriter(text).writerows(rows)
-    text.flush()
-    text.detach()
 
 
 def concatenate(handle, header: list[str], parts: list[Path]) -> None:
